@@ -1,0 +1,1 @@
+"""Host-free training core: never imports `modules`, gradio, ldm, sgm or fastapi."""
