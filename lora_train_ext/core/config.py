@@ -90,6 +90,8 @@ class DataConfig:
     cache_to_disk: bool = False
     cache_dir: str = ""
     cache_text: bool = True  # when the text encoder is not trained
+    masked_loss: bool = False  # batches carry a mask: mask_dir/<stem>.png, else the alpha channel
+    mask_dir: str = ""  # grey masks named like the images (white = train, black = ignore)
 
 
 @dataclass
