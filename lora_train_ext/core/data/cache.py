@@ -48,7 +48,21 @@ class LatentCache:
     def __contains__(self, key: str) -> bool:
         if self.directory is None:
             return key in self._memory
-        return os.path.isfile(self._path(key))
+        return self._valid_file(key)
+
+    def _valid_file(self, key: str) -> bool:
+        """The file exists, its header parses (safetensors checks the data length against it)
+        and it names this key; tensors are not read."""
+        from safetensors import safe_open
+
+        path = self._path(key)
+        if not os.path.isfile(path):
+            return False
+        try:
+            with safe_open(path, framework="pt", device="cpu") as f:
+                return (f.metadata() or {}).get("key") == key and LATENT_NAME in f.keys()
+        except Exception:
+            return False
 
     def get(self, key: str) -> torch.Tensor | None:
         if self.directory is None:

@@ -123,6 +123,9 @@ class TrainData:
         self._fixed: dict[int, Placement] = {}
         self._masks: dict[tuple[int, bool], torch.Tensor] = {}
         self._broken: set[int] = set()
+        self._encode: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self._vae_id = ""
+        self._cache_dtype: torch.dtype | None = None
         self._position = (0, 0)
         self._resume: tuple[int, int] | None = None
         self.report = self._build_report()
@@ -206,6 +209,17 @@ class TrainData:
         self.reg_repeats_total = sum(reg_repeats)
         self.steps_per_epoch = sum(-(-len(v) // self.batch_size)
                                    for v in self._bucket_entries.values())
+        samples = sum(len(v) for v in self._bucket_entries.values())
+        full = -(-samples // self.batch_size)
+        if self.batch_size > 1 and self.steps_per_epoch > full * 1.25:
+            self._notes.append(
+                f"{len(self._bucket_entries)} buckets for {samples} samples per epoch: "
+                f"{self.steps_per_epoch - full} more batches than with one size, many of them "
+                f"smaller than batch size {self.batch_size}")
+        res_w, res_h = self.bucket_rules.resolution
+        if self.arch == "sdxl" and res_w * res_h < 768 * 768:
+            self._notes.append(f"SDXL trains best at about 1024x1024; resolution is "
+                               f"{res_w}x{res_h}")
 
     def _balance_reg(self, reg_items: list[int], train_total: int) -> list[int]:
         """kohya's balance: regularization samples per epoch = training samples per epoch.
@@ -388,14 +402,14 @@ class TrainData:
         images, latents, masks, kept = [], [], [], []
         for s in samples:
             if self.latents_cached:
-                key = self._latent_keys.get((s.item, s.flip))
-                latent = self._cache.get(key) if key is not None else None
-                if latent is None:
-                    self._mark_broken(s.item, RuntimeError("no cached latent"))
+                try:
+                    latent, mask = self._cached(s)
+                except (ImageReadError, OSError) as e:
+                    self._mark_broken(s.item, e)
                     continue
                 latents.append(latent)
-                if self.cfg.masked_loss:
-                    masks.append(self._masks[(s.item, s.flip)].float().div(255.0))
+                if mask is not None:
+                    masks.append(mask)
             else:
                 try:
                     pixels, mask = self._pixels(s.item, s.placement, s.flip)
@@ -470,7 +484,9 @@ class TrainData:
         if cfg.cache_to_disk:
             directory = cfg.cache_dir or os.path.join(cfg.dataset_dir, ".latent_cache")
         self._cache = cache = LatentCache(directory)
+        self._encode, self._vae_id, self._cache_dtype = encode, str(vae_id), dtype
         self._fixed.clear()
+        self._masks.clear()
         used = [i for i, n in enumerate(self._repeats) if n > 0 and i not in self._broken]
         flips = (False, True) if cfg.flip else (False,)
         tasks = [(i, f) for i in used for f in flips]
@@ -481,8 +497,7 @@ class TrainData:
         for i, f in tasks:
             if hashes[i] is None:
                 continue
-            keys[(i, f)] = latent_key(hashes[i], vae_id, self._fixed_placement(i).signature(),
-                                      f, self.background)
+            keys[(i, f)] = self._key(i, hashes[i], f)
         todo = [t for t in tasks if t in keys and (keys[t] not in cache or cfg.masked_loss)]
         done = total - len(todo)
         if progress:
@@ -503,18 +518,12 @@ class TrainData:
                             continue
                         pixels, mask = result
                         if cfg.masked_loss:
-                            self._masks[(i, f)] = (mask if mask is not None else torch.ones(
-                                1, bucket[1], bucket[0])).mul(255).round().to(torch.uint8)
+                            self._store_mask((i, f), mask, bucket)
                         if keys[(i, f)] not in cache:
                             encode_rows.append(pixels)
                             encode_keys.append(keys[(i, f)])
                     if encode_rows:
-                        with torch.no_grad():
-                            out = encode(torch.stack(encode_rows))
-                        if dtype is not None:
-                            out = out.to(dtype)
-                        for key, latent in zip(encode_keys, out):
-                            cache.put(key, latent.clone())
+                        self._encode_rows(encode_rows, encode_keys)
                     done += len(part)
                     if progress:
                         progress(done, total)
@@ -525,6 +534,42 @@ class TrainData:
             if note not in self._notes:
                 self._notes.append(note)
         self.report.notes = list(self._notes)
+
+    def _cached(self, s: _Sample) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The cached latent (and mask) of a sample; an entry that went missing (a cache file
+        deleted mid-run) is encoded again rather than dropped."""
+        task = (s.item, s.flip)
+        key = self._latent_keys.get(task)
+        latent = self._cache.get(key) if key is not None else None
+        mask = self._masks.get(task)
+        if latent is None or (self.cfg.masked_loss and mask is None):
+            pixels, pixel_mask = self._pixels(s.item, s.placement, s.flip)
+            if key is None:
+                key = self._key(s.item, file_sha256(self.items[s.item].path), s.flip)
+                self._latent_keys[task] = key
+            if latent is None:
+                latent = self._encode_rows([pixels], [key])[0]
+            if self.cfg.masked_loss:
+                mask = self._store_mask(task, pixel_mask, s.placement.bucket)
+        return latent, (mask.float().div(255.0) if mask is not None else None)
+
+    def _store_mask(self, task: tuple[int, bool], mask: torch.Tensor | None,
+                    bucket: tuple[int, int]) -> torch.Tensor:
+        """Masks of cached samples stay in memory as uint8 (1, H, W): 1 byte per pixel."""
+        stored = (mask if mask is not None else torch.ones(1, bucket[1], bucket[0]))
+        stored = stored.mul(255).round().to(torch.uint8)
+        self._masks[task] = stored
+        return stored
+
+    def _encode_rows(self, rows: list[torch.Tensor], keys: list[str]) -> list[torch.Tensor]:
+        with torch.no_grad():
+            out = self._encode(torch.stack(rows))
+        if self._cache_dtype is not None:
+            out = out.to(self._cache_dtype)
+        latents = [latent.detach().to("cpu").clone() for latent in out]
+        for key, latent in zip(keys, latents):
+            self._cache.put(key, latent)
+        return latents
 
     def _cache_notes(self) -> list[str]:
         cfg = self.cfg
@@ -539,6 +584,13 @@ class TrainData:
             notes.append("latents are cached: colour augmentation is off (it cannot be applied "
                          "to latents); turn caching off to use it")
         return notes
+
+    def _key(self, idx: int, sha256: str, flip: bool) -> str:
+        """The background colour shows only through transparency and padding, so it is part
+        of the key only then (changing it does not re-encode opaque images)."""
+        bg = self.background if self.items[idx].has_alpha or self.cfg.resize_mode == "pad" \
+            else ""
+        return latent_key(sha256, self._vae_id, self._fixed_placement(idx).signature(), flip, bg)
 
     def _hash_or_none(self, idx: int) -> str | None:
         try:

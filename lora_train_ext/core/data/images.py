@@ -85,7 +85,7 @@ def _to_8bit(img: Image.Image) -> Image.Image:
     top = float(arr.max()) if arr.size else 0.0
     if img.mode == "F" and top <= 1.0:
         arr = arr * 255.0
-    elif top > 255.0:
+    elif img.mode.startswith("I;16") or top > 255.0:
         arr = arr / 257.0  # 16-bit range 0..65535 -> 0..255
     return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "L")
 
