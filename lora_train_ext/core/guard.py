@@ -1,0 +1,80 @@
+"""Freeze the base model for a run and give it back exactly as it was.
+
+`BaseGuard` records every base parameter's `requires_grad` and every module's train/eval mode,
+freezes them, and on `restore()` puts them back. `verify()` proves the weights were not changed:
+each tensor's storage pointer, version counter (bumped by every in-place write through the
+tensor) and a float64 sum must equal what they were before the run.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .errors import TrainingError
+
+
+def _named_tensors(modules: list[nn.Module]):
+    seen = set()
+    for i, m in enumerate(modules):
+        for name, t in list(m.named_parameters()) + list(m.named_buffers()):
+            if id(t) in seen:
+                continue
+            seen.add(id(t))
+            yield f"{i}.{name}", t
+
+
+def fingerprint(modules: list[nn.Module]) -> dict[str, tuple]:
+    """name -> (data_ptr, version, float64 sum). One device sync for all sums."""
+    names, facts, sums = [], [], []
+    with torch.no_grad():
+        for name, t in _named_tensors(modules):
+            names.append(name)
+            facts.append((t.data_ptr(), t._version))
+            sums.append(t.detach().sum(dtype=torch.float64).reshape(1) if t.is_floating_point()
+                        else t.detach().double().sum().reshape(1))
+    if not names:
+        return {}
+    total = torch.cat([s.cpu() for s in sums]).tolist()
+    return {n: (*f, s) for n, f, s in zip(names, facts, total)}
+
+
+class BaseGuard:
+    def __init__(self, modules: list[nn.Module], check_sums: bool = True):
+        self.modules = [m for m in modules if m is not None]
+        self.check_sums = check_sums
+        self._requires_grad: list[tuple[nn.Parameter, bool]] = []
+        self._training: list[tuple[nn.Module, bool]] = []
+        self._before: dict[str, tuple] = {}
+
+    def freeze(self) -> None:
+        self._before = fingerprint(self.modules) if self.check_sums else {}
+        seen = set()
+        for m in self.modules:
+            for sub in m.modules():
+                if id(sub) not in seen:
+                    seen.add(id(sub))
+                    self._training.append((sub, sub.training))
+            for p in m.parameters():
+                self._requires_grad.append((p, p.requires_grad))
+                p.requires_grad_(False)
+        for m in self.modules:
+            m.eval()
+
+    def restore(self) -> None:
+        for p, flag in self._requires_grad:
+            p.requires_grad_(flag)
+        for sub, flag in self._training:
+            sub.training = flag
+        self._requires_grad.clear()
+        self._training.clear()
+
+    def verify(self) -> None:
+        if not self.check_sums:
+            return
+        after = fingerprint(self.modules)
+        changed = [n for n, v in self._before.items() if after.get(n) != v]
+        if changed or set(after) != set(self._before):
+            raise TrainingError(
+                f"base weights changed during the run ({len(changed)} tensors, e.g. "
+                f"{changed[:3]}); this is a bug: please report it")

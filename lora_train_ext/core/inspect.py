@@ -1,0 +1,192 @@
+"""Describe a LoRA / LyCORIS file: arch, algorithm, ranks, alphas, modules per part, metadata,
+and which loaders will accept it (every module name must map onto a real module)."""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+
+from safetensors import safe_open
+
+from .errors import UserError
+from .lora_file import read_metadata
+from .networks.base import part_of
+
+ALGO_MARKERS = (  # tensor name suffix -> algorithm (first match wins, most specific first)
+    ("dora_scale", "dora"),
+    ("hada_w1_a", "loha"),
+    ("lokr_w1", "lokr"),
+    ("lokr_w1_a", "lokr"),
+    ("oft_blocks", "oft"),
+    ("oft_diag", "oft"),
+    ("on_input", "ia3"),
+    ("diff", "full"),
+    ("lora_down.weight", "lora"),
+)
+ARCH_FROM_META = {"sd_v1": "sd1", "sd_v2": "sd2"}
+
+
+@lru_cache(maxsize=None)
+def known_module_names(arch: str) -> frozenset[str]:
+    """Every kohya module name a LoRA/LoCon for `arch` may carry (from the in-code model)."""
+    from .models.clip import build_clip_text
+    from .models.specs import build_unet
+    from .networks.targets import find_targets
+
+    roots = {"unet": build_unet(arch, "tiny", device="meta")}
+    if arch == "sd1":
+        roots["te"] = build_clip_text(arch, "tiny", device="meta")
+    return frozenset(t.name for t in find_targets(roots, arch, "both", conv=True))
+
+
+def describe(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise UserError("file", f"not found: {path}")
+    meta = read_metadata(path)
+    shapes: dict[str, list[int]] = {}
+    with safe_open(path, "pt") as f:
+        for key in f.keys():
+            shapes[key] = list(f.get_slice(key).get_shape())
+    modules: dict[str, set[str]] = {}
+    for key in shapes:
+        name, _, rest = key.partition(".")
+        if not rest or not name.startswith("lora_"):
+            raise UserError("file", f"{os.path.basename(path)} is not a LoRA file "
+                                    f"(tensor {key!r} has no lora_unet_/lora_te_ module prefix)")
+        modules.setdefault(name, set()).add(rest)
+    if not modules:
+        raise UserError("file", f"{os.path.basename(path)} holds no tensors")
+    algos = sorted({_algo_of(parts) for parts in modules.values()})
+    ranks = sorted({shapes[f"{n}.lora_down.weight"][0] for n, p in modules.items()
+                    if "lora_down.weight" in p})
+    conv_ranks = sorted({shapes[f"{n}.lora_down.weight"][0] for n, p in modules.items()
+                         if "lora_down.weight" in p and len(shapes[f"{n}.lora_down.weight"]) == 4
+                         and shapes[f"{n}.lora_down.weight"][2] > 1})
+    if conv_ranks and algos == ["lora"]:
+        algos = ["locon"]
+    alphas = _alphas(path, modules)
+    parts: dict[str, int] = {}
+    for name in modules:
+        parts[part_of(name)] = parts.get(part_of(name), 0) + 1
+    arch = _arch(meta, list(modules))
+    unknown = _unknown_modules(arch, list(modules))
+    report = {
+        "file": os.path.abspath(path),
+        "bytes": os.path.getsize(path),
+        "arch": arch,
+        "algorithm": algos[0] if len(algos) == 1 else "mixed:" + "+".join(algos),
+        "ranks": ranks,
+        "conv_ranks": conv_ranks,
+        "alphas": alphas,
+        "modules": parts,
+        "module_count": len(modules),
+        "tensor_count": len(shapes),
+        "unknown_modules": unknown[:20],
+        "unknown_module_count": len(unknown),
+        "metadata": meta,
+    }
+    report["loaders"] = loader_verdicts(report, list(modules))
+    return report
+
+
+def _algo_of(parts: set[str]) -> str:
+    for marker, algo in ALGO_MARKERS:
+        if any(p == marker or p.startswith(marker + ".") or p == marker + ".weight" for p in parts):
+            return algo
+    if "weight" in parts:
+        return "ia3"
+    return "unknown"
+
+
+def _alphas(path: str, modules: dict[str, set[str]]) -> list[float]:
+    values = set()
+    with safe_open(path, "pt") as f:
+        for name, parts in modules.items():
+            if "alpha" in parts:
+                values.add(round(float(f.get_tensor(f"{name}.alpha").float()), 6))
+    return sorted(values)
+
+
+def _arch(meta: dict[str, str], names: list[str]) -> str:
+    version = meta.get("ss_base_model_version", "")
+    if version.startswith("sdxl"):
+        return "sdxl"
+    if version in ARCH_FROM_META:
+        return ARCH_FROM_META[version]
+    if meta.get("ss_v2") == "True":
+        return "sd2"
+    spec = meta.get("modelspec.architecture", "")
+    if spec.startswith("stable-diffusion-xl"):
+        return "sdxl"
+    if spec.startswith("stable-diffusion-v2"):
+        return "sd2"
+    if any(n.startswith(("lora_te1_", "lora_te2_", "lora_unet_input_blocks",
+                         "lora_unet_middle_block", "lora_unet_output_blocks")) for n in names):
+        return "sdxl"
+    te_layers = {int(n.split("_layers_")[1].split("_")[0]) for n in names
+                 if n.startswith("lora_te_") and "_layers_" in n}
+    if te_layers and max(te_layers) >= 12:
+        return "sd2"
+    return "sd1"
+
+
+def _unknown_modules(arch: str, names: list[str]) -> list[str]:
+    try:
+        known = known_module_names(arch)
+    except (NotImplementedError, KeyError, ValueError):
+        return []  # no in-code model for this arch yet: cannot check names
+    return sorted(n for n in names if n not in known)
+
+
+def loader_verdicts(report: dict, names: list[str]) -> dict[str, str]:
+    """Which tools load the file, and why not where they don't."""
+    algo, arch, unknown = report["algorithm"], report["arch"], report["unknown_module_count"]
+    verdicts: dict[str, str] = {}
+    bad_names = f"{unknown} module names match no module of {arch}" if unknown else ""
+    webui_algos = ("lora", "locon", "loha", "lokr", "ia3", "full", "dora", "oft")
+    comfy_algos = ("lora", "locon", "loha", "lokr", "full", "dora", "oft")
+    for loader, algos in (("webui", webui_algos), ("forge", webui_algos), ("sdnext", webui_algos),
+                          ("comfyui", comfy_algos)):
+        if bad_names:
+            verdicts[loader] = "partial: " + bad_names
+        elif algo in algos:
+            verdicts[loader] = "yes"
+        else:
+            verdicts[loader] = f"no: {algo} is not supported"
+    if bad_names:
+        verdicts["diffusers"] = "partial: " + bad_names
+    elif algo not in ("lora", "locon"):
+        verdicts["diffusers"] = f"no: load_lora_weights takes LoRA/LoCon, not {algo}"
+    elif arch in ("sd1", "sd2") and any(n.startswith("lora_unet_input_blocks") for n in names):
+        verdicts["diffusers"] = "no: SD1/SD2 UNet keys must use diffusers-style names"
+    else:
+        verdicts["diffusers"] = "yes"
+    verdicts["kohya"] = verdicts["diffusers"] if algo in ("lora", "locon") else \
+        ("yes (with LyCORIS)" if not bad_names else verdicts["webui"])
+    return verdicts
+
+
+def format_report(report: dict) -> str:
+    meta = report["metadata"]
+    lines = [
+        f"file:       {report['file']} ({report['bytes']:,} bytes)",
+        f"arch:       {report['arch']}",
+        f"algorithm:  {report['algorithm']}",
+        f"rank:       {', '.join(map(str, report['ranks'])) or '-'}"
+        + (f" (conv {', '.join(map(str, report['conv_ranks']))})" if report["conv_ranks"] else ""),
+        f"alpha:      {', '.join(f'{a:g}' for a in report['alphas']) or '-'}",
+        "modules:    " + ", ".join(f"{k} {v}" for k, v in sorted(report["modules"].items()))
+        + f" (total {report['module_count']}, {report['tensor_count']} tensors)",
+    ]
+    if report["unknown_module_count"]:
+        lines.append(f"unknown:    {report['unknown_module_count']} module names, e.g. "
+                     + ", ".join(report["unknown_modules"][:3]))
+    lines.append("loaders:    " + "; ".join(f"{k}: {v}" for k, v in report["loaders"].items()))
+    interesting = ("ss_output_name", "ss_base_model_version", "ss_steps", "ss_network_module",
+                   "ss_network_args", "ss_optimizer", "ss_learning_rate", "ss_sd_model_name",
+                   "modelspec.architecture", "modelspec.title", "sshs_model_hash")
+    lines.append(f"metadata:   {len(meta)} keys")
+    for k in interesting:
+        if k in meta:
+            lines.append(f"  {k} = {meta[k]}")
+    return "\n".join(lines)

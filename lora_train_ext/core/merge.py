@@ -1,0 +1,135 @@
+"""Merge LoRA files into a checkpoint file: base + sum(strength * delta), per module.
+
+Only the key map (kohya name -> checkpoint weight key) and the delta math are needed, no model
+code. A merge that changes nothing, or a file whose modules match no checkpoint weight, is an
+error, never a silent no-op.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from . import keys
+from .errors import UserError
+from .lora_file import atomic_save_safetensors, load_lora
+from .networks.lora import lora_delta
+
+SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+@dataclass
+class MergeReport:
+    path: str
+    changed_modules: int
+    changed_tensors: int
+    unmatched: list[str] = field(default_factory=list)
+    per_file: dict[str, int] = field(default_factory=dict)
+
+
+def group_modules(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """'NAME.lora_down.weight' -> {NAME: {'lora_down.weight': ...}}."""
+    out: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+    for key, t in tensors.items():
+        name, _, rest = key.partition(".")
+        out[name][rest] = t
+    return dict(out)
+
+
+def module_delta(parts: dict[str, torch.Tensor], base_shape: tuple[int, ...], name: str) -> torch.Tensor:
+    """The fp32 weight delta one module of a file makes (strength 1)."""
+    if "lora_down.weight" in parts and "lora_up.weight" in parts:
+        return lora_delta(parts["lora_down.weight"], parts["lora_up.weight"], parts.get("alpha"),
+                          base_shape)
+    kinds = ", ".join(sorted(parts))
+    raise UserError("lora", f"{name}: tensors ({kinds}) are not a LoRA/LoCon module; "
+                            "this merge supports lora_down/lora_up files")
+
+
+def detect_arch(names: list[str]) -> str:
+    if any(n.startswith("lora_te1_") or n.startswith("lora_te2_") or
+           n.startswith("lora_unet_input_blocks") or n.startswith("lora_unet_output_blocks")
+           or n.startswith("lora_unet_middle_block") for n in names):
+        return "sdxl"
+    return "sd1"
+
+
+def merge_lora_into_checkpoint(checkpoint: str, loras: list[tuple[str, float]], out_path: str,
+                               arch: str | None = None, save_dtype: str | None = None) -> MergeReport:
+    """Write `out_path` = checkpoint with each LoRA file merged at its strength."""
+    if not os.path.isfile(checkpoint):
+        raise UserError("checkpoint", f"not found: {checkpoint}")
+    if os.path.abspath(checkpoint) == os.path.abspath(out_path):
+        raise UserError("out", "must differ from the input checkpoint (the original is never overwritten)")
+    if not loras:
+        raise UserError("lora", "give at least one LoRA file to merge")
+    with safe_open(checkpoint, "pt") as f:
+        ckpt_meta = f.metadata() or {}
+    state = load_file(checkpoint)
+    changed: set[str] = set()
+    report = MergeReport(path=out_path, changed_modules=0, changed_tensors=0)
+    deltas: dict[str, torch.Tensor] = {}
+    for lora_path, strength in loras:
+        tensors, _ = load_lora(lora_path)
+        modules = group_modules(tensors)
+        file_arch = arch or detect_arch(list(modules))
+        count = 0
+        for name, parts in modules.items():
+            try:
+                targets = keys.kohya_to_checkpoint(name, file_arch)
+            except (KeyError, ValueError):
+                targets = []
+            targets = [(k, sl) for k, sl in targets if k in state]
+            if not targets:
+                report.unmatched.append(name)
+                continue
+            full_shape = _module_shape(state, targets)
+            delta = module_delta(parts, full_shape, name) * float(strength)
+            row = 0
+            for key, sl in targets:
+                piece = delta if sl is None else delta[row:row + (sl.stop - sl.start)]
+                if sl is not None:
+                    row += sl.stop - sl.start
+                acc = deltas.setdefault(key, torch.zeros(state[key].shape, dtype=torch.float32))
+                if sl is None:
+                    acc += piece.reshape(acc.shape)
+                else:
+                    acc[sl] += piece.reshape(acc[sl].shape)
+                changed.add(key)
+            count += 1
+        report.per_file[lora_path] = count
+        report.changed_modules += count
+    if report.unmatched:
+        raise UserError("lora", f"{len(report.unmatched)} modules match no weight of the checkpoint "
+                                f"(e.g. {report.unmatched[:3]}); wrong arch or not a LoRA for this model")
+    if not changed:
+        raise UserError("lora", "the merge would change nothing (no module matched)")
+    dtype = SAVE_DTYPES.get(save_dtype) if save_dtype else None
+    out = {}
+    for key, t in state.items():
+        if key in deltas:
+            merged = (t.float() + deltas[key]).to(t.dtype)
+            t = merged
+        if dtype is not None and t.is_floating_point():
+            t = t.to(dtype)
+        out[key] = t.contiguous()
+    report.changed_tensors = len(changed)
+    meta = dict(ckpt_meta)
+    meta["lora_train_ext.merged"] = ", ".join(
+        f"{os.path.basename(p)}:{s}" for p, s in loras)
+    atomic_save_safetensors(out, meta, out_path)
+    return report
+
+
+def _module_shape(state: dict[str, torch.Tensor], targets: list[tuple[str, slice | None]]) -> tuple:
+    """The shape of the module's full weight: a row slice stacks (q, k, v split of in_proj)."""
+    if len(targets) == 1 and targets[0][1] is None:
+        return tuple(state[targets[0][0]].shape)
+    rows = sum((sl.stop - sl.start) if sl is not None else state[k].shape[0] for k, sl in targets)
+    rest = tuple(state[targets[0][0]].shape[1:])
+    return (rows, *rest)

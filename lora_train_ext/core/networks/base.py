@@ -1,0 +1,148 @@
+"""Adapters as separate parameters beside frozen base modules.
+
+An adapter never edits its base module's weights. `attach()` adds its output to the base module's
+output through a forward hook; `detach()` removes the hook, which leaves the model exactly as it
+was. `delta_weight()` gives the same change as a weight delta (for merging and for tests that
+compare the hooked forward with a merged one).
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+
+
+def module_kind(module: nn.Module) -> str:
+    """'linear', 'conv1x1', 'conv3x3' (any kxk with k > 1), or '' for unsupported modules."""
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if isinstance(module, nn.Conv2d):
+        return "conv1x1" if tuple(module.kernel_size) == (1, 1) else "conv3x3"
+    return ""
+
+
+class AdapterModule(nn.Module):
+    """One adapted base module. Subclasses implement `forward_delta` and `delta_weight`.
+
+    The base module is held outside the module tree (so it is not in `state_dict()` and not in
+    `parameters()`): the adapter's state dict holds exactly the tensors of the file.
+    """
+
+    def __init__(self, name: str, base: nn.Module):
+        super().__init__()
+        self.name = name  # kohya module name, e.g. lora_unet_..._attn1_to_q
+        self.__dict__["base"] = base
+        self.kind = module_kind(base)
+        self.multiplier = 1.0
+        self._handle = None
+
+    # -- hooking ---------------------------------------------------------------------------
+    @property
+    def attached(self) -> bool:
+        return self._handle is not None
+
+    def attach(self) -> None:
+        if self._handle is None:
+            self._handle = self.base.register_forward_hook(self._hook)
+
+    def detach(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    def _hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        if self.multiplier == 0.0:
+            return output
+        delta = self.forward_delta(args[0])
+        return output + delta.to(output.dtype)
+
+    # -- to implement ----------------------------------------------------------------------
+    def forward_delta(self, x: torch.Tensor) -> torch.Tensor:
+        """The change of the base module's output for input x, multiplier applied."""
+        raise NotImplementedError
+
+    def delta_weight(self) -> torch.Tensor:
+        """The change of the base weight (same shape), multiplier applied, fp32."""
+        raise NotImplementedError
+
+    def base_weight_shape(self) -> tuple[int, ...]:
+        return tuple(self.base.weight.shape)
+
+
+class AdapterNetwork(nn.Module):
+    """All adapters of a run, by kohya module name, with the file's tensor names as state."""
+
+    def __init__(self, adapters: Iterable[AdapterModule], arch: str, algo: str):
+        super().__init__()
+        self.arch = arch
+        self.algo = algo
+        self.adapters = nn.ModuleDict({a.name: a for a in adapters})
+
+    def __len__(self) -> int:
+        return len(self.adapters)
+
+    def __iter__(self):
+        return iter(self.adapters.values())
+
+    def attach(self) -> None:
+        for a in self:
+            a.attach()
+
+    def detach(self) -> None:
+        for a in self:
+            a.detach()
+
+    def set_multiplier(self, value: float, part: str | None = None) -> None:
+        """Set the strength of every adapter, or of one part ('unet' or a text encoder)."""
+        for a in self:
+            if part is None or part_of(a.name) == part:
+                a.multiplier = float(value)
+
+    def names(self, part: str | None = None) -> list[str]:
+        return [a.name for a in self if part is None or part_of(a.name) == part]
+
+    def parts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for a in self:
+            out[part_of(a.name)] = out.get(part_of(a.name), 0) + 1
+        return out
+
+    def kohya_state_dict(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """Tensors under the file's keys (`NAME.lora_down.weight`, `NAME.alpha`, ...)."""
+        out = {}
+        for name, tensor in self.state_dict().items():
+            key = name[len("adapters."):]
+            t = tensor.detach()
+            if dtype is not None and t.is_floating_point():
+                t = t.to(dtype)
+            out[key] = t.contiguous().cpu()
+        return out
+
+    def load_kohya_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Load a file's tensors exactly; raise on any missing or unexpected key."""
+        state = {"adapters." + k: v for k, v in tensors.items()}
+        own = self.state_dict()
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        if missing or unexpected:
+            raise KeyError(f"adapter file does not match the network: {len(missing)} missing "
+                           f"(e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]})")
+        for k, v in state.items():
+            if tuple(own[k].shape) != tuple(v.shape):
+                raise ValueError(f"{k[len('adapters.'):]}: shape {tuple(v.shape)} in the file, "
+                                 f"{tuple(own[k].shape)} expected")
+        with torch.no_grad():
+            for k, v in state.items():
+                own[k].copy_(v.to(own[k].dtype))
+
+    def trainable_parameters(self, part: str | None = None) -> list[nn.Parameter]:
+        return [p for a in self if part is None or part_of(a.name) == part
+                for p in a.parameters() if p.requires_grad]
+
+
+def part_of(kohya_name: str) -> str:
+    """'lora_unet_x' -> 'unet'; 'lora_te_x' -> 'te'; 'lora_te1_x' -> 'te1'."""
+    rest = kohya_name[len("lora_"):] if kohya_name.startswith("lora_") else kohya_name
+    return rest.split("_", 1)[0]

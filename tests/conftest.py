@@ -1,0 +1,41 @@
+"""Shared test fixtures: the tiny SD1 bundle and the demo dataset."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+torch.set_num_threads(1)  # tiny models: threads cost more than they give
+
+
+@pytest.fixture()
+def sd1_bundle():
+    from lora_train_ext.core.models.tiny import build_bundle
+
+    return build_bundle("sd1", "tiny", seed=0)
+
+
+@pytest.fixture()
+def demo_dataset():
+    from lora_train_ext.demo import demo_dataset_dir
+
+    return demo_dataset_dir()
+
+
+def state_sha256(*modules: torch.nn.Module) -> str:
+    """sha256 over every parameter and buffer's bytes, names included: bit-exact identity."""
+    h = hashlib.sha256()
+    for i, m in enumerate(modules):
+        for name, t in sorted(m.state_dict().items()):
+            h.update(f"{i}.{name}:{t.dtype}:{tuple(t.shape)}".encode())
+            h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
+                     if t.numel() else b"")
+    return h.hexdigest()
+
+
+def requires_grad_flags(*modules: torch.nn.Module) -> list[bool]:
+    return [p.requires_grad for m in modules for p in m.parameters()]
