@@ -131,3 +131,21 @@ def test_parse_color():
     with pytest.raises(UserError) as e:
         parse_color("nope")
     assert e.value.field == "data.background"
+
+
+def test_jpeg_reduced_decode_matches_full_decode(tmp_path):
+    from lora_train_ext.core.data.buckets import apply_placement, plan_placement
+
+    yy, xx = np.mgrid[0:1024, 0:1536]
+    arr = np.stack([xx % 256, yy % 256, (xx // 6) % 256], -1).astype(np.uint8)
+    Image.fromarray(arr).save(tmp_path / "big.jpg", quality=95)
+    placement = plan_placement((1536, 1024), (192, 128), "crop")
+    full, _ = load_image(str(tmp_path / "big.jpg"))
+    small, _ = load_image(str(tmp_path / "big.jpg"), reduce_to=placement.resized,
+                          expect_size=(1536, 1024))
+    assert full.size == (1536, 1024) and small.size == (192, 128)  # 1/8 scale
+    a = np.asarray(apply_placement(full, placement, (0, 0, 0)), np.float32)
+    b = np.asarray(apply_placement(small, placement, (0, 0, 0)), np.float32)
+    assert np.abs(a - b).mean() < 3  # DCT scaling is close to a full decode + LANCZOS
+    with pytest.raises(ImageReadError, match="size changed"):
+        load_image(str(tmp_path / "big.jpg"), expect_size=(1024, 1536))

@@ -159,11 +159,14 @@ def _resample_for(src: Size, dst: Size) -> int:
 
 def apply_placement(img: Image.Image, placement: Placement, fill: tuple[int, ...] | int,
                     resample: int | None = None) -> Image.Image:
-    """Scale / crop / pad `img` (already oriented, original size) to the bucket size.
+    """Scale / crop / pad `img` (already oriented) to the bucket size.
 
+    img: the image at its original size, or a uniformly reduced copy of it (a JPEG decoded at
+    1/2..1/8 scale): it is scaled to `placement.resized` either way.
     `fill` is the pad colour (an int for 'L' masks: 0 = ignore the padded area).
     """
-    if img.size != placement.original:
+    ow, oh = placement.original
+    if img.size[0] > ow or img.size[1] > oh:
         raise ValueError(f"image is {img.size}, placement is for {placement.original}")
     out = img
     if placement.resized != img.size:

@@ -143,7 +143,7 @@ class TrainData:
             raise UserError("data.mask_dir", f"folder not found: {cfg.mask_dir!r}")
         common = dict(caption_extension=cfg.caption_extension,
                       default_caption=cfg.default_caption, trigger_word=cfg.trigger_word,
-                      mask_dir=cfg.mask_dir, want_masks=cfg.masked_loss)
+                      mask_dir=cfg.mask_dir, want_masks=cfg.masked_loss, workers=self.workers)
         self.train_scan: ScanResult = scan_dataset(cfg.dataset_dir, repeats=cfg.repeats,
                                                    **common)
         self.reg_scan: ScanResult | None = None
@@ -367,10 +367,9 @@ class TrainData:
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(3, H, W) in [-1, 1] and the (1, H, W) mask (or None) for one item."""
         item = self.items[idx]
-        img, alpha = load_image(item.path, self.background)
-        if img.size != placement.original:
-            raise ImageReadError(f"size changed since the scan ({placement.original[0]}x"
-                                 f"{placement.original[1]} -> {img.size[0]}x{img.size[1]})")
+        reduce_to = placement.resized if placement.resized != placement.original else None
+        img, alpha = load_image(item.path, self.background, expect_size=placement.original,
+                                reduce_to=reduce_to)
         out = apply_placement(img, placement, self.background)
         mask_img = None
         if self.cfg.masked_loss:
@@ -506,27 +505,36 @@ class TrainData:
         groups: dict[tuple[int, int], list[tuple[int, bool]]] = {}
         for t in todo:
             groups.setdefault(self.buckets_of[t[0]], []).append(t)
+        chunks = [group[k:k + chunk] for group in groups.values()
+                  for k in range(0, len(group), chunk)]
+        # Decoding runs `ahead` chunks in front of the encoder, so a fast (GPU) VAE is not
+        # left waiting for Pillow, and a slow one does not leave the loaders idle.
+        ahead = 2
         with ThreadPoolExecutor(self.workers, thread_name_prefix="lora-cache") as pool:
-            for bucket, group in groups.items():
-                for start in range(0, len(group), chunk):
-                    part = group[start:start + chunk]
-                    loaded = list(pool.map(self._load_for_cache, part))
-                    encode_rows, encode_keys = [], []
-                    for (i, f), result in zip(part, loaded):
-                        if isinstance(result, Exception):
-                            self._mark_broken(i, result)
-                            continue
-                        pixels, mask = result
-                        if cfg.masked_loss:
-                            self._store_mask((i, f), mask, bucket)
-                        if keys[(i, f)] not in cache:
-                            encode_rows.append(pixels)
-                            encode_keys.append(keys[(i, f)])
-                    if encode_rows:
-                        self._encode_rows(encode_rows, encode_keys)
-                    done += len(part)
-                    if progress:
-                        progress(done, total)
+            pending = [[pool.submit(self._load_for_cache, t) for t in part]
+                       for part in chunks[:ahead]]
+            for k, part in enumerate(chunks):
+                futures = pending.pop(0)
+                if k + ahead < len(chunks):
+                    pending.append([pool.submit(self._load_for_cache, t)
+                                    for t in chunks[k + ahead]])
+                encode_rows, encode_keys = [], []
+                for (i, f), future in zip(part, futures):
+                    result = future.result()
+                    if isinstance(result, Exception):
+                        self._mark_broken(i, result)
+                        continue
+                    pixels, mask = result
+                    if cfg.masked_loss:
+                        self._store_mask((i, f), mask, self.buckets_of[i])
+                    if keys[(i, f)] not in cache:
+                        encode_rows.append(pixels)
+                        encode_keys.append(keys[(i, f)])
+                if encode_rows:
+                    self._encode_rows(encode_rows, encode_keys)
+                done += len(part)
+                if progress:
+                    progress(done, total)
         self._latent_keys = {t: k for t, k in keys.items() if t[0] not in self._broken}
         for i in [i for i in used if hashes[i] is None]:
             self._mark_broken(i, RuntimeError("cannot read the file"))

@@ -90,22 +90,38 @@ def _to_8bit(img: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "L")
 
 
-def load_image(path: str, background: tuple[int, int, int] = (255, 255, 255),
+def load_image(path: str, background: tuple[int, int, int] = (255, 255, 255), *,
+               expect_size: tuple[int, int] | None = None,
+               reduce_to: tuple[int, int] | None = None,
                ) -> tuple[Image.Image, Image.Image | None]:
     """Decode to (RGB image, alpha or None). Transparent pixels are composited on `background`.
 
     The alpha ('L' image, same size) is returned so masked loss can use it.
+    expect_size: (w, h) after orientation the scan saw; a different file raises ImageReadError.
+    reduce_to: (w, h) the caller will scale to; a JPEG is then decoded at 1/2, 1/4 or 1/8 scale
+        where that stays at least this big (DCT-domain scaling: much faster for big photos, and
+        an area-like filter). The returned image may then be smaller than the original.
     """
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as raw:
+                swap = _orientation(raw) in _SWAPPING_ORIENTATIONS
+                w, h = raw.size[::-1] if swap else raw.size
+                if expect_size is not None and (w, h) != tuple(expect_size):
+                    raise ImageReadError(f"size changed since the scan ({expect_size[0]}x"
+                                         f"{expect_size[1]} -> {w}x{h})")
+                if reduce_to is not None and raw.format == "JPEG" and raw.mode in ("RGB", "L"):
+                    rw, rh = reduce_to[::-1] if swap else reduce_to
+                    raw.draft(raw.mode, (max(1, int(rw)), max(1, int(rh))))
                 raw.load()
                 img = ImageOps.exif_transpose(raw)
                 if img is raw:
                     img = raw.copy()
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError,
             Image.DecompressionBombWarning) as e:
+        if isinstance(e, ImageReadError):
+            raise
         raise ImageReadError(f"{type(e).__name__}: {e}") from None
     try:
         return _to_rgb(img, background)
