@@ -254,4 +254,4 @@ def test_dataset_fingerprint_change_adds_a_note(tmp_path):
     other = TrainData(cfg(tmp_path), batch_size=1, seed=0)
     other.load_state_dict(state)
     assert any("dataset changed" in n for n in other.report.notes)
-    assert len(list(other.batches(0))) == other.steps_per_epoch - 1
+    assert len(list(other.batches(0, start=state["batch_index"]))) == other.steps_per_epoch - 1

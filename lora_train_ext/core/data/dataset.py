@@ -127,7 +127,6 @@ class TrainData:
         self._vae_id = ""
         self._cache_dtype: torch.dtype | None = None
         self._position = (0, 0)
-        self._resume: tuple[int, int] | None = None
         self.report = self._build_report()
 
     # -- scanning -------------------------------------------------------------------------------
@@ -303,13 +302,18 @@ class TrainData:
                 for f in self.reg_scan.folders if f.images}
 
     def state_dict(self) -> dict:
-        """Where the data order stands: the next batches(epoch) after load_state_dict continues
-        right after the last batch handed out."""
+        """Where the data order stands: `batch_index` batches of `epoch` have been handed out.
+        Resume with `batches(state["epoch"], start=state["batch_index"])`; the order itself
+        needs nothing saved, it follows from (seed, epoch). The fingerprint (paths, repeats,
+        buckets) tells load_state_dict whether the dataset changed meanwhile."""
         epoch, index = self._position
         return {"epoch": epoch, "batch_index": index, "seed": self.seed,
                 "steps_per_epoch": self.steps_per_epoch, "fingerprint": self._fingerprint()}
 
     def load_state_dict(self, state: dict) -> None:
+        """Check the snapshot against this dataset (a changed dataset or seed is a note in
+        `report`) and restore the position. It does not make batches() skip anything: the
+        caller passes start= (or skips batches itself), so a position is never skipped twice."""
         epoch, index = int(state.get("epoch", 0)), int(state.get("batch_index", 0))
         if state.get("fingerprint") not in (None, self._fingerprint()):
             self._notes.append("the dataset changed since the snapshot: the resumed data order "
@@ -318,8 +322,7 @@ class TrainData:
         if int(state.get("seed", self.seed)) != self.seed:
             self._notes.append("the seed changed since the snapshot: the data order differs")
             self.report.notes = list(self._notes)
-        self._resume = (epoch, min(index, self.steps_per_epoch))
-        self._position = (epoch, index)
+        self._position = (epoch, min(index, self.steps_per_epoch))
 
     def _fingerprint(self) -> str:
         import hashlib
@@ -437,16 +440,13 @@ class TrainData:
             keys=[self.items[s.item].path for s in kept],
             is_reg=[self.items[s.item].is_reg for s in kept])
 
-    def batches(self, epoch: int, start: int | None = None) -> Iterator[Batch]:
-        """The batches of `epoch` in their seeded order, from batch `start` (default 0, or the
-        resume point after load_state_dict for this epoch). Images that fail to load are left
-        out of their batch with an `unreadable` problem in `report`."""
+    def batches(self, epoch: int, start: int = 0) -> Iterator[Batch]:
+        """The batches of `epoch` in their seeded order, from batch index `start` (resume:
+        start=state["batch_index"]; skipped batches cost nothing, no image is loaded for them).
+        Images that fail to load are left out of their batch with an `unreadable` problem in
+        `report`; a batch left empty that way is not yielded."""
         plan = self.epoch_plan(epoch)
-        if start is None:
-            start = 0
-            if self._resume is not None and self._resume[0] == epoch:
-                start = self._resume[1]
-            self._resume = None
+        start = max(0, int(start))
         if self.latents_cached or self.workers <= 1:
             for b in range(start, len(plan)):
                 batch = self._make_batch(epoch, b, plan[b])
