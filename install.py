@@ -36,5 +36,5 @@ def main() -> None:
             print(f"[lora-train-ext] could not install {req} ({e}); its optimizer stays unavailable")
 
 
-if __name__ != "__main__" or os.environ.get("LORA_TRAIN_EXT_INSTALL_MAIN"):
+if __name__ == "__main__":  # the WebUI runs this file as a script (PYTHONPATH = its root)
     main()

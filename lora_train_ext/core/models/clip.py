@@ -32,6 +32,10 @@ class ClipSpec:
 CLIP_SPECS = {
     ("sd1", "real"): ClipSpec(hidden=768, layers=12, heads=12, mlp=3072, vocab=49408),
     ("sd1", "tiny"): ClipSpec(hidden=32, layers=12, heads=2, mlp=64, vocab=514),
+    # SDXL's first text encoder is the same CLIP ViT-L/14 text tower (read at its penultimate
+    # layer); tiny: 32 wide, half of the tiny SDXL UNet's context 64 (te2 gives the other 32).
+    ("sdxl", "real"): ClipSpec(hidden=768, layers=12, heads=12, mlp=3072, vocab=49408),
+    ("sdxl", "tiny"): ClipSpec(hidden=32, layers=12, heads=2, mlp=64, vocab=514),
 }
 
 START_TOKEN = "<|startoftext|>"
@@ -85,12 +89,19 @@ def offline_tokenizer():
     )
 
 
-def tokenize(captions: list[str], max_length: int = 77) -> torch.Tensor:
-    """captions -> (B, max_length) long ids, padded with the end token, truncated."""
+def tokenize(captions: list[str], max_length: int = 77, pad_id: int | None = None) -> torch.Tensor:
+    """captions -> (B, max_length) long ids, truncated, padded with the end token (CLIP) or with
+    `pad_id` after the first end token (OpenCLIP pads with 0)."""
     tok = offline_tokenizer()
     out = tok(list(captions), padding="max_length", truncation=True, max_length=max_length,
               return_tensors="pt")
-    return out.input_ids
+    ids = out.input_ids
+    if pad_id is not None:
+        end = tok.convert_tokens_to_ids(END_TOKEN)
+        first_end = (ids == end).int().argmax(dim=-1, keepdim=True)
+        after = torch.arange(ids.shape[1])[None] > first_end
+        ids = ids.masked_fill(after, pad_id)
+    return ids
 
 
 def build_clip_text(arch: str = "sd1", size: str = "tiny", seed: int | None = 0,

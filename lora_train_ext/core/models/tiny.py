@@ -1,8 +1,16 @@
 """Stable-Diffusion-shaped models made in code, as a ModelBundle and as a WebUI-style checkpoint.
 
-`build_bundle('sd1', size='tiny')` gives a model with every module name and block of SD1.5 and
-small widths (the demo and the tests); `size='real'` gives the real widths (the benchmark).
-Weights are random but fixed by `seed`.
+`build_bundle(arch, size='tiny')` gives a model with every module name and block of SD1.5, SD2.1
+or SDXL base and small widths (the demo and the tests); `size='real'` gives the real widths (the
+benchmark). Weights are random but fixed by `seed`.
+
+Conditioning is read the way the WebUI's models read it:
+- SD1: CLIP-L's last hidden state after its final layer norm, (B, 77, 768).
+- SD2: OpenCLIP ViT-H's penultimate block output, then `ln_final`, (B, 77, 1024).
+- SDXL: `crossattn` = CLIP-L's penultimate hidden state (no final norm, (B, 77, 768)) next to
+  OpenCLIP bigG's ((B, 77, 1280)) = (B, 77, 2048); `vector` = bigG's pooled embedding (1280) next to
+  sinusoidal embeddings (256 each) of original size (h, w), crop (top, left) and target size (h, w)
+  = (B, 2816). Tiny: 32 + 32 = 64 and 32 + 6 x 16 = 128, as in specs.py.
 """
 
 from __future__ import annotations
@@ -12,16 +20,18 @@ import os
 
 import torch
 
+from .. import keys
 from ..bundle import ModelBundle
+from ..errors import UserError
 from ..lora_file import atomic_save_safetensors
 from .clip import build_clip_text, tokenize
+from .openclip import OPENCLIP_SPECS, build_openclip_text
 from .specs import arch_spec, build_unet, build_vae
+from .unet import timestep_embedding
 
-CHECKPOINT_PREFIX = {
-    ("sd1", "unet"): "model.diffusion_model.",
-    ("sd1", "vae"): "first_stage_model.",
-    ("sd1", "te"): "cond_stage_model.transformer.",
-}
+PREDICTIONS = ("epsilon", "v")
+SIZE_FIELDS = 6  # orig_h, orig_w, crop_top, crop_left, target_h, target_w
+OPENCLIP_PAD_ID = 0  # open_clip pads after the end token with 0; CLIP repeats the end token
 
 
 def sd_alphas_cumprod(steps: int = 1000, beta_start: float = 0.00085,
@@ -31,36 +41,117 @@ def sd_alphas_cumprod(steps: int = 1000, beta_start: float = 0.00085,
     return torch.cumprod(1.0 - betas, dim=0)
 
 
+def default_prediction(arch: str) -> str:
+    """SD2 stands for SD2.1-768 (`v2-inference-v.yaml`): v; the others: epsilon."""
+    return "v" if arch == "sd2" else "epsilon"
+
+
+def default_resolution(arch: str, size: str, prediction: str) -> int:
+    if size == "tiny":
+        return 64
+    if arch == "sdxl":
+        return 1024
+    return 768 if arch == "sd2" and prediction == "v" else 512
+
+
+def build_text_encoders(arch: str, size: str = "tiny", seed: int = 0,
+                        device: str | torch.device = "cpu") -> dict[str, torch.nn.Module]:
+    """The arch's text encoders by kohya prefix part: SD1 {'te': CLIP-L}, SD2 {'te': OpenCLIP
+    ViT-H}, SDXL {'te1': CLIP-L, 'te2': OpenCLIP bigG}; seeds seed, seed + 1."""
+    if arch == "sd1":
+        return {"te": build_clip_text("sd1", size, seed=seed, device=device)}
+    if arch == "sd2":
+        return {"te": build_openclip_text("sd2", size, seed=seed, device=device)}
+    if arch == "sdxl":
+        return {"te1": build_clip_text("sdxl", size, seed=seed, device=device),
+                "te2": build_openclip_text("sdxl", size, seed=seed + 1, device=device)}
+    raise UserError("arch", f"unknown architecture {arch!r}; expected sd1, sd2 or sdxl")
+
+
+def size_embedding(sizes: torch.Tensor, dim: int) -> torch.Tensor:
+    """SDXL's size/crop conditioning: sizes (B, 6) -> (B, 6 * dim) float32, each number through
+    the same sinusoidal embedding as timesteps (sgm `ConcatTimestepEmbedderND`), in the order
+    original size (h, w), crop (top, left), target size (h, w)."""
+    b = sizes.shape[0]
+    return timestep_embedding(sizes.reshape(-1), dim).reshape(b, sizes.shape[1] * dim)
+
+
 def build_bundle(arch: str = "sd1", size: str = "tiny", seed: int = 0,
-                 device: str | torch.device = "cpu") -> ModelBundle:
-    if arch != "sd1":
-        raise NotImplementedError(f"arch {arch!r}: only sd1 is built in code so far")
+                 device: str | torch.device = "cpu", prediction: str | None = None) -> ModelBundle:
+    """A bundle of in-code models. prediction: 'epsilon' or 'v' (None: the arch's default, v for
+    SD2 (SD2.1-768), epsilon otherwise)."""
+    spec = arch_spec(arch, size)
+    prediction = prediction or default_prediction(arch)
+    if prediction not in PREDICTIONS:
+        raise UserError("prediction", f"{prediction!r}; expected one of {', '.join(PREDICTIONS)}")
     device = torch.device(device)
     unet = build_unet(arch, size, device=device, seed=seed)
     vae = build_vae(arch, size, device=device, seed=seed + 1)
-    te = build_clip_text(arch, size, seed=seed + 2, device=device)
-    for m in (unet, vae, te):
+    text_encoders = build_text_encoders(arch, size, seed=seed + 2, device=device)
+    for m in (unet, vae, *text_encoders.values()):
         m.eval().requires_grad_(False)
-    scale = arch_spec(arch, size).vae.scale_factor
+    scale = spec.vae.scale_factor
+    resolution = default_resolution(arch, size, prediction)
 
     def encode(images: torch.Tensor) -> torch.Tensor:
         posterior = vae.encode(images.to(device=device, dtype=_dtype(vae)))
         return posterior.mode() * scale
 
-    def condition(captions: list[str], sizes=None) -> torch.Tensor:
-        ids = tokenize(captions).to(device)
-        return te(ids).last_hidden_state
+    if arch == "sd1":
+        te = text_encoders["te"]
 
-    def denoise(x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        return unet(x, t, context=cond)
+        def condition(captions: list[str], sizes=None) -> torch.Tensor:
+            return te(tokenize(captions).to(device)).last_hidden_state
 
-    digest = hashlib.sha256(f"{arch}-{size}-{seed}".encode()).hexdigest()
+        def denoise(x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+            return unet(x, t, context=cond)
+
+    elif arch == "sd2":
+        te = text_encoders["te"]
+
+        def condition(captions: list[str], sizes=None) -> torch.Tensor:
+            ids = tokenize(captions, pad_id=OPENCLIP_PAD_ID).to(device)
+            return te.encode(ids, layer="penultimate", final_norm=True)[0]
+
+        def denoise(x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+            return unet(x, t, context=cond)
+
+    else:
+        te1, te2 = text_encoders["te1"], text_encoders["te2"]
+        pooled_dim = OPENCLIP_SPECS[("sdxl", size)].embed
+        size_dim, rest = divmod(spec.unet.adm_in_channels - pooled_dim, SIZE_FIELDS)
+        if rest:
+            raise ValueError(f"adm_in_channels {spec.unet.adm_in_channels} - pooled {pooled_dim} "
+                             f"does not split into {SIZE_FIELDS} size embeddings")
+
+        def condition(captions: list[str], sizes=None) -> dict[str, torch.Tensor]:
+            ids1 = tokenize(captions).to(device)
+            ids2 = tokenize(captions, pad_id=OPENCLIP_PAD_ID).to(device)
+            h1 = te1(ids1, output_hidden_states=True).hidden_states[-2]
+            h2, pooled = te2.encode(ids2, layer="penultimate", final_norm=False, pooled=True)
+            if sizes:
+                if len(sizes) != len(captions):
+                    raise ValueError(f"{len(sizes)} sizes for {len(captions)} captions")
+                table = torch.tensor([list(s) for s in sizes], dtype=torch.float32, device=device)
+            else:
+                table = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]],
+                                     dtype=torch.float32, device=device).expand(len(captions), -1)
+            vector = torch.cat([pooled.float(), size_embedding(table, size_dim)], dim=-1)
+            return {"crossattn": torch.cat([h1, h2.to(h1.dtype)], dim=-1),
+                    "vector": vector.to(h1.dtype)}
+
+        def denoise(x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+            return unet(x, t, context=cond["crossattn"], y=cond["vector"])
+
+    digest = hashlib.sha256(f"{arch}-{size}-{seed}-{prediction}".encode()).hexdigest()
+    prefix = "tiny" if size == "tiny" else "random"
     return ModelBundle(
-        arch=arch, unet=unet, text_encoders={"te": te}, vae=vae, encode=encode,
-        condition=condition, denoise=denoise, prediction="epsilon",
-        alphas_cumprod=sd_alphas_cumprod(), model_name=f"tiny-{arch}-seed{seed}" if size == "tiny"
-        else f"random-{arch}-seed{seed}", model_hash=digest[:10],
-        resolution=64 if size == "tiny" else 512, device=device, vae_id=f"{arch}-{size}-vae-{seed}",
+        arch=arch, unet=unet, text_encoders=text_encoders, vae=vae, encode=encode,
+        condition=condition, denoise=denoise, prediction=prediction,
+        alphas_cumprod=sd_alphas_cumprod(),
+        model_name=f"{prefix}-{arch}{'-v' if arch == 'sd2' and prediction == 'v' else ''}-seed{seed}",
+        model_hash=digest[:10], resolution=resolution, device=device,
+        vae_id=f"{arch}-{size}-vae-{seed}",
         extras={"size": size, "seed": seed, "vae_scale": scale},
     )
 
@@ -69,20 +160,49 @@ def _dtype(module: torch.nn.Module) -> torch.dtype:
     return next(module.parameters()).dtype
 
 
+def _parts(bundle: ModelBundle) -> list[tuple[str, torch.nn.Module]]:
+    return [("unet", bundle.unet), ("vae", bundle.vae), *bundle.text_encoders.items()]
+
+
+def _is_clip(arch: str, part: str) -> bool:
+    return part not in ("unet", "vae") and keys.te_family(arch, part) == "clip"
+
+
 def checkpoint_state_dict(bundle: ModelBundle) -> dict[str, torch.Tensor]:
-    """The bundle's weights under a WebUI checkpoint's LDM key names."""
-    arch = bundle.arch
+    """The bundle's weights under a WebUI checkpoint's LDM key names (`keys.checkpoint_prefix`)."""
     out: dict[str, torch.Tensor] = {}
-    for part, module in (("unet", bundle.unet), ("vae", bundle.vae),
-                         ("te", bundle.text_encoders["te"])):
-        prefix = CHECKPOINT_PREFIX[(arch, part)]
+    for part, module in _parts(bundle):
+        prefix = keys.checkpoint_prefix(bundle.arch, part)
+        clip = _is_clip(bundle.arch, part)
         for key, t in module.state_dict().items():
             if key.endswith("position_ids"):
                 continue  # a buffer, not a weight; real checkpoints mostly omit it
-            if part == "te" and not key.startswith("text_model."):
+            if clip and not key.startswith("text_model."):
                 key = "text_model." + key  # transformers 5 drops the level; files keep it
             out[prefix + key] = t.detach().contiguous().cpu()
     return out
+
+
+def load_checkpoint_state_dict(bundle: ModelBundle, state: dict[str, torch.Tensor]) -> None:
+    """Copy a checkpoint's tensors (LDM names, as `checkpoint_state_dict` writes them) into the
+    bundle's modules in place. Every weight of the bundle must be there; other keys are ignored."""
+    for part, module in _parts(bundle):
+        prefix = keys.checkpoint_prefix(bundle.arch, part)
+        clip = _is_clip(bundle.arch, part)
+        own = module.state_dict()
+        missing = []
+        with torch.no_grad():
+            for key, t in own.items():
+                if key.endswith("position_ids"):
+                    continue
+                full = prefix + ("text_model." + key if clip and not key.startswith("text_model.")
+                                 else key)
+                if full not in state:
+                    missing.append(full)
+                    continue
+                t.copy_(state[full].to(t.dtype))
+        if missing:
+            raise KeyError(f"checkpoint lacks {len(missing)} {part} tensors (e.g. {missing[:2]})")
 
 
 def write_checkpoint(bundle: ModelBundle, path: str) -> str:
