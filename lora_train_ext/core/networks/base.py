@@ -2,7 +2,8 @@
 
 An adapter never edits its base module's weights. `attach()` adds its output to the base module's
 output through a forward hook; `detach()` removes the hook, which leaves the model exactly as it
-was. `delta_weight()` gives the same change as a weight delta (for merging and for tests that
+was. Weights a module reads without calling a submodule (OpenCLIP's fused attention) are adapted
+as weights instead, through a stand-in base (`networks/mha.py`), with the same attach / detach. `delta_weight()` gives the same change as a weight delta (for merging and for tests that
 compare the hooked forward with a merged one).
 """
 
@@ -45,7 +46,13 @@ class AdapterModule(nn.Module):
 
     def attach(self) -> None:
         if self._handle is None:
-            self._handle = self.base.register_forward_hook(self._hook)
+            # A base that is a stand-in for a weight its owner reads directly (fused attention,
+            # networks/mha.py) applies the delta to that weight; every other base gets a hook.
+            attach_adapter = getattr(self.base, "attach_adapter", None)
+            if attach_adapter is not None:
+                self._handle = attach_adapter(self)
+            else:
+                self._handle = self.base.register_forward_hook(self._hook)
 
     def detach(self) -> None:
         if self._handle is not None:

@@ -6,7 +6,11 @@ the modules kohya's trainer picks:
   proj_in / proj_out).
 - UNet, LoCon (C3Lier) adds the res blocks' convs, time-embedding linears and skip connections,
   and the down/upsamplers' convs.
-- Text encoders: self-attention q/k/v/out and the MLP's fc1/fc2 of every layer.
+- Text encoders: self-attention q/k/v/out and the MLP's fc1/fc2 of every layer, named by HF CLIP
+  paths. OpenCLIP towers (SD2's `te`, SDXL's `te2`, paths `transformer.resblocks.N...`) map onto
+  the same names: q/k/v are row blocks of the fused `attn.in_proj_weight` and, like `attn.out_proj`,
+  are adapted as weights through `mha.WeightSite` stand-ins; `mlp.c_fc` / `mlp.c_proj` are fc1 /
+  fc2. SD2 reads OpenCLIP's penultimate layer, so its last layer gets no adapter (23 x 6 = 138).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from torch import nn
 from .. import keys
 from ..errors import UserError
 from .base import module_kind
+from .mha import mha_sites
 
 UNET_TRANSFORMER = re.compile(
     r"^(input_blocks\.\d+|middle_block|output_blocks\.\d+)\.\d+\."
@@ -29,6 +34,13 @@ UNET_CONV_EXTRA = re.compile(
     r"|input_blocks\.\d+\.0\.op|output_blocks\.\d+\.\d+\.conv)$")
 TE_LAYER = re.compile(
     r"^(text_model\.)?encoder\.layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|out_proj)|mlp\.(fc1|fc2))$")
+
+OPENCLIP_ATTN = re.compile(r"^transformer\.resblocks\.(\d+)\.attn$")
+OPENCLIP_MLP = re.compile(r"^transformer\.resblocks\.(\d+)\.mlp\.(c_fc|c_proj)$")
+# Last text-encoder layers the host never runs, by (arch, part): SD2 conditions on OpenCLIP's
+# penultimate layer. (SDXL's te1 and te2 are read at the penultimate layer too, but te2's last
+# layer makes the pooled embedding and kohya's files name every te1 layer.)
+UNUSED_LAST_LAYERS = {("sd2", "te"): 1}
 
 BLOCK_RE = re.compile(r"^(input_blocks\.(\d+)|middle_block|output_blocks\.(\d+))\.")
 
@@ -95,4 +107,36 @@ def find_targets(roots: dict[str, nn.Module], arch: str, train_on: str = "both",
                     continue
                 name = keys.te_kohya_name(part, path)
             targets.append(Target(name=name, part=part, path=path, module=module, kind=kind))
+        if not is_unet:
+            targets.extend(openclip_targets(root, arch, part))
+    return targets
+
+
+def openclip_targets(root: nn.Module, arch: str, part: str) -> list[Target]:
+    """Targets of an OpenCLIP text tower (none for other roots): per used layer q, k, v, out (as
+    `WeightSite`s of the MultiheadAttention) and fc1 / fc2 (`mlp.c_fc` / `mlp.c_proj`, hooked).
+    Paths are OpenCLIP's: `transformer.resblocks.N.attn.in_proj[q]`, `...attn.out_proj`."""
+    blocks = getattr(getattr(root, "transformer", None), "resblocks", None)
+    if blocks is None:
+        return []
+    used = len(blocks) - UNUSED_LAST_LAYERS.get((arch, part), 0)
+    targets: list[Target] = []
+    for path, module in root.named_modules():
+        m = OPENCLIP_ATTN.match(path)
+        if m and isinstance(module, nn.MultiheadAttention):
+            if int(m.group(1)) >= used:
+                continue
+            sites = mha_sites(module)
+            hf_paths = [hf for hf, _ in keys.openclip_to_hf(path + ".in_proj")]
+            hf_paths += [hf for hf, _ in keys.openclip_to_hf(path + ".out_proj")]
+            for (which, site), hf in zip(sites.items(), hf_paths):
+                inner = f".in_proj[{which}]" if which != "out" else ".out_proj"
+                targets.append(Target(name=keys.te_kohya_name(part, hf), part=part,
+                                      path=path + inner, module=site, kind="linear"))
+            continue
+        m = OPENCLIP_MLP.match(path)
+        if m and module_kind(module) == "linear" and int(m.group(1)) < used:
+            hf, _ = keys.openclip_to_hf(path)[0]
+            targets.append(Target(name=keys.te_kohya_name(part, hf), part=part, path=path,
+                                  module=module, kind="linear"))
     return targets
