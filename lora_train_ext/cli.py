@@ -11,6 +11,7 @@ import json
 import os
 import sys
 import time
+from typing import Any
 
 from .core.errors import TrainingError, UserError
 
@@ -78,22 +79,227 @@ class StderrProgress:
             self.stream.flush()
 
 
+# -- demo: the headless trainer's flags -----------------------------------------------------------
+# flag (argparse dest) -> the RunConfig field it sets; --warmup sets steps or a ratio
+DEMO_FIELDS = {
+    "out": "save.output_dir", "steps": "train.max_steps", "epochs": "train.epochs",
+    "seed": "train.seed", "rank": "network.rank", "alpha": "network.alpha", "lr": "optim.lr",
+    "unet_lr": "optim.unet_lr", "te_lr": "optim.te_lr", "train_on": "network.train_on",
+    "batch_size": "train.batch_size", "grad_accum": "train.grad_accum",
+    "dataset": "data.dataset_dir", "optimizer": "optim.optimizer",
+    "optimizer_args": "optim.optimizer_args", "scheduler": "optim.scheduler",
+    "warmup": "optim.warmup_steps", "loss": "loss.loss", "min_snr_gamma": "loss.min_snr_gamma",
+    "noise_offset": "loss.noise_offset", "save_every": "save.save_every_steps",
+    "save_every_epochs": "save.save_every_epochs", "keep_last": "save.keep_last",
+    "save_dtype": "save.save_dtype", "save_state": "save.save_state",
+}
+# flags that do not change what a resumed run computes
+RESUME_FLAGS = ("resume", "stop_after", "save_state")
+
+
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def choice(name: str, valid: tuple[str, ...]):
+    def parse(text: str) -> str:
+        value = text.strip().lower()
+        if value not in valid:
+            raise UserError(name, f"{text!r} is not valid; choose one of {', '.join(valid)}")
+        return value
+    return parse
+
+
+def optimizer_name(text: str) -> str:
+    from .core.optim import canonical_name
+
+    try:
+        return canonical_name(text)
+    except UserError as e:
+        raise UserError("--optimizer", e.message) from None
+
+
+def optimizer_args(text: str) -> str:
+    from .core.optim import parse_optimizer_args
+
+    try:
+        parse_optimizer_args(text)
+    except UserError as e:
+        raise UserError("--optimizer-args", e.message) from None
+    return text
+
+
+def warmup(text: str) -> tuple[str, float]:
+    """'100' -> 100 warmup steps; '0.1' -> a tenth of the run."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if value >= 1 and value.is_integer():
+        return ("steps", int(value))
+    if 0 <= value < 1:
+        return ("ratio", value) if value else ("steps", 0)
+    raise UserError("--warmup", f"{text!r} is not valid; give steps (e.g. 100) or a ratio "
+                                "of the run in 0..1 (e.g. 0.1)")
+
+
+def add_demo_arguments(demo: argparse.ArgumentParser) -> None:
+    """Every default is None (the demo's own defaults apply), so a flag given can be told apart
+    from one left out: given flags override --config, and errors name the flag."""
+    from .core.config import LOSSES, SAVE_DTYPES, SCHEDULERS, TARGETS
+
+    add = demo.add_argument
+    add("--out", default=None, help="output folder (default: demo_out)")
+    add("--config", default=None, metavar="FILE",
+        help="a run config (JSON or TOML, sections as RunConfig); flags override it")
+    add("--dataset", default=None, help="dataset folder (default: the shipped demo images)")
+    add("--steps", type=positive_int("--steps"), default=None, help="optimizer steps (default: 120)")
+    add("--epochs", type=positive_int("--epochs", 1, 10**6), default=None,
+        help="train this many epochs instead of --steps")
+    add("--seed", type=positive_int("--seed", 0, 2**63 - 1), default=None)
+    add("--rank", type=positive_int("--rank", 1, 1024), default=None, help="LoRA rank (default: 8)")
+    add("--alpha", type=number("--alpha"), default=None, help="LoRA alpha (default: rank)")
+    add("--batch-size", type=positive_int("--batch-size", 1, 10000), default=None,
+        help="default: 4")
+    add("--grad-accum", type=positive_int("--grad-accum", 1, 1024), default=None)
+    add("--train-on", type=choice("--train-on", TARGETS), default=None,
+        help=f"{' | '.join(TARGETS)} (default: both)")
+    add("--optimizer", type=optimizer_name, default=None,
+        help="AdamW (default), AdamW8bit, Adam, SGD, SGDNesterov, RMSprop, Lion, AdaFactor, "
+             "DAdaptAdam, DAdaptLion, DAdaptAdaGrad, Prodigy, AdamWScheduleFree, SGDScheduleFree")
+    add("--optimizer-args", type=optimizer_args, default=None, metavar='"K=V ..."',
+        help='e.g. "weight_decay=0.01 betas=0.9,0.999 d_coef=2"')
+    add("--lr", type=number("--lr", allow_zero=False), default=None,
+        help="learning rate (default: 1e-3; 1.0 for DAdapt*/Prodigy)")
+    add("--unet-lr", type=number("--unet-lr"), default=None, help="UNet LR (0: do not train it)")
+    add("--te-lr", type=number("--te-lr"), default=None, help="text encoder LR (0: do not train it)")
+    add("--scheduler", type=choice("--scheduler", SCHEDULERS), default=None,
+        help=f"{' | '.join(SCHEDULERS)} (default: constant)")
+    add("--warmup", type=warmup, default=None, metavar="N|RATIO",
+        help="LR warmup in steps, or as a ratio of the run when below 1")
+    add("--loss", type=choice("--loss", LOSSES), default=None,
+        help=f"{' | '.join(LOSSES)} (default: mse)")
+    add("--min-snr-gamma", type=number("--min-snr-gamma"), default=None,
+        help="min-SNR weighting gamma, e.g. 5 (0: off)")
+    add("--noise-offset", type=number("--noise-offset"), default=None, help="e.g. 0.05 (0: off)")
+    add("--save-every", type=positive_int("--save-every"), default=None, metavar="N",
+        help="write a snapshot every N steps")
+    add("--save-every-epochs", type=positive_int("--save-every-epochs", 1, 10**6), default=None,
+        metavar="N", help="write a snapshot every N epochs")
+    add("--keep-last", type=positive_int("--keep-last", 0), default=None, metavar="K",
+        help="keep only the last K snapshots (0: all)")
+    add("--save-dtype", type=choice("--save-dtype", SAVE_DTYPES), default=None,
+        help=f"{' | '.join(SAVE_DTYPES)} (default: fp32)")
+    add("--save-state", action="store_true", default=None,
+        help="also save the full training state (NAME-state/) at the end, to resume from")
+    add("--stop-after", type=positive_int("--stop-after"), default=None, metavar="N",
+        help="stop after step N as an interrupt would, saving the state to resume from")
+    add("--resume", default=None, metavar="DIR",
+        help="continue the run saved in DIR (a NAME-state folder) to its configured end")
+
+
+def demo_run_config(args) -> tuple[Any, set[str], bool]:
+    """(RunConfig, flags given, whether the settings came from a file) for `demo`.
+
+    Order: the demo's defaults, then --config FILE, then the flags given. With --resume the
+    saved run's config.json is used as it is."""
+    from .core.config import RunConfig, _load_toml
+    from .demo import demo_defaults
+
+    given = {dest for dest in DEMO_FIELDS.keys() | {"config", "stop_after", "resume"}
+             if getattr(args, dest, None) is not None}
+    if args.resume:
+        extra = sorted(_flag(d) for d in given if d not in RESUME_FLAGS)
+        if extra:
+            raise UserError("--resume", "the run goes on with the settings saved in "
+                                        f"{os.path.join(args.resume, 'config.json')}; "
+                                        f"drop {', '.join(extra)}")
+        config_path = os.path.join(args.resume, "config.json")
+        if not (os.path.isfile(config_path) and os.path.isfile(os.path.join(args.resume, "state.pt"))):
+            raise UserError("--resume", f"{args.resume} holds no saved run (expected config.json "
+                                        "and state.pt, written by --save-state or --stop-after)")
+        cfg = _named(lambda: RunConfig.read(config_path), "--resume")
+        cfg.save.output_dir = os.path.dirname(os.path.abspath(args.resume))
+        if args.save_state:
+            cfg.save.save_state = True
+        return cfg, given, True
+
+    values = demo_defaults().to_dict()
+    file_keys: set[str] = set()
+    if args.config:
+        path = args.config
+        if not os.path.isfile(path):
+            raise UserError("--config", f"file not found: {path}")
+        full = _named(lambda: RunConfig.read(path), "--config").to_dict()  # checks every key
+        with open(path, "rb") as f:
+            text = f.read().decode("utf-8")
+        raw = _load_toml(text) if path.endswith(".toml") else json.loads(text)
+        for section, entries in raw.items():  # only what the file sets overrides the demo
+            if isinstance(entries, dict):
+                for key in entries:
+                    values[section][key] = full[section][key]
+                    file_keys.add(f"{section}.{key}")
+    for dest in given & DEMO_FIELDS.keys():
+        section, key = DEMO_FIELDS[dest].split(".")
+        value = getattr(args, dest)
+        if dest == "warmup":
+            kind, amount = value
+            values["optim"]["warmup_steps"] = amount if kind == "steps" else 0
+            values["optim"]["warmup_ratio"] = amount if kind == "ratio" else 0.0
+            continue
+        values[section][key] = value
+    if "lr" not in given and "optim.lr" not in file_keys and _adaptive(values["optim"]["optimizer"]):
+        values["optim"]["lr"] = 1.0  # DAdapt* / Prodigy: the LR multiplies their own estimate
+    if "alpha" not in given and "network.alpha" not in file_keys and \
+            ("rank" in given or "network.rank" in file_keys):
+        values["network"]["alpha"] = float(values["network"]["rank"])  # the demo's alpha = rank
+    try:
+        cfg = RunConfig.from_dict(values).validate()
+    except UserError as e:
+        raise _named_by_flag(e, given, bool(args.config)) from None
+    return cfg, given, bool(args.config)
+
+
+def _adaptive(name: str) -> bool:
+    from .core.optim import get_spec
+
+    try:
+        return get_spec(name).adaptive
+    except UserError:
+        return False
+
+
+def _named(make, flag: str):
+    try:
+        return make()
+    except UserError as e:
+        raise UserError(flag, f"{e.field}: {e.message}" if e.field != "config" else e.message) from None
+
+
+def _named_by_flag(e: UserError, given: set[str], from_file: bool) -> UserError:
+    """A config field's error under the flag that set it (always, when no file gave settings)."""
+    for dest, field_name in DEMO_FIELDS.items():
+        if e.field == field_name or (dest == "warmup" and e.field == "optim.warmup_ratio"):
+            if dest in given or not from_file:
+                return UserError(_flag(dest), e.message)
+    if e.field == "resume" and "resume" in given:
+        return UserError("--resume", e.message)
+    return e
+
+
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="python -m lora_train_ext",
                             description="Train, inspect and merge LoRA files (lora-train-ext).")
     sub = parser.add_subparsers(dest="command", parser_class=ArgumentParser)
 
-    demo = sub.add_parser("demo", help="train a LoRA on a tiny SD1-shaped model and the demo images")
-    demo.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
-    demo.add_argument("--steps", type=positive_int("--steps"), default=120)
-    demo.add_argument("--seed", type=positive_int("--seed", 0, 2**63 - 1), default=0)
-    demo.add_argument("--rank", type=positive_int("--rank", 1, 1024), default=8)
-    demo.add_argument("--alpha", type=number("--alpha"), default=None,
-                      help="LoRA alpha (default: rank)")
-    demo.add_argument("--lr", type=number("--lr", allow_zero=False), default=1e-3)
-    demo.add_argument("--batch-size", type=positive_int("--batch-size", 1, 10000), default=4)
-    demo.add_argument("--grad-accum", type=positive_int("--grad-accum", 1, 1024), default=1)
-    demo.add_argument("--dataset", default="", help="dataset folder (default: the shipped demo images)")
+    demo = sub.add_parser("demo", help="train a LoRA on a tiny SD1-shaped model and the demo images",
+                          description="Train on the tiny model: the demo, and a headless trainer "
+                                      "for every training option. Flags override --config.")
+    add_demo_arguments(demo)
+
+    prev = sub.add_parser("preview", help="serve the Train LoRA tab with the tiny model (no WebUI)")
+    prev.add_argument("--port", type=positive_int("--port", 1024, 65535), default=7861)
+    prev.add_argument("--out", default="preview_out", help="folder for LoRA files and grids")
 
     insp = sub.add_parser("inspect", help="describe a LoRA / LyCORIS file")
     insp.add_argument("file")
@@ -124,10 +330,12 @@ def main(argv: list[str] | None = None) -> int:
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
-    result = run_demo(out_dir=args.out, steps=args.steps, seed=args.seed, rank=args.rank,
-                      alpha=args.alpha, lr=args.lr, batch_size=args.batch_size,
-                      grad_accum=args.grad_accum, dataset=args.dataset,
-                      progress=StderrProgress())
+    cfg, given, from_file = demo_run_config(args)
+    try:
+        result = run_demo(cfg=cfg, progress=StderrProgress(), stop_after=args.stop_after or 0,
+                          resume_dir=args.resume or "")
+    except UserError as e:
+        raise _named_by_flag(e, given, from_file) from None
     print(json.dumps(result))
     return 0
 
@@ -140,7 +348,14 @@ def cmd_inspect(args) -> int:
     return 0
 
 
-COMMANDS = {"demo": cmd_demo, "inspect": cmd_inspect}
+def cmd_preview(args) -> int:
+    from .preview import serve
+
+    serve(port=args.port, out_dir=args.out)
+    return 0
+
+
+COMMANDS = {"demo": cmd_demo, "inspect": cmd_inspect, "preview": cmd_preview}
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,0 +1,119 @@
+"""HTTP API under /lora-train/v1/: the same operations as the tab, for scripts.
+
+Routes: POST /runs (a RunConfig as JSON, partial allowed) -> {id}; GET /runs; GET /runs/{id};
+POST /runs/{id}/stop; GET /model; GET /loras; POST /test (a TE x UNet grid, PNG as base64).
+When the WebUI has `--api-auth`, every route needs the same HTTP basic credentials.
+"""
+
+
+import base64
+import io
+import secrets
+from typing import Any, Callable
+
+from .core.config import RunConfig
+from .core.errors import UserError
+from .runs import RunManager, parse_strengths, test_grid
+
+PREFIX = "/lora-train/v1"
+
+
+def check_credentials(credentials: dict[str, str], username: str | None, password: str | None) -> bool:
+    """Constant-time comparison against every allowed user."""
+    if username is None or password is None or username not in credentials:
+        return False
+    return secrets.compare_digest(credentials[username].encode(), password.encode())
+
+
+def parse_api_auth(text: str | None) -> dict[str, str]:
+    """The WebUI's --api-auth format: 'user:pass,user2:pass2'."""
+    out = {}
+    for item in (text or "").split(","):
+        if ":" in item:
+            user, password = item.split(":", 1)
+            out[user.strip()] = password
+    return out
+
+
+def add_routes(app, host, manager: RunManager, credentials: dict[str, str] | None = None,
+               exclusive: Callable | None = None) -> None:
+    from fastapi import Depends, HTTPException
+    from fastapi.responses import JSONResponse
+    from fastapi.security import HTTPBasic, HTTPBasicCredentials
+
+    basic = HTTPBasic(auto_error=False)
+
+    def auth(creds: HTTPBasicCredentials | None = Depends(basic)):
+        if not credentials:
+            return
+        if creds is None or not check_credentials(credentials, creds.username, creds.password):
+            raise HTTPException(status_code=401, detail="incorrect username or password",
+                                headers={"WWW-Authenticate": "Basic"})
+
+    def user_error(e: UserError) -> JSONResponse:
+        return JSONResponse(status_code=422, content={"error": str(e), "field": e.field})
+
+    deps = [Depends(auth)]
+
+    @app.get(PREFIX + "/model", dependencies=deps)
+    def model():
+        info = host.model_info()
+        return {"name": info.name, "arch": info.arch, "prediction": info.prediction,
+                "hash": info.hash, "problem": info.problem}
+
+    @app.post(PREFIX + "/runs", dependencies=deps)
+    def start_run(body: dict[str, Any]):
+        try:
+            cfg = RunConfig.from_dict(body.get("config", body))
+            record = manager.start_background(cfg)
+        except UserError as e:
+            return user_error(e)
+        return {"id": record.id, "state": record.state}
+
+    @app.get(PREFIX + "/runs", dependencies=deps)
+    def list_runs():
+        return {"runs": [r.to_json() for r in manager.list()]}
+
+    @app.get(PREFIX + "/runs/{run_id}", dependencies=deps)
+    def run_status(run_id: str):
+        try:
+            return manager.get(run_id).to_json()
+        except KeyError:
+            raise HTTPException(status_code=404, detail=f"no run {run_id}") from None
+
+    @app.post(PREFIX + "/runs/{run_id}/stop", dependencies=deps)
+    def stop_run(run_id: str):
+        try:
+            return manager.stop(run_id).to_json()
+        except KeyError:
+            raise HTTPException(status_code=404, detail=f"no run {run_id}") from None
+
+    @app.get(PREFIX + "/loras", dependencies=deps)
+    def loras():
+        return {"loras": host.list_loras()}
+
+    @app.post(PREFIX + "/test", dependencies=deps)
+    def test(body: dict[str, Any]):
+        try:
+            te = parse_strengths(str(body.get("te_strengths", "0, 1")), "te_strengths")
+            unet = parse_strengths(str(body.get("unet_strengths", "0, 1")), "unet_strengths")
+            size = int(body.get("size", host.model_info().default_resolution))
+            if size < 64 or size % 8:
+                raise UserError("size", "give a multiple of 8, at least 64")
+            with (exclusive or host.exclusive)("lora-train test grid"):
+                grid, images, prompts = test_grid(
+                    host, str(body.get("lora", "")), str(body.get("prompt", "")),
+                    str(body.get("negative_prompt", "")), int(body.get("seed", 1234)), te, unet,
+                    steps=int(body.get("steps", 20)), width=size, height=size,
+                    cfg_scale=float(body.get("cfg_scale", 7.0)))
+                path = host.save_grid(grid, str(body.get("prompt", "")))
+        except UserError as e:
+            return user_error(e)
+        except (TypeError, ValueError) as e:
+            return JSONResponse(status_code=422, content={"error": str(e), "field": "body"})
+        except FileNotFoundError as e:
+            return JSONResponse(status_code=404, content={"error": str(e), "field": "lora"})
+        buf = io.BytesIO()
+        grid.save(buf, format="PNG")
+        return {"grid_png_base64": base64.b64encode(buf.getvalue()).decode("ascii"),
+                "prompts": prompts, "path": path, "rows": te, "columns": unet}

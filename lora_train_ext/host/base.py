@@ -1,0 +1,94 @@
+"""What the tab, the API and the run manager need from whoever holds the model.
+
+Two hosts implement it: `webui.WebUIHost` (the resident `shared.sd_model`, the WebUI's queue lock,
+progress bar, txt2img and Lora extension) and `standalone.StandaloneHost` (a tiny model made in
+code, its own lock and a small sampler: `python -m lora_train_ext preview`). The UI and API only
+talk to this interface.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from dataclasses import dataclass
+from typing import Iterator
+
+from ..core.bundle import ModelBundle, Progress
+
+
+@dataclass
+class ModelInfo:
+    name: str
+    arch: str  # 'sd1', 'sd2', 'sdxl' or '' when unsupported / none loaded
+    prediction: str = "epsilon"
+    hash: str = ""
+    problem: str = ""  # why training is not possible now ('' = it is)
+    default_resolution: int = 512
+
+    @property
+    def label(self) -> str:
+        text = f"{self.name} ({self.arch or 'unknown'}" + (", v-prediction" if self.prediction == "v" else "") + ")"
+        return text + (f" — {self.problem}" if self.problem else "")
+
+
+class Host:
+    """Base class; subclasses override what differs."""
+
+    name = "host"
+
+    def __init__(self):
+        self._lock = threading.Lock()
+
+    # -- model ------------------------------------------------------------------------------
+    def model_info(self) -> ModelInfo:
+        raise NotImplementedError
+
+    @contextlib.contextmanager
+    def prepared_model(self) -> Iterator[ModelBundle]:
+        """Yield a ModelBundle of the resident model, ready for training; undo everything after."""
+        raise NotImplementedError
+        yield  # pragma: no cover
+
+    # -- exclusive access (never at the same time as a generation) -------------------------
+    @contextlib.contextmanager
+    def exclusive(self, job: str) -> Iterator[None]:
+        """Hold the host's GPU lock for a job that did not come through a wrapped UI call."""
+        with self._lock:
+            yield
+
+    # -- progress ---------------------------------------------------------------------------
+    def on_progress(self, event: Progress) -> None:
+        """Mirror a training event into the host's own progress display."""
+
+    def interrupt_requested(self) -> bool:
+        return False
+
+    # -- files ------------------------------------------------------------------------------
+    def lora_dir(self) -> str:
+        raise NotImplementedError
+
+    def output_dir(self) -> str:
+        return self.lora_dir()
+
+    def hot_load(self, paths: list[str]) -> None:
+        """Make new or rewritten adapter files usable at once (no restart)."""
+
+    def list_loras(self) -> list[str]:
+        folder = self.output_dir()
+        out = []
+        for root, _, files in os.walk(folder):
+            for f in files:
+                if f.endswith(".safetensors"):
+                    out.append(os.path.join(root, f))
+        return sorted(out, key=lambda p: os.path.getmtime(p), reverse=True)
+
+    # -- generation (test panel) ------------------------------------------------------------
+    def generate(self, prompts: list[str], negative: str, seed: int, steps: int, width: int,
+                 height: int, cfg_scale: float) -> list:
+        """One PIL image per prompt, same seed for each. Called with the lock held."""
+        raise NotImplementedError
+
+    def save_grid(self, image, prompt: str) -> str:
+        """Save a grid image where the host saves grids; return its path."""
+        raise NotImplementedError

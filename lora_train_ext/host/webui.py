@@ -1,0 +1,280 @@
+"""The WebUI as a host: the only module that imports `modules.*` (and the Lora extension).
+
+Facts used here were checked in the WebUI's v1.10.1 source:
+- `modules.call_queue.queue_lock` (a FIFO lock, not reentrant) guards every GPU job;
+  `shared.state.begin/end`, `job_count`, `sampling_step(s)`, `textinfo`, `interrupted`, `skipped`
+  feed `/internal/progress` (modules/progress.py) and the Interrupt / Skip buttons.
+- The Lora extension (`extensions-builtin/Lora/networks.py`) bakes networks into weights, keeps
+  backups in `network_weights_backup` / `network_bias_backup`, tracks `network_current_names`,
+  and restores with `network_restore_weights_from_backup(module)`; `loaded_networks`,
+  `networks_in_memory` (re-read only when the file's mtime is newer) and
+  `list_available_networks()` hold its caches.
+- Conditioning caches are class attributes: `StableDiffusionProcessing.cached_c / cached_uc`
+  and `StableDiffusionProcessingTxt2Img.cached_hr_c / cached_hr_uc`.
+- Model flags `is_sd1`, `is_sd2`, `is_sdxl` (modules/sd_models.py `set_model_type`),
+  `parameterization` ('v' for v-prediction), `alphas_cumprod`, `scale_factor`.
+- SDXL embedders run under no_grad unless `is_trainable` (sgm GeneralConditioner).
+- Attention optimisations are class-level forwards set by `sd_hijack.apply_optimizations()`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from typing import Iterator
+
+import torch
+
+from ..core.bundle import ModelBundle, Progress
+from .base import Host, ModelInfo
+
+SETTINGS_SECTION = ("lora_train", "Train LoRA")
+TRAIN_SAFE_ATTENTION = ("sdp", "sdp-no-mem", "xformers")
+
+
+def _lora_networks_module():
+    """The built-in Lora extension's `networks` module, if it is loaded."""
+    mod = sys.modules.get("networks")
+    return mod if mod is not None and hasattr(mod, "loaded_networks") else None
+
+
+class WebUIHost(Host):
+    name = "webui"
+
+    def __init__(self):
+        super().__init__()
+        self._saved_attention = None
+
+    # -- model ------------------------------------------------------------------------------
+    def model_info(self) -> ModelInfo:
+        from modules import shared
+
+        m = shared.sd_model
+        if m is None:
+            return ModelInfo(name="(none)", arch="", problem="no checkpoint is loaded")
+        info = getattr(m, "sd_checkpoint_info", None)
+        name = getattr(info, "name_for_extra", None) or getattr(info, "title", "") or "checkpoint"
+        arch = "sdxl" if getattr(m, "is_sdxl", False) else "sd2" if getattr(m, "is_sd2", False) \
+            else "sd1" if getattr(m, "is_sd1", False) else ""
+        if getattr(m, "is_ssd", False) or getattr(m, "is_sd3", False):
+            arch = ""
+        prediction = "v" if getattr(m, "parameterization", "eps") == "v" else "epsilon"
+        problem = ""
+        opts = shared.cmd_opts
+        if not arch:
+            problem = "this model type cannot be trained (SD1.x, SD2.x and SDXL can)"
+        elif arch == "sd2" or arch == "sdxl":
+            problem = f"{arch.upper()} training in the WebUI is not available yet; load an SD1.x model"
+        elif getattr(opts, "lowvram", False) or getattr(opts, "medvram", False) or \
+                (arch == "sdxl" and getattr(opts, "medvram_sdxl", False)):
+            problem = ("training needs the whole model on the GPU: restart the WebUI without "
+                       "--medvram / --lowvram")
+        return ModelInfo(name=name, arch=arch, prediction=prediction,
+                         hash=getattr(info, "shorthash", "") or "", problem=problem,
+                         default_resolution=1024 if arch == "sdxl" else 768 if prediction == "v" else 512)
+
+    def weights_dtype(self) -> torch.dtype:
+        from modules import shared
+
+        return next(shared.sd_model.model.diffusion_model.parameters()).dtype
+
+    @contextlib.contextmanager
+    def prepared_model(self) -> Iterator[ModelBundle]:
+        from modules import devices, shared
+
+        m = shared.sd_model
+        info = self.model_info()
+        if info.problem:
+            from ..core.errors import UserError
+
+            raise UserError("model", info.problem)
+        self.unload_baked_networks()
+        self._use_training_attention()
+        trainable_flags = []
+        try:
+            bundle = self._bundle(m, info)
+            for emb in getattr(getattr(m, "conditioner", None), "embedders", []) or []:
+                trainable_flags.append((emb, getattr(emb, "is_trainable", False)))
+                emb.is_trainable = True
+            yield bundle
+        finally:
+            for emb, flag in trainable_flags:
+                emb.is_trainable = flag
+            self._restore_attention()
+            devices.torch_gc()
+
+    def _bundle(self, m, info: ModelInfo) -> ModelBundle:
+        from modules import devices
+
+        unet = m.model.diffusion_model
+        device = devices.device
+        te = m.cond_stage_model.wrapped.transformer  # SD1: HF CLIPTextModel
+
+        def encode(images: torch.Tensor) -> torch.Tensor:
+            vae_dtype = next(m.first_stage_model.parameters()).dtype
+            posterior = m.encode_first_stage(images.to(device=device, dtype=vae_dtype))
+            latents = posterior.mode() * m.scale_factor if hasattr(posterior, "mode") else posterior
+            return latents.float()
+
+        def condition(captions: list[str], sizes=None):
+            return m.get_learned_conditioning(list(captions))
+
+        def denoise(x: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
+            dtype = next(unet.parameters()).dtype
+            if not torch.is_autocast_enabled() and dtype != torch.float32:
+                x = x.to(dtype)
+                cond = cond.to(dtype)
+            return unet(x, t, context=cond)
+
+        return ModelBundle(
+            arch=info.arch, unet=unet, text_encoders={"te": te}, vae=m.first_stage_model,
+            encode=encode, condition=condition, denoise=denoise, prediction=info.prediction,
+            alphas_cumprod=m.alphas_cumprod.detach().double().cpu(), model_name=info.name,
+            model_hash=info.hash, resolution=info.default_resolution, device=device,
+            vae_id=self._vae_id(info),
+        )
+
+    @staticmethod
+    def _vae_id(info: ModelInfo) -> str:
+        try:
+            from modules import sd_vae
+
+            vae = sd_vae.loaded_vae_file or "checkpoint"
+        except Exception:
+            vae = "checkpoint"
+        return f"{info.hash}:{vae}"
+
+    # -- the Lora extension's state -----------------------------------------------------------
+    def unload_baked_networks(self) -> int:
+        """Restore every module the Lora extension changed; forget what it applied.
+
+        Returns how many modules were restored. Without this a run would train on a model with
+        someone's LoRA baked in.
+        """
+        from modules import shared
+
+        networks = _lora_networks_module()
+        if networks is None or shared.sd_model is None:
+            return 0
+        networks.loaded_networks.clear()
+        restored = 0
+        with torch.no_grad():
+            for module in shared.sd_model.modules():
+                if getattr(module, "network_weights_backup", None) is not None or \
+                        getattr(module, "network_bias_backup", None) is not None:
+                    networks.network_restore_weights_from_backup(module)
+                    restored += 1
+                if hasattr(module, "network_current_names"):
+                    module.network_current_names = ()
+        return restored
+
+    def hot_load(self, paths: list[str]) -> None:
+        """New files are listed at once; rewritten ones are re-read and re-applied."""
+        from modules import processing
+
+        networks = _lora_networks_module()
+        if networks is not None:
+            networks.list_available_networks()
+            for path in paths:
+                name = os.path.splitext(os.path.basename(path))[0]
+                networks.networks_in_memory.pop(name, None)
+            self.unload_baked_networks()
+        processing.StableDiffusionProcessing.cached_c = [None, None]
+        processing.StableDiffusionProcessing.cached_uc = [None, None]
+        processing.StableDiffusionProcessingTxt2Img.cached_hr_c = [None, None]
+        processing.StableDiffusionProcessingTxt2Img.cached_hr_uc = [None, None]
+
+    # -- attention ------------------------------------------------------------------------------
+    def _use_training_attention(self) -> None:
+        """Train with SDP attention unless the chosen optimisation is known to backprop well."""
+        from modules import sd_hijack
+
+        current = getattr(sd_hijack, "current_optimizer", None)
+        name = getattr(current, "name", "")
+        self._saved_attention = None
+        if name in TRAIN_SAFE_ATTENTION:
+            return
+        sdp = next((o for o in getattr(sd_hijack, "optimizers", []) if o.name == "sdp"), None)
+        if sdp is None or not sdp.is_available():
+            return
+        sdp.apply()
+        self._saved_attention = name or "none"
+
+    def _restore_attention(self) -> None:
+        if self._saved_attention is None:
+            return
+        from modules import sd_hijack
+
+        sd_hijack.apply_optimizations()
+        self._saved_attention = None
+
+    # -- lock and progress ------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def exclusive(self, job: str):
+        from modules import call_queue, shared
+
+        with call_queue.queue_lock:
+            shared.state.begin(job=job)
+            try:
+                yield
+            finally:
+                shared.state.end()
+
+    def on_progress(self, event: Progress) -> None:
+        from modules import shared
+
+        state = shared.state
+        if event.kind in ("start", "step"):
+            state.job_count = 1
+            state.job_no = 0
+            state.sampling_steps = max(1, event.total)
+            state.sampling_step = event.step
+        if event.kind == "step":
+            lr = ", ".join(f"{k} {v:.2e}" for k, v in event.lr.items())
+            eta = f", ETA {event.eta:.0f}s" if event.eta is not None else ""
+            state.textinfo = (f"Training LoRA: step {event.step}/{event.total}, loss "
+                              f"{event.loss:.4f} (avg {event.loss_avg:.4f}), lr {lr}{eta}")
+        elif event.message:
+            state.textinfo = event.message
+
+    def interrupt_requested(self) -> bool:
+        from modules import shared
+
+        return bool(shared.state.interrupted or shared.state.skipped)
+
+    # -- files --------------------------------------------------------------------------------
+    def lora_dir(self) -> str:
+        from modules import shared
+
+        return shared.cmd_opts.lora_dir
+
+    def output_dir(self) -> str:
+        from modules import shared
+
+        return getattr(shared.opts, "lora_train_output_dir", "") or self.lora_dir()
+
+    # -- generation -----------------------------------------------------------------------------
+    def generate(self, prompts, negative, seed, steps, width, height, cfg_scale):
+        from modules import processing, shared
+
+        images = []
+        for prompt in prompts:
+            p = processing.StableDiffusionProcessingTxt2Img(
+                sd_model=shared.sd_model, prompt=prompt, negative_prompt=negative, seed=int(seed),
+                steps=int(steps), width=int(width), height=int(height), cfg_scale=float(cfg_scale),
+                batch_size=1, n_iter=1, do_not_save_samples=True, do_not_save_grid=True)
+            try:
+                processed = processing.process_images(p)
+            finally:
+                p.close()
+            images.append(processed.images[0])
+        return images
+
+    def save_grid(self, image, prompt: str) -> str:
+        from modules import images, shared
+
+        folder = shared.opts.outdir_grids or shared.opts.outdir_txt2img_grids
+        path, _ = images.save_image(image, folder, "lora-test", prompt=prompt,
+                                    extension=shared.opts.grid_format, grid=True)
+        return path

@@ -1,0 +1,211 @@
+"""Runs: start, watch, stop and list training runs on a host; the test grid.
+
+A run executes either in the caller's thread (the tab's Train button, which the WebUI already
+runs under its queue lock) or in a background thread that takes the host's lock itself (the API).
+Either way the same `execute()` does the work, so the tab and the API behave alike.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+import time
+import traceback
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from .core.bundle import Progress, TrainControl
+from .core.config import RunConfig
+from .core.errors import TrainingError, UserError
+from .core.trainer import train
+
+STATES = ("queued", "running", "finished", "stopped", "failed")
+
+
+@dataclass
+class RunRecord:
+    id: str
+    config: RunConfig
+    state: str = "queued"
+    step: int = 0
+    total: int = 0
+    loss: float | None = None
+    loss_avg: float | None = None
+    lr: dict[str, float] = field(default_factory=dict)
+    eta: float | None = None
+    created: float = field(default_factory=time.time)
+    started: float | None = None
+    finished: float | None = None
+    error: str = ""
+    message: str = ""
+    files: list[str] = field(default_factory=list)
+    history: list[tuple[int, float]] = field(default_factory=list)
+    control: TrainControl = field(default_factory=TrainControl, repr=False)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id, "state": self.state, "step": self.step, "total": self.total,
+            "loss": self.loss, "loss_avg": self.loss_avg, "lr": self.lr, "eta": self.eta,
+            "created": self.created, "started": self.started, "finished": self.finished,
+            "error": self.error, "message": self.message, "files": list(self.files),
+            "output_name": self.config.save.output_name,
+        }
+
+
+class RunManager:
+    def __init__(self, host):
+        self.host = host
+        self.runs: dict[str, RunRecord] = {}
+        self._lock = threading.Lock()
+
+    # -- creating ---------------------------------------------------------------------------
+    def prepare_config(self, cfg: RunConfig) -> RunConfig:
+        """Fill host defaults (output folder, arch, resolution) and validate."""
+        info = self.host.model_info()
+        if info.problem:
+            raise UserError("model", info.problem)
+        if not cfg.save.output_dir:
+            cfg.save.output_dir = self.host.output_dir()
+        cfg.model.arch = info.arch
+        cfg.validate()
+        if not cfg.data.dataset_dir:
+            raise UserError("data.dataset_dir", "give the folder with your training images")
+        if not os.path.isdir(cfg.data.dataset_dir):
+            raise UserError("data.dataset_dir", f"folder not found: {cfg.data.dataset_dir}")
+        return cfg
+
+    def create(self, cfg: RunConfig) -> RunRecord:
+        cfg = self.prepare_config(cfg)
+        record = RunRecord(id=uuid.uuid4().hex[:12], config=cfg)
+        with self._lock:
+            self.runs[record.id] = record
+        return record
+
+    # -- executing --------------------------------------------------------------------------
+    def execute(self, record: RunRecord) -> RunRecord:
+        """Train now, in this thread; the caller holds the host's lock."""
+        record.state = "running"
+        record.started = time.time()
+        control = record.control
+        control.add_listener(lambda e: self._on_event(record, e))
+        try:
+            with self.host.prepared_model() as bundle:
+                result = train(bundle, record.config, control)
+            record.files = [result.path, *result.snapshots]
+            record.state = "stopped" if result.stopped else "finished"
+            record.message = (f"stopped at step {result.steps}" if result.stopped
+                              else f"finished {result.steps} steps")
+            record.loss_avg = result.final_loss
+            self.host.hot_load(record.files)
+        except UserError as e:
+            record.state, record.error = "failed", str(e)
+        except TrainingError as e:
+            record.state, record.error = "failed", f"training failed: {e}"
+        except Exception as e:  # out of memory and the unexpected: say what to change
+            record.state, record.error = "failed", describe_failure(e)
+            traceback.print_exc()
+        finally:
+            record.finished = time.time()
+        return record
+
+    def start_background(self, cfg: RunConfig) -> RunRecord:
+        """Create a run and train it in a thread that takes the host's lock (the API)."""
+        record = self.create(cfg)
+
+        def worker():
+            with self.host.exclusive(f"lora-train {record.id}"):
+                if record.control.stop_requested:
+                    record.state, record.finished = "stopped", time.time()
+                    return
+                self.execute(record)
+
+        threading.Thread(target=worker, name=f"lora-train-{record.id}", daemon=True).start()
+        return record
+
+    def _on_event(self, record: RunRecord, event: Progress) -> None:
+        if event.kind == "step":
+            record.step, record.total = event.step, event.total
+            record.loss, record.loss_avg, record.eta = event.loss, event.loss_avg, event.eta
+            record.lr = dict(event.lr)
+            record.history.append((event.step, float(event.loss)))
+        elif event.kind == "start":
+            record.step, record.total = event.step, event.total
+        elif event.kind == "snapshot" and event.path:
+            record.files.append(event.path)
+            self.host.hot_load([event.path])
+        if event.message:
+            record.message = event.message
+        self.host.on_progress(event)
+        if self.host.interrupt_requested() and not record.control.stop_requested:
+            record.control.request_stop("interrupted")
+
+    # -- watching / steering ----------------------------------------------------------------
+    def get(self, run_id: str) -> RunRecord:
+        record = self.runs.get(run_id)
+        if record is None:
+            raise KeyError(run_id)
+        return record
+
+    def list(self) -> list[RunRecord]:
+        return sorted(self.runs.values(), key=lambda r: r.created, reverse=True)
+
+    def latest(self) -> RunRecord | None:
+        runs = self.list()
+        return runs[0] if runs else None
+
+    def stop(self, run_id: str) -> RunRecord:
+        record = self.get(run_id)
+        record.control.request_stop("stopped by user")
+        return record
+
+
+def describe_failure(error: BaseException) -> str:
+    """One line a user can act on, for errors that are not UserErrors."""
+    text = str(error)
+    if "out of memory" in text.lower() or type(error).__name__ == "OutOfMemoryError":
+        return ("out of memory: lower train.batch_size or data.resolution, turn on "
+                "train.gradient_checkpointing, or use network.rank lower / an 8-bit optimizer")
+    return f"{type(error).__name__}: {text}"
+
+
+def parse_strengths(text: str, field: str) -> list[float]:
+    """'0, 0.5, 1' -> [0.0, 0.5, 1.0]; a clear error naming the field otherwise."""
+    values = []
+    for part in text.replace(";", ",").split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            values.append(float(part))
+        except ValueError:
+            raise UserError(field, f"{part!r} is not a number; give a list like 0, 0.5, 1") from None
+    if not values:
+        raise UserError(field, "give at least one strength, e.g. 0, 0.5, 1")
+    if len(values) > 8:
+        raise UserError(field, "at most 8 strengths")
+    return values
+
+
+def lora_prompt(name: str, te: float, unet: float) -> str:
+    """The Lora extension's named form; the positional form puts TE first, which misleads."""
+    return f"<lora:{name}:te={te:g}:unet={unet:g}>"
+
+
+def test_grid(host, lora_name: str, prompt: str, negative: str, seed: int, te_strengths: list[float],
+              unet_strengths: list[float], steps: int = 20, width: int = 512, height: int = 512,
+              cfg_scale: float = 7.0):
+    """Rows: TE strengths; columns: UNet strengths. Returns (grid image, cell images, prompts)."""
+    from .grid import labelled_grid
+
+    if not lora_name:
+        raise UserError("test.lora", "choose a LoRA to test")
+    if not prompt.strip():
+        raise UserError("test.prompt", "write a prompt to test the LoRA with")
+    prompts = [f"{prompt}, {lora_prompt(lora_name, te, unet)}"
+               for te, unet in itertools.product(te_strengths, unet_strengths)]
+    images = host.generate(prompts, negative, seed, steps, width, height, cfg_scale)
+    grid = labelled_grid(images, rows=[f"TE {t:g}" for t in te_strengths],
+                         cols=[f"UNet {u:g}" for u in unet_strengths])
+    return grid, images, prompts

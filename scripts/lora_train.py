@@ -1,0 +1,40 @@
+"""Registers lora-train-ext with the WebUI: the Train LoRA tab, its settings and its API."""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from modules import call_queue, script_callbacks, shared  # noqa: E402
+
+from lora_train_ext.host.webui import SETTINGS_SECTION, WebUIHost  # noqa: E402
+from lora_train_ext.runs import RunManager  # noqa: E402
+
+host = WebUIHost()
+manager = RunManager(host)
+
+
+def on_ui_tabs():
+    from lora_train_ext.ui.tab import build_tab
+
+    def wrap_gpu(fn, extra_outputs):
+        return call_queue.wrap_gradio_gpu_call(fn, extra_outputs=extra_outputs)
+
+    return [(build_tab(host, manager, wrap_gpu), "Train LoRA", "lora_train")]
+
+
+def on_ui_settings():
+    shared.opts.add_option("lora_train_output_dir", shared.OptionInfo(
+        "", "Folder for trained LoRA files (empty: the WebUI's Lora folder)",
+        section=SETTINGS_SECTION))
+
+
+def on_app_started(_demo, app):
+    from lora_train_ext.api import add_routes, parse_api_auth
+
+    add_routes(app, host, manager, credentials=parse_api_auth(shared.cmd_opts.api_auth))
+
+
+script_callbacks.on_ui_tabs(on_ui_tabs)
+script_callbacks.on_ui_settings(on_ui_settings)
+script_callbacks.on_app_started(on_app_started)
