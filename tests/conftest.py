@@ -32,7 +32,7 @@ def state_sha256(*modules: torch.nn.Module) -> str:
     for i, m in enumerate(modules):
         for name, t in sorted(m.state_dict().items()):
             h.update(f"{i}.{name}:{t.dtype}:{tuple(t.shape)}".encode())
-            h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
+            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
                      if t.numel() else b"")
     return h.hexdigest()
 

@@ -59,6 +59,15 @@ def detect_arch(names: list[str]) -> str:
     return "sd1"
 
 
+def checkpoint_arch(state: dict[str, torch.Tensor]) -> str | None:
+    """The arch a checkpoint's text-encoder keys give (SD1 and SD2 files share UNet names)."""
+    for arch in ("sdxl", "sd2", "sd1"):
+        prefix = keys.checkpoint_prefix(arch, keys.TE_PARTS[arch][-1])
+        if any(k.startswith(prefix) for k in state):
+            return arch
+    return None
+
+
 def merge_lora_into_checkpoint(checkpoint: str, loras: list[tuple[str, float]], out_path: str,
                                arch: str | None = None, save_dtype: str | None = None) -> MergeReport:
     """Write `out_path` = checkpoint with each LoRA file merged at its strength."""
@@ -77,11 +86,15 @@ def merge_lora_into_checkpoint(checkpoint: str, loras: list[tuple[str, float]], 
     for lora_path, strength in loras:
         tensors, _ = load_lora(lora_path)
         modules = group_modules(tensors)
-        file_arch = arch or detect_arch(list(modules))
+        file_arch = arch or checkpoint_arch(state) or detect_arch(list(modules))
         count = 0
         for name, parts in modules.items():
             try:
                 targets = keys.kohya_to_checkpoint(name, file_arch)
+                if any(sl is not None for _, sl in targets) and targets[0][0] in state:
+                    # OpenCLIP q/k/v: rows of in_proj_weight (3d, d); d from the tensor itself
+                    width = state[targets[0][0]].shape[0] // 3
+                    targets = keys.kohya_to_checkpoint(name, file_arch, width=width)
             except (KeyError, ValueError):
                 targets = []
             targets = [(k, sl) for k, sl in targets if k in state]
