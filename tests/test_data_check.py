@@ -147,7 +147,8 @@ def test_regularization_balanced_and_weighted(tmp_path):
         img(tmp_path / "train" / "5_sks dog" / f"{i}.png", seed=i)
     for i in range(4):
         img(tmp_path / "reg" / "1_dog" / f"{i}.png", seed=10 + i)
-    c = cfg(tmp_path / "train", reg_dir=str(tmp_path / "reg"), prior_loss_weight=0.5)
+    c = cfg(tmp_path / "train", reg_dir=str(tmp_path / "reg"), prior_loss_weight=0.5,
+            trigger_word="sks")
     data = TrainData(c, batch_size=4, seed=0)
     assert data.report.reg_images == 4 and data.report.reg_repeats_total == 15
     samples = [(k, w, r, cap) for b in data.batches(0)
@@ -156,6 +157,7 @@ def test_regularization_balanced_and_weighted(tmp_path):
     reg = [s for s in samples if s[2]]
     assert len(reg) == 15 and {s[1] for s in reg} == {0.5} and {s[3] for s in reg} == {"dog"}
     assert {s[1] for s in samples if not s[2]} == {1.0}
+    assert {s[3] for s in samples if not s[2]} == {"sks, sks dog"}  # no trigger on reg images
     counts = sorted(sum(1 for s in reg if s[0].endswith(f"{i}.png")) for i in range(4))
     assert counts == [3, 4, 4, 4]  # spread as evenly as kohya does
     assert data.reg_dataset_dirs_meta() == {"1_dog": {"n_repeats": 1, "img_count": 4}}
@@ -186,6 +188,9 @@ def test_missing_reg_dir_and_bad_settings(tmp_path):
     with pytest.raises(UserError) as e:
         TrainData(cfg(tmp_path), batch_size=0, seed=0)
     assert e.value.field == "train.batch_size"
+    with pytest.raises(UserError) as e:
+        TrainData(cfg(tmp_path, repeats=0), batch_size=1, seed=0)
+    assert e.value.field == "data.repeats"
 
 
 def test_empty_dataset_error_names_the_skipped_folder(tmp_path):

@@ -8,9 +8,10 @@ only, so an epoch can be replayed or resumed in the middle with identical batche
 
 from __future__ import annotations
 
+import hashlib
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator
 
 import numpy as np
@@ -105,9 +106,12 @@ class TrainData:
         self.workers = max(1, workers if workers is not None else min(4, os.cpu_count() or 1))
         self.background = parse_color(cfg.background)
         self.caption_rules = CaptionRules.from_config(cfg)
+        self._reg_rules = replace(self.caption_rules, trigger_word="")
         if cfg.resize_mode not in ("crop", "stretch", "pad", "none"):
             raise UserError("data.resize_mode", f"{cfg.resize_mode!r} is not valid; choose one "
                             "of crop, stretch, pad, none")
+        if not isinstance(cfg.repeats, int) or cfg.repeats < 1:
+            raise UserError("data.repeats", f"{cfg.repeats!r} is not valid; give 1 or more")
         if cfg.bucket_step < 8 or cfg.bucket_step % 8:
             raise UserError("data.bucket_step", "must be a multiple of 8")
         self.bucket_rules = BucketRules(
@@ -157,8 +161,8 @@ class TrainData:
             self.reg_scan.items if self.reg_scan else [])
         if require_images and not self.train_scan.items:
             hint = ""
-            bad = [p for p in self._problems if p.kind in ("bad_repeat_folder", "unreadable")
-                   and not p.path.startswith(os.path.abspath(cfg.reg_dir or "\0"))]
+            bad = [p for p in self.train_scan.problems
+                   if p.kind in ("bad_repeat_folder", "unreadable")]
             if bad:
                 hint = "; " + "; ".join(f"{p.path}: {p.detail}" for p in bad[:3])
             raise UserError("data.dataset_dir",
@@ -176,9 +180,9 @@ class TrainData:
                     f"{item.width}x{item.height} is enlarged {base.scale:.1f}x to its bucket "
                     f"{bucket[0]}x{bucket[1]}; it will look soft (use a bigger image, or "
                     f"no_upscale)"))
-            full = process_caption(item.caption, CaptionRules(
-                self.caption_rules.trigger_word, self.caption_rules.prefix,
-                self.caption_rules.suffix, max_tokens=0), None, self.count_tokens)
+            full = process_caption(item.caption, replace(
+                self._rules_for(item), shuffle=False, caption_dropout=0.0, tag_dropout=0.0,
+                max_tokens=0), None, self.count_tokens)
             tokens = self.count_tokens(full)
             if tokens > self.caption_rules.max_tokens:
                 self._problems.append(Problem(
@@ -325,15 +329,19 @@ class TrainData:
         self._position = (epoch, min(index, self.steps_per_epoch))
 
     def _fingerprint(self) -> str:
-        import hashlib
         h = hashlib.sha256()
         for item, n, bucket in zip(self.items, self._repeats, self.buckets_of):
             h.update(f"{item.path}|{n}|{bucket}|{item.width}x{item.height}\n".encode())
         return h.hexdigest()[:16]
 
     # -- captions and placements ----------------------------------------------------------------
+    def _rules_for(self, item: ImageItem) -> CaptionRules:
+        """Regularization images never get the trigger word: they show the class without the
+        subject (prior preservation); prefix, suffix and the random rules still apply."""
+        return self._reg_rules if item.is_reg else self.caption_rules
+
     def _caption_of(self, item: ImageItem, rng: np.random.Generator | None) -> str:
-        return process_caption(item.caption, self.caption_rules, rng, self.count_tokens)
+        return process_caption(item.caption, self._rules_for(item), rng, self.count_tokens)
 
     def _caption(self, idx: int, rng: np.random.Generator | None) -> str:
         return self._caption_of(self.items[idx], rng)
@@ -344,8 +352,10 @@ class TrainData:
         if idx not in self._fixed:
             item = self.items[idx]
             fraction = (0.5, 0.5)
-            if self.cfg.crop == "random":
-                fraction = tuple(np.random.default_rng([self.seed, idx, _FIXED_CROP])
+            if self.cfg.crop == "random":  # keyed by name: adding an image moves no crop
+                name = f"{item.folder}/{os.path.basename(item.path)}".encode("utf-8")
+                name_id = int.from_bytes(hashlib.sha256(name).digest()[:8], "little")
+                fraction = tuple(np.random.default_rng([self.seed, name_id, _FIXED_CROP])
                                  .random(2).tolist())
             self._fixed[idx] = plan_placement((item.width, item.height), self.buckets_of[idx],
                                               self.cfg.resize_mode, fraction)
