@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 from .core.config import RunConfig
 from .core.errors import UserError
-from .runs import RunManager, parse_strengths, test_grid
+from .runs import RunManager, parse_strengths, strength_grid
 
 PREFIX = "/lora-train/v1"
 
@@ -101,7 +101,7 @@ def add_routes(app, host, manager: RunManager, credentials: dict[str, str] | Non
             if size < 64 or size % 8:
                 raise UserError("size", "give a multiple of 8, at least 64")
             with (exclusive or host.exclusive)("lora-train test grid"):
-                grid, images, prompts = test_grid(
+                grid, images, prompts = strength_grid(
                     host, str(body.get("lora", "")), str(body.get("prompt", "")),
                     str(body.get("negative_prompt", "")), int(body.get("seed", 1234)), te, unet,
                     steps=int(body.get("steps", 20)), width=size, height=size,

@@ -193,7 +193,7 @@ def lora_prompt(name: str, te: float, unet: float) -> str:
     return f"<lora:{name}:te={te:g}:unet={unet:g}>"
 
 
-def test_grid(host, lora_name: str, prompt: str, negative: str, seed: int, te_strengths: list[float],
+def strength_grid(host, lora_name: str, prompt: str, negative: str, seed: int, te_strengths: list[float],
               unet_strengths: list[float], steps: int = 20, width: int = 512, height: int = 512,
               cfg_scale: float = 7.0):
     """Rows: TE strengths; columns: UNet strengths. Returns (grid image, cell images, prompts)."""

@@ -235,6 +235,9 @@ class WebUIHost(Host):
             eta = f", ETA {event.eta:.0f}s" if event.eta is not None else ""
             state.textinfo = (f"Training LoRA: step {event.step}/{event.total}, loss "
                               f"{event.loss:.4f} (avg {event.loss_avg:.4f}), lr {lr}{eta}")
+        elif event.kind == "end":
+            state.textinfo = (f"Training {event.message} at step {event.step}, loss "
+                              f"{event.loss:.4f}: saved {os.path.basename(event.path)}")
         elif event.message:
             state.textinfo = event.message
 

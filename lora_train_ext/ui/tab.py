@@ -15,7 +15,7 @@ from typing import Any, Callable
 from ..core.config import (ALGOS, DTYPES, LOSSES, RESIZE_MODES, SAVE_DTYPES, SCHEDULERS,
                            TARGETS, RunConfig)
 from ..core.errors import UserError
-from ..runs import RunManager, parse_strengths, test_grid
+from ..runs import RunManager, parse_strengths, strength_grid
 from .chart import loss_chart_svg
 
 PRESET_DEFAULT = "default (AdamW, rank 8)"
@@ -235,7 +235,8 @@ def build_tab(host, manager: RunManager, wrap_gpu: Callable[[Callable], Callable
                         lora = gr.Dropdown(choices=_lora_names(host), label="LoRA",
                                            elem_id="lora_train_test_lora",
                                            info="Files in the output folder, newest first")
-                        refresh = gr.Button("↻", elem_id="lora_train_test_refresh")
+                        refresh = gr.Button("↻", elem_id="lora_train_test_refresh",
+                                            elem_classes=["lora-train-tool"])
                     prompt = gr.Textbox(label="Prompt", lines=2, elem_id="lora_train_test_prompt",
                                         info="The LoRA tag is added for each cell")
                     negative = gr.Textbox(label="Negative prompt", lines=1, elem_id="lora_train_test_negative")
@@ -296,7 +297,7 @@ def build_tab(host, manager: RunManager, wrap_gpu: Callable[[Callable], Callable
                 side = int(size_ or 512)
                 if side < 64 or side % 8:
                     raise UserError("Size", "give a multiple of 8, at least 64")
-                grid, _, prompts = test_grid(host, name, prompt_, negative_, int(seed_ or 0), te, unet,
+                grid, _, prompts = strength_grid(host, name, prompt_, negative_, int(seed_ or 0), te, unet,
                                              steps=int(steps_ or 20), width=side, height=side)
                 path = host.save_grid(grid, prompt_)
             except UserError as e:
@@ -318,7 +319,8 @@ def build_tab(host, manager: RunManager, wrap_gpu: Callable[[Callable], Callable
         test_button.click(wrap_gpu(on_test, [None]), inputs=[task_id, lora, prompt, negative, seed, steps, size,
                                                        te_strengths, unet_strengths],
                           outputs=[test_image, test_info], **test_kw)
-        tab.load(lambda: status_html(manager), inputs=[], outputs=[status], every=1)
+        tab.load(lambda: status_html(manager), inputs=[], outputs=[status], every=1,
+                 show_progress="hidden")
     return tab
 
 

@@ -1,0 +1,168 @@
+"""A stand-in for the parts of the WebUI (v1.10.1) that `lora_train_ext.host.webui` uses.
+
+Each fact below was checked in the WebUI's source (paths relative to its root):
+- modules/call_queue.py: `queue_lock` is a module-level FIFO lock (a plain lock here).
+- modules/shared_state.py: `State.begin(job)`, `end()`, fields `job_count`, `job_no`,
+  `sampling_step`, `sampling_steps`, `textinfo`, `interrupted`, `skipped`.
+- modules/sd_models.py `set_model_type`: flags `is_sd1`, `is_sd2`, `is_sdxl`, `is_ssd`, `is_sd3`.
+- ldm LatentDiffusion: `model.diffusion_model`, `first_stage_model`, `cond_stage_model`,
+  `encode_first_stage(x)` -> posterior with `.mode()`, `scale_factor`, `alphas_cumprod`,
+  `parameterization` ('eps' / 'v'), `get_learned_conditioning(prompts)`; the WebUI wraps the SD1
+  text encoder so that `cond_stage_model.wrapped.transformer` is the HF CLIPTextModel
+  (modules/sd_hijack_clip.py).
+- extensions-builtin/Lora/networks.py: `loaded_networks` (list), `networks_in_memory` (dict),
+  `list_available_networks()`, `network_restore_weights_from_backup(module)` copying
+  `network_weights_backup` / `network_bias_backup` back; modules carry `network_current_names`.
+- modules/processing.py: conditioning caches are class attributes `cached_c`, `cached_uc` of
+  StableDiffusionProcessing and `cached_hr_c`, `cached_hr_uc` of
+  StableDiffusionProcessingTxt2Img.
+- modules/sd_hijack.py: `optimizers` (objects with `name`, `is_available()`, `apply()`),
+  `current_optimizer`, `apply_optimizations()`.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import types
+from contextlib import contextmanager
+
+import torch
+
+
+class State:
+    def __init__(self):
+        self.job = ""
+        self.job_count = 0
+        self.job_no = 0
+        self.sampling_step = 0
+        self.sampling_steps = 0
+        self.textinfo = None
+        self.interrupted = False
+        self.skipped = False
+        self.begun = 0
+
+    def begin(self, job="(unknown)"):
+        self.begun += 1
+        self.job = job
+        self.interrupted = False
+        self.skipped = False
+
+    def end(self):
+        self.job = ""
+        self.job_count = 0
+
+
+class Posterior:
+    def __init__(self, p):
+        self.p = p
+
+    def mode(self):
+        return self.p.mode()
+
+
+class FakeLatentDiffusion(torch.nn.Module):
+    """The tiny SD1 model dressed as the WebUI's resident LatentDiffusion."""
+
+    def __init__(self, bundle):
+        super().__init__()
+        self.model = torch.nn.Module()
+        self.model.diffusion_model = bundle.unet
+        self.first_stage_model = bundle.vae
+        self.cond_stage_model = torch.nn.Module()
+        self.cond_stage_model.wrapped = torch.nn.Module()
+        self.cond_stage_model.wrapped.transformer = bundle.text_encoders["te"]
+        self.scale_factor = bundle.extras["vae_scale"]
+        self.register_buffer("alphas_cumprod", bundle.alphas_cumprod.float())
+        self.parameterization = "eps"
+        self.is_sd1, self.is_sd2, self.is_sdxl = True, False, False
+        self.sd_checkpoint_info = types.SimpleNamespace(name_for_extra="fake_sd15",
+                                                        title="fake_sd15.safetensors",
+                                                        shorthash="abcdef1234")
+        self._condition = bundle.condition
+
+    def encode_first_stage(self, x):
+        return Posterior(self.first_stage_model.encode(x))
+
+    def get_learned_conditioning(self, prompts):
+        return self._condition(list(prompts))
+
+
+def install(bundle, monkeypatch):
+    """Put fake `modules.*` and `networks` modules into sys.modules; return them."""
+    modules = types.ModuleType("modules")
+    shared = types.ModuleType("modules.shared")
+    shared.sd_model = FakeLatentDiffusion(bundle)
+    shared.state = State()
+    shared.cmd_opts = types.SimpleNamespace(lora_dir="", medvram=False, lowvram=False,
+                                            medvram_sdxl=False, api_auth=None)
+    shared.opts = types.SimpleNamespace(lora_train_output_dir="", outdir_grids="",
+                                        outdir_txt2img_grids="", grid_format="png")
+    call_queue = types.ModuleType("modules.call_queue")
+    call_queue.queue_lock = threading.Lock()
+    devices = types.ModuleType("modules.devices")
+    devices.device = torch.device("cpu")
+    devices.torch_gc = lambda: None
+    processing = types.ModuleType("modules.processing")
+
+    class StableDiffusionProcessing:
+        cached_c = [None, None]
+        cached_uc = [None, None]
+
+    class StableDiffusionProcessingTxt2Img(StableDiffusionProcessing):
+        cached_hr_c = [None, None]
+        cached_hr_uc = [None, None]
+
+    processing.StableDiffusionProcessing = StableDiffusionProcessing
+    processing.StableDiffusionProcessingTxt2Img = StableDiffusionProcessingTxt2Img
+    sd_hijack = types.ModuleType("modules.sd_hijack")
+    sd_hijack.optimizers = []
+    sd_hijack.current_optimizer = types.SimpleNamespace(name="sdp")
+    sd_hijack.apply_optimizations = lambda option=None: ""
+    sd_vae = types.ModuleType("modules.sd_vae")
+    sd_vae.loaded_vae_file = None
+
+    networks = types.ModuleType("networks")
+    networks.loaded_networks = []
+    networks.networks_in_memory = {}
+    networks.listed = 0
+
+    def list_available_networks():
+        networks.listed += 1
+
+    def network_restore_weights_from_backup(module):
+        backup = getattr(module, "network_weights_backup", None)
+        if backup is not None:
+            module.weight.copy_(backup)
+        bias = getattr(module, "network_bias_backup", None)
+        if bias is not None:
+            module.bias.copy_(bias)
+
+    networks.list_available_networks = list_available_networks
+    networks.network_restore_weights_from_backup = network_restore_weights_from_backup
+
+    for name, mod in (("modules", modules), ("modules.shared", shared),
+                      ("modules.call_queue", call_queue), ("modules.devices", devices),
+                      ("modules.processing", processing), ("modules.sd_hijack", sd_hijack),
+                      ("modules.sd_vae", sd_vae), ("networks", networks)):
+        monkeypatch.setitem(sys.modules, name, mod)
+        if "." in name:
+            setattr(modules, name.split(".", 1)[1], mod)
+    return types.SimpleNamespace(shared=shared, networks=networks, processing=processing,
+                                 call_queue=call_queue, sd_hijack=sd_hijack)
+
+
+@contextmanager
+def baked_lora(model: torch.nn.Module, networks, scale: float = 0.1):
+    """Imitate the Lora extension having baked a network into every Linear (with backups)."""
+    changed = []
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.network_weights_backup = module.weight.detach().clone()
+                module.network_bias_backup = None
+                module.weight.add_(scale)
+                module.network_current_names = (("someone_else", 1.0, 1.0, None),)
+                changed.append(module)
+    networks.loaded_networks.append(object())
+    yield changed

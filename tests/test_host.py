@@ -1,0 +1,162 @@
+"""The WebUI host against a stand-in of the WebUI's module surface (tests/fake_webui.py), and the
+run manager / test grid on the standalone host."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import fake_webui
+from conftest import requires_grad_flags, state_sha256
+from lora_train_ext.core.config import RunConfig
+from lora_train_ext.demo import demo_config
+from lora_train_ext.runs import RunManager, lora_prompt, parse_strengths, strength_grid
+
+
+def _cfg(dataset, steps=6, name="hosted"):
+    cfg = demo_config("", steps=steps, seed=0, rank=4, alpha=None, lr=2e-3, batch_size=2,
+                      grad_accum=1, dataset=dataset)
+    cfg.save.output_dir = ""
+    cfg.save.output_name = name
+    return cfg
+
+
+@pytest.fixture()
+def webui(sd1_bundle, monkeypatch, tmp_path):
+    fake = fake_webui.install(sd1_bundle, monkeypatch)
+    fake.shared.cmd_opts.lora_dir = str(tmp_path / "Lora")
+    os.makedirs(fake.shared.cmd_opts.lora_dir)
+    from lora_train_ext.host.webui import WebUIHost
+
+    return fake, WebUIHost()
+
+
+def test_model_info_and_refusals(webui):
+    fake, host = webui
+    info = host.model_info()
+    assert (info.arch, info.prediction, info.problem) == ("sd1", "epsilon", "")
+    fake.shared.cmd_opts.medvram = True
+    assert "--medvram" in host.model_info().problem
+    fake.shared.cmd_opts.medvram = False
+    fake.shared.sd_model = None
+    assert host.model_info().problem == "no checkpoint is loaded"
+
+
+def test_run_saves_to_lora_dir_hot_loads_and_restores(webui, demo_dataset):
+    fake, host = webui
+    model = fake.shared.sd_model
+    before = state_sha256(model)
+    flags = requires_grad_flags(model)
+    manager = RunManager(host)
+    record = manager.create(_cfg(demo_dataset))
+    with host.exclusive("test"):
+        manager.execute(record)
+    assert record.state == "finished", record.error
+    assert record.files == [os.path.join(fake.shared.cmd_opts.lora_dir, "hosted.safetensors")]
+    assert os.path.isfile(record.files[0])
+    assert state_sha256(model) == before
+    assert requires_grad_flags(model) == flags
+    assert fake.networks.listed == 1  # hot-load refreshed the Lora extension's list
+    assert fake.processing.StableDiffusionProcessing.cached_c == [None, None]
+    assert fake.shared.state.sampling_step == 6 and fake.shared.state.sampling_steps == 6
+    assert "loss" in fake.shared.state.textinfo
+    assert fake.shared.state.begun == 1
+
+
+def test_baked_networks_are_unloaded_before_training(webui, demo_dataset):
+    fake, host = webui
+    model = fake.shared.sd_model
+    clean = state_sha256(model)
+    with fake_webui.baked_lora(model, fake.networks) as changed:
+        assert state_sha256(model) != clean
+        with host.prepared_model() as bundle:
+            assert bundle.unet is model.model.diffusion_model
+            assert state_sha256(model) == clean  # trains on the original weights
+            assert fake.networks.loaded_networks == []
+            assert all(m.network_current_names == () for m in changed)
+    assert state_sha256(model) == clean
+
+
+def test_interrupt_stops_saves_and_restores(webui, demo_dataset):
+    fake, host = webui
+    model = fake.shared.sd_model
+    before = state_sha256(model)
+    manager = RunManager(host)
+    record = manager.create(_cfg(demo_dataset, steps=200))
+    record.control.add_listener(
+        lambda e: setattr(fake.shared.state, "interrupted", True) if e.step == 3 else None)
+    manager.execute(record)
+    assert record.state == "stopped" and record.step <= 5
+    assert os.path.isfile(record.files[0])
+    assert state_sha256(model) == before
+
+
+def test_injected_exception_is_reported_and_model_restored(webui, demo_dataset, monkeypatch):
+    fake, host = webui
+    model = fake.shared.sd_model
+    before = state_sha256(model)
+    flags = requires_grad_flags(model)
+    manager = RunManager(host)
+    record = manager.create(_cfg(demo_dataset, steps=20))
+
+    def boom(event):
+        if event.kind == "step" and event.step == 2:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    record.control.add_listener(boom)
+    manager.execute(record)
+    assert record.state == "failed"
+    assert record.error.startswith("out of memory") and "batch_size" in record.error
+    assert state_sha256(model) == before
+    assert requires_grad_flags(model) == flags
+
+
+def test_bad_fields_are_refused_before_model_work(webui, tmp_path):
+    _, host = webui
+    manager = RunManager(host)
+    cfg = _cfg(str(tmp_path / "missing"))
+    with pytest.raises(Exception, match="data.dataset_dir"):
+        manager.create(cfg)
+    with pytest.raises(Exception, match="network.rank"):
+        RunConfig.from_dict({"network": {"rank": 0}}).validate()
+    assert manager.list() == []
+
+
+def test_strength_parsing_and_prompt_form():
+    assert parse_strengths("0, 0.5,1", "x") == [0.0, 0.5, 1.0]
+    with pytest.raises(Exception, match="TE strengths"):
+        parse_strengths("0, high", "TE strengths")
+    assert lora_prompt("a", 0.6, 1.0) == "<lora:a:te=0.6:unet=1>"
+
+
+def test_standalone_grid_and_stale_cache(tmp_path, demo_dataset):
+    from lora_train_ext.host.standalone import StandaloneHost, parse_lora_tags
+
+    assert parse_lora_tags("x <lora:n:te=0.5:unet=1>") == ("x", [("n", 0.5, 1.0)])
+    assert parse_lora_tags("x <lora:n:0.3:0.7>")[1] == [("n", 0.3, 0.7)]
+    assert parse_lora_tags("<lora:n:0.4>")[1] == [("n", 0.4, 0.4)]
+    host = StandaloneHost(str(tmp_path))
+    manager = RunManager(host)
+
+    def trained(seed: int, lr: float):
+        cfg = _cfg(demo_dataset, steps=4, name="same_name")
+        cfg.train.seed = seed
+        cfg.optim.lr = lr
+        record = manager.create(cfg)
+        with host.exclusive("t"), host.prepared_model():
+            manager.execute(record)
+        assert record.state == "finished", record.error
+        grid, images, prompts = strength_grid(host, "same_name", "shp style, red circle", "", 7,
+                                          [0.0, 1.0], [0.0, 1.0], steps=3, width=64, height=64)
+        return grid, [np.asarray(i) for i in images], prompts
+
+    grid, cells, prompts = trained(0, 5e-2)
+    assert grid.size[0] > 2 * 64 and grid.size[1] > 2 * 64
+    assert prompts[1].endswith("<lora:same_name:te=0:unet=1>")
+    assert np.array_equal(cells[0], trained(0, 5e-2)[1][0])  # strength 0 = the base model
+    assert not np.array_equal(cells[0], cells[3])  # the LoRA changes the image
+    _, cells2, _ = trained(3, 1e-1)  # retrained into the same name
+    assert not np.array_equal(cells[3], cells2[3])  # the new weights are used, not a stale copy
