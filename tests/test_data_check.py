@@ -260,3 +260,19 @@ def test_dataset_fingerprint_change_adds_a_note(tmp_path):
     other.load_state_dict(state)
     assert any("dataset changed" in n for n in other.report.notes)
     assert len(list(other.batches(0, start=state["batch_index"]))) == other.steps_per_epoch - 1
+
+
+def test_second_scan_does_not_decode_again(tmp_path, monkeypatch):
+    from lora_train_ext.core.data import scan
+
+    for i in range(3):
+        img(tmp_path / "1_a" / f"{i}.png", seed=i)
+    calls = []
+    real = scan.inspect_image
+    monkeypatch.setattr(scan, "inspect_image", lambda *a, **k: calls.append(a) or real(*a, **k))
+    check_dataset(cfg(tmp_path))
+    TrainData(cfg(tmp_path), batch_size=1, seed=0)
+    assert len(calls) == 3
+    img(tmp_path / "1_a" / "0.png", size=(128, 40), seed=5)  # a changed file: inspected again
+    data = TrainData(cfg(tmp_path), batch_size=1, seed=0)
+    assert len(calls) == 4 and data.report.buckets == {"64x64": 2, "96x32": 1}

@@ -642,7 +642,7 @@ class TrainData:
             for note in self._cache_notes():
                 if note not in self._notes:
                     self._notes.append(note)
-        return DatasetReport(
+        report = DatasetReport(
             dataset_dir=os.path.abspath(cfg.dataset_dir), images=n_train,
             repeats_total=self.repeats_total, buckets=order(buckets),
             problems=list(self._problems), steps_per_epoch=self.steps_per_epoch,
@@ -650,6 +650,8 @@ class TrainData:
             reg_dir=os.path.abspath(cfg.reg_dir) if cfg.reg_dir else "",
             reg_images=len(self.items) - n_train, reg_repeats_total=self.reg_repeats_total,
             reg_buckets=order(reg_buckets), notes=list(self._notes))
+        report.sort_problems()
+        return report
 
     def preview(self, count: int = 4, epoch: int = 0) -> list[tuple[Image.Image, str]]:
         """The first `count` samples of `epoch` as the model sees them (bucketed, cropped,

@@ -49,6 +49,12 @@ def _orientation(img: Image.Image) -> int:
         return 1
 
 
+def _describe(error: Exception, path: str) -> str:
+    """'UnidentifiedImageError: cannot identify image file' without repeating the full path."""
+    text = str(error).replace(f"'{path}'", "").replace(path, "").strip() or "cannot decode"
+    return f"{type(error).__name__}: {text}"
+
+
 def inspect_image(path: str, decode: bool = True) -> tuple[int, int, bool]:
     """Return (width, height, has_alpha) as the image will be seen (after EXIF orientation).
 
@@ -70,7 +76,7 @@ def inspect_image(path: str, decode: bool = True) -> tuple[int, int, bool]:
                     img.load()
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError,
             Image.DecompressionBombWarning) as e:
-        raise ImageReadError(f"{type(e).__name__}: {e}") from None
+        raise ImageReadError(_describe(e, path)) from None
     if w < 1 or h < 1:
         raise ImageReadError("image has no pixels")
     return w, h, has_alpha
@@ -122,7 +128,7 @@ def load_image(path: str, background: tuple[int, int, int] = (255, 255, 255), *,
             Image.DecompressionBombWarning) as e:
         if isinstance(e, ImageReadError):
             raise
-        raise ImageReadError(f"{type(e).__name__}: {e}") from None
+        raise ImageReadError(_describe(e, path)) from None
     try:
         return _to_rgb(img, background)
     except (OSError, ValueError) as e:

@@ -7,8 +7,9 @@ from dataclasses import dataclass, field
 
 from .scan import Problem
 
-PROBLEM_KINDS = ("duplicate_stem", "unreadable", "missing_caption", "empty_caption", "too_small",
-                 "bad_repeat_folder", "long_caption", "missing_mask")
+# In order of severity: the report lists problems in this order.
+PROBLEM_KINDS = ("unreadable", "bad_repeat_folder", "duplicate_stem", "empty_caption",
+                 "missing_caption", "too_small", "long_caption", "missing_mask")
 
 _KIND_TITLES = {
     "duplicate_stem": "same file name with different extensions",
@@ -20,6 +21,11 @@ _KIND_TITLES = {
     "long_caption": "captions over the token limit (cut)",
     "missing_mask": "images without a mask (trained on every pixel)",
 }
+
+
+def _problem_order(p: Problem) -> tuple[int, str]:
+    rank = PROBLEM_KINDS.index(p.kind) if p.kind in PROBLEM_KINDS else len(PROBLEM_KINDS)
+    return rank, p.path
 
 
 @dataclass
@@ -47,10 +53,14 @@ class DatasetReport:
         return self.images > 0
 
     def problem_counts(self) -> dict[str, int]:
+        """kind -> count, in PROBLEM_KINDS order."""
         counts: dict[str, int] = {}
-        for p in self.problems:
+        for p in sorted(self.problems, key=_problem_order):
             counts[p.kind] = counts.get(p.kind, 0) + 1
         return counts
+
+    def sort_problems(self) -> None:
+        self.problems.sort(key=_problem_order)
 
     def to_dict(self) -> dict:
         out = {

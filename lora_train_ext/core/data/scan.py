@@ -136,6 +136,30 @@ def scan_dataset(root: str, *, repeats: int, caption_extension: str, default_cap
     return ScanResult(folders, problems, notes)
 
 
+# (path, inode, mtime_ns, size, decode) -> (w, h, has_alpha): the tab's check before a run and the run's
+# own scan decode each image once per process; any change to the file changes the key.
+_INSPECTED: dict[tuple[str, int, int, int, bool], tuple[int, int, bool]] = {}
+_INSPECTED_MAX = 200_000
+
+
+def _inspect_cached(path: str, decode: bool) -> tuple[int, int, bool]:
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise ImageReadError(str(e)) from None
+    key = (path, st.st_ino, st.st_mtime_ns, st.st_size, decode)
+    found = _INSPECTED.get(key)
+    if found is None and not decode:
+        found = _INSPECTED.get(key[:-1] + (True,))
+    if found is not None:
+        return found
+    found = inspect_image(path, decode=decode)
+    if len(_INSPECTED) >= _INSPECTED_MAX:
+        _INSPECTED.clear()
+    _INSPECTED[key] = found
+    return found
+
+
 def _read_caption(path: str) -> str:
     with open(path, "rb") as f:
         raw = f.read()
@@ -152,7 +176,7 @@ def _scan_folder(folder: FolderInfo, names: list[str], ext: str, default_caption
                  workers: int = 1) -> None:
     def inspect(name: str):
         try:
-            return inspect_image(os.path.join(folder.path, name), decode=decode)
+            return _inspect_cached(os.path.join(folder.path, name), decode)
         except ImageReadError as e:
             return e
 
