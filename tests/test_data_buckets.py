@@ -126,3 +126,34 @@ def test_signature_changes_with_every_field():
               plan_placement((640, 480), (512, 320), "crop", (0.0, 0.0))]
     sigs = {base.signature()} | {p.signature() for p in others}
     assert len(sigs) == 1 + len(others)
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=300, deadline=None)
+@given(w=st.integers(1, 6000), h=st.integers(1, 6000),
+       mode=st.sampled_from(["crop", "stretch", "pad", "none"]),
+       no_upscale=st.booleans(), enable=st.booleans(),
+       fx=st.floats(0, 1), fy=st.floats(0, 1))
+def test_placement_invariants(w, h, mode, no_upscale, enable, fx, fy):
+    rules = BucketRules((512, 512), 256, 1024, 64, enable=enable, no_upscale=no_upscale,
+                        mode=mode)
+    bw, bh = rules.bucket_for((w, h))
+    assert bw % 64 == 0 and bh % 64 == 0 and bw >= 64 and bh >= 64
+    assert bw * bh <= 512 * 512
+    p = plan_placement((w, h), (bw, bh), mode, (fx, fy))
+    rw, rh = p.resized
+    if mode in ("crop", "none"):
+        left, top = p.crop
+        assert 0 <= left and left + bw <= rw and 0 <= top and top + bh <= rh
+    if mode == "pad":
+        left, top = p.pad
+        assert 0 <= left and left + rw <= bw and 0 <= top and top + rh <= bh
+    if mode == "stretch":
+        assert p.resized == (bw, bh)
+    if mode == "none" and w >= 64 and h >= 64:
+        assert p.resized == (w, h)  # never resampled
+    if no_upscale and enable and mode != "none" and w >= 64 and h >= 64:
+        assert p.scale <= 1.0 + 1e-9

@@ -4,7 +4,9 @@ Buckets (kohya-like): every (w, h) with sides multiples of `step` in [min_side, 
 area <= the resolution's area, built by walking the width and taking the tallest height that
 fits. An image goes to the bucket whose aspect ratio is nearest (in log space, so 1:4 and 4:1 are
 treated alike). With `no_upscale` an image no bigger than the resolution keeps its own size
-(trimmed to the step); a bigger one is scaled down to the resolution's area first.
+(trimmed to the step); a bigger one is scaled down to the resolution's area first (min_side
+does not apply then, as in kohya; max_side does). Buckets off: every image trains at the
+resolution itself (no_upscale needs buckets).
 
 Resize modes (ComfyUI's loaders), all ending at exactly the bucket size:
   crop     scale to cover the bucket, then cut the overhang (center or random)
