@@ -136,8 +136,8 @@ def scan_dataset(root: str, *, repeats: int, caption_extension: str, default_cap
     return ScanResult(folders, problems, notes)
 
 
-# (path, inode, mtime_ns, size, decode) -> (w, h, has_alpha): the tab's check before a run and the run's
-# own scan decode each image once per process; any change to the file changes the key.
+# (path, inode, mtime_ns, size, decode) -> (w, h, has_alpha): the tab's check before a run and
+# the run's own scan decode each image once per process; any change to the file changes the key.
 _INSPECTED: dict[tuple[str, int, int, int, bool], tuple[int, int, bool]] = {}
 _INSPECTED_MAX = 200_000
 
