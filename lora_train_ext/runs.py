@@ -70,6 +70,7 @@ class RunManager:
             cfg.save.output_dir = self.host.output_dir()
         cfg.model.arch = info.arch
         cfg.validate()
+        self.host.check_config(cfg)
         if not cfg.data.dataset_dir:
             raise UserError("data.dataset_dir", "give the folder with your training images")
         if not os.path.isdir(cfg.data.dataset_dir):

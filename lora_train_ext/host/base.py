@@ -25,6 +25,7 @@ class ModelInfo:
     hash: str = ""
     problem: str = ""  # why training is not possible now ('' = it is)
     default_resolution: int = 512
+    default_dtype: str = "fp32"  # the training precision that suits this model and device
 
     @property
     def label(self) -> str:
@@ -49,6 +50,9 @@ class Host:
         """Yield a ModelBundle of the resident model, ready for training; undo everything after."""
         raise NotImplementedError
         yield  # pragma: no cover
+
+    def check_config(self, cfg) -> None:
+        """Refuse settings this host's model cannot train with (raise UserError)."""
 
     # -- exclusive access (never at the same time as a generation) -------------------------
     @contextlib.contextmanager

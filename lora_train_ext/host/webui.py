@@ -72,12 +72,29 @@ class WebUIHost(Host):
                        "--medvram / --lowvram")
         return ModelInfo(name=name, arch=arch, prediction=prediction,
                          hash=getattr(info, "shorthash", "") or "", problem=problem,
-                         default_resolution=1024 if arch == "sdxl" else 768 if prediction == "v" else 512)
+                         default_resolution=1024 if arch == "sdxl" else 768 if prediction == "v" else 512,
+                         default_dtype=self._default_dtype(m))
+
+    @staticmethod
+    def _default_dtype(m) -> str:
+        """bf16 where the GPU has it, fp16 on older GPUs; on the CPU fp32 for an fp32 model."""
+        weights = next(m.model.diffusion_model.parameters())
+        if weights.device.type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "fp32" if weights.dtype == torch.float32 else "bf16"
 
     def weights_dtype(self) -> torch.dtype:
         from modules import shared
 
         return next(shared.sd_model.model.diffusion_model.parameters()).dtype
+
+    def check_config(self, cfg) -> None:
+        from ..core.errors import UserError
+
+        if cfg.train.dtype == "fp32" and self.weights_dtype() != torch.float32:
+            raise UserError("train.dtype", "the loaded model is in half precision (the WebUI's "
+                                           "default): use bf16 or fp16, or start the WebUI with "
+                                           "--no-half to train in fp32")
 
     @contextlib.contextmanager
     def prepared_model(self) -> Iterator[ModelBundle]:

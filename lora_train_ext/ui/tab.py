@@ -136,12 +136,15 @@ def config_from_form(values: list[Any], base: RunConfig | None = None) -> RunCon
     return cfg
 
 
-def preset_config(name: str) -> RunConfig:
+def preset_config(name: str, info=None) -> RunConfig:
+    """A preset's settings on top of the defaults that suit the loaded model (`info`)."""
     from ..core.optim import PRESETS
 
-    cfg = RunConfig()
-    if name in PRESETS:
-        cfg = RunConfig.from_dict(PRESETS[name])
+    cfg = RunConfig.from_dict(PRESETS[name]) if name in PRESETS else RunConfig()
+    if info is not None:
+        if name not in PRESETS:
+            cfg.data.resolution = str(info.default_resolution)
+        cfg.train.dtype = info.default_dtype
     return cfg
 
 
@@ -187,9 +190,8 @@ def build_tab(host, manager: RunManager, wrap_gpu: Callable[[Callable], Callable
 
     js_kw = "_js" if int(gr.__version__.split(".")[0]) < 4 else "js"
     optimizers = tuple(available_optimizers())
-    defaults = RunConfig()
     info = host.model_info()
-    defaults.data.resolution = str(info.default_resolution)
+    defaults = preset_config(PRESET_DEFAULT, info)
     widgets = {}
 
     def widget(f: Field, value):
@@ -288,7 +290,7 @@ def build_tab(host, manager: RunManager, wrap_gpu: Callable[[Callable], Callable
             return status_html(manager)
 
         def on_preset(name):
-            return form_values(preset_config(name))
+            return form_values(preset_config(name, host.model_info()))
 
         def on_test(task, name, prompt_, negative_, seed_, steps_, size_, te_text, unet_text):
             try:

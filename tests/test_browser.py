@@ -1,0 +1,140 @@
+"""The tab in a real browser (Debian's chromium, headless, driven by playwright) against
+`python -m lora_train_ext preview`: fill in the demo dataset, train, watch progress, see the
+file, run a 2x2 TE/UNet grid."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def _need(condition: bool, why: str) -> None:
+    if not condition:
+        if os.environ.get("CI"):
+            pytest.fail(why + " (CI must install it: see .ci/setup)")
+        pytest.skip(why)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture()
+def preview(tmp_path):
+    _need(CHROMIUM is not None, "chromium is not installed")
+    try:
+        import gradio  # noqa: F401
+        import playwright  # noqa: F401
+    except ImportError as e:
+        _need(False, f"{e.name} is not installed")
+    port = _free_port()
+    env = dict(os.environ, PYTHONPATH=str(ROOT), GRADIO_ANALYTICS_ENABLED="False")
+    log = open(tmp_path / "preview.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "lora_train_ext", "preview", "--port", str(port),
+                             "--out", str(tmp_path / "out")], cwd=ROOT, env=env, stdout=log,
+                            stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            break
+        except OSError:
+            if proc.poll() is not None:
+                break
+            time.sleep(0.5)
+    else:
+        proc.kill()
+    if proc.poll() is not None:
+        pytest.fail("preview did not start:\n" + (tmp_path / "preview.log").read_text())
+    yield url, tmp_path / "out"
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+
+
+def _set(page, elem_id: str, value: str) -> None:
+    box = page.locator(f"#{elem_id} textarea, #{elem_id} input").first
+    box.fill(value)
+    box.press("Tab")
+
+
+def test_train_then_grid_in_the_browser(preview):
+    from playwright.sync_api import expect, sync_playwright
+
+    url, out = preview
+    dataset = str(ROOT / "lora_train_ext" / "demo_data")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(url)
+        expect(page.locator("#lora_train_model").first).to_contain_text("tiny-sd1")
+
+        _set(page, "lora_train_data_dataset_dir", dataset)
+        _set(page, "lora_train_save_output_name", "browser_lora")
+        page.get_by_text("Training", exact=True).click()
+        _set(page, "lora_train_train_max_steps", "30")
+        page.get_by_text("Optimizer and learning rate", exact=True).click()
+        _set(page, "lora_train_optim_lr", "0.01")
+
+        page.locator("#lora_train_check").click()
+        expect(page.locator("#lora_train_dataset_report textarea")).to_have_value(
+            __import__("re").compile("8"), timeout=60_000)
+
+        page.locator("#lora_train_start").click()
+        status = page.locator("#lora_train_status").first
+        seen_step = False
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            text = status.inner_text()
+            seen_step = seen_step or ("step " in text and "running" in text)
+            if "finished" in text or "failed" in text:
+                break
+            time.sleep(0.3)
+        text = status.inner_text()
+        assert "finished" in text, text
+        assert seen_step, "no live progress was shown while training"
+        assert "browser_lora.safetensors" in text
+        assert (out / "Lora" / "browser_lora.safetensors").is_file()
+        assert page.locator("#lora_train_status svg").count() == 1  # the loss chart
+
+        expect(page.locator("#lora_train_test_lora input").first).to_have_value("browser_lora")
+        _set(page, "lora_train_test_prompt", "shp style, red circle")
+        _set(page, "lora_train_test_steps", "3")
+        _set(page, "lora_train_test_size", "64")
+        page.locator("#lora_train_test_run").click()
+        info = page.locator("#lora_train_test_info").first
+        expect(info).to_contain_text("4 images", timeout=180_000)
+        expect(info).to_contain_text("rows TE [0.0, 1.0], columns UNet [0.0, 1.0]")
+        img = page.locator("#lora_train_test_grid img").first
+        src = img.get_attribute("src")
+        if src.startswith("data:"):
+            data = base64.b64decode(src.split(",", 1)[1])
+        else:
+            data = urllib.request.urlopen(src if src.startswith("http") else url + src).read()
+        from PIL import Image
+
+        grid = Image.open(io.BytesIO(data))
+        assert grid.size[0] > 2 * 64 and grid.size[1] > 2 * 64  # 2x2 cells plus labels
+        page.screenshot(path=str(out / "tab.png"), full_page=True)
+        browser.close()
