@@ -221,7 +221,16 @@ def test_sdxl_condition_parts(bundles):
     table = torch.tensor([[512.0, 768, 16, 32, 64, 64]])
     assert torch.equal(other["vector"][0, pooled:], size_embedding(table, dim)[0])
     assert torch.equal(other["crossattn"], cond["crossattn"])
-    assert cond["crossattn"][..., :w1].shape[-1] == 32
+    # crossattn = te1 hidden_states[-2] next to te2's penultimate block input
+    from lora_train_ext.core.models.clip import tokenize
+
+    with torch.no_grad():
+        h1 = te1(tokenize(CAPTIONS), output_hidden_states=True).hidden_states[-2]
+        h2, pooled2 = te2.encode(tokenize(CAPTIONS, pad_id=0), "penultimate", final_norm=False,
+                                 pooled=True)
+    assert torch.equal(cond["crossattn"][..., :w1], h1)
+    assert torch.equal(cond["crossattn"][..., w1:], h2)
+    assert torch.equal(cond["vector"][:, :pooled], pooled2)
 
 
 # -- targets --------------------------------------------------------------------------------------
