@@ -57,6 +57,12 @@ class NetworkConfig:
     loraplus_ratio: float = 1.0  # LR multiplier for up weights (LoRA+); 1 = off
     existing_lora: str = ""  # continue from this file
     init_seed: int | None = None  # None: the run's seed
+    # LyCORIS options (networks/lokr.py, loha.py): LoKr's split factor (-1 = most balanced),
+    # low-rank small factor too, no low-rank at all; CP/Tucker cores for kxk convs (LoHa, LoKr)
+    lokr_factor: int = -1
+    decompose_both: bool = False
+    full_matrix: bool = False
+    use_tucker: bool = False
 
 
 @dataclass
@@ -239,6 +245,8 @@ class RunConfig:
             _fraction(f"network.{name}", getattr(n, name))
         _choice("network.train_on", n.train_on, TARGETS)
         _positive("network.loraplus_ratio", n.loraplus_ratio)
+        if n.lokr_factor != -1:
+            _int_range("network.lokr_factor", n.lokr_factor, 1, 100000)
         _positive("data.prior_loss_weight", d.prior_loss_weight, allow_zero=True)
         _int_range("data.repeats", d.repeats, 1, 100000)
         _int_range("data.keep_tokens", d.keep_tokens, 0, 1000)

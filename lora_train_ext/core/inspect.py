@@ -10,33 +10,36 @@ from safetensors import safe_open
 
 from .errors import UserError
 from .lora_file import read_metadata
+from .networks import algo_of_tensors
 from .networks.base import part_of
 
-ALGO_MARKERS = (  # tensor name suffix -> algorithm (first match wins, most specific first)
-    ("dora_scale", "dora"),
-    ("hada_w1_a", "loha"),
-    ("lokr_w1", "lokr"),
-    ("lokr_w1_a", "lokr"),
-    ("oft_blocks", "oft"),
-    ("oft_diag", "oft"),
-    ("on_input", "ia3"),
-    ("diff", "full"),
-    ("lora_down.weight", "lora"),
-)
+OTHER_ALGO_MARKERS = (("oft_blocks", "oft"), ("oft_diag", "oft"))  # loaded by others, not made here
 ARCH_FROM_META = {"sd_v1": "sd1", "sd_v2": "sd2"}
 
 
 @lru_cache(maxsize=None)
-def known_module_names(arch: str) -> frozenset[str]:
-    """Every kohya module name a LoRA/LoCon for `arch` may carry (from the in-code model)."""
-    from .models.clip import build_clip_text
+def known_module_kinds(arch: str) -> dict[str, str]:
+    """kohya module name -> 'linear' / 'conv1x1' / 'conv3x3' for every module a file for `arch`
+    may carry (from the in-code model, built on the meta device)."""
     from .models.specs import build_unet
     from .networks.targets import find_targets
 
     roots = {"unet": build_unet(arch, "tiny", device="meta")}
-    if arch == "sd1":
-        roots["te"] = build_clip_text(arch, "tiny", device="meta")
-    return frozenset(t.name for t in find_targets(roots, arch, "both", conv=True))
+    try:
+        from .models.tiny import build_text_encoders
+
+        roots.update(build_text_encoders(arch, "tiny", device="meta"))
+    except (ImportError, NotImplementedError, KeyError, ValueError):
+        if arch == "sd1":
+            from .models.clip import build_clip_text
+
+            roots["te"] = build_clip_text(arch, "tiny", device="meta")
+    return {t.name: t.kind for t in find_targets(roots, arch, "both", conv=True)}
+
+
+def known_module_names(arch: str) -> frozenset[str]:
+    """Every kohya module name a file for `arch` may carry (from the in-code model)."""
+    return frozenset(known_module_kinds(arch))
 
 
 def describe(path: str) -> dict:
@@ -56,19 +59,26 @@ def describe(path: str) -> dict:
         modules.setdefault(name, set()).add(rest)
     if not modules:
         raise UserError("file", f"{os.path.basename(path)} holds no tensors")
-    algos = sorted({_algo_of(parts) for parts in modules.values()})
-    ranks = sorted({shapes[f"{n}.lora_down.weight"][0] for n, p in modules.items()
-                    if "lora_down.weight" in p})
-    conv_ranks = sorted({shapes[f"{n}.lora_down.weight"][0] for n, p in modules.items()
-                         if "lora_down.weight" in p and len(shapes[f"{n}.lora_down.weight"]) == 4
-                         and shapes[f"{n}.lora_down.weight"][2] > 1})
-    if conv_ranks and algos == ["lora"]:
-        algos = ["locon"]
-    alphas = _alphas(path, modules)
+    module_algos = {n: _algo_of(p) for n, p in modules.items()}
+    algos = sorted(set(module_algos.values()))
     parts: dict[str, int] = {}
     for name in modules:
         parts[part_of(name)] = parts.get(part_of(name), 0) + 1
     arch = _arch(meta, list(modules))
+    kinds = _kinds(arch)
+    ranks: set[int] = set()
+    conv_ranks: set[int] = set()
+    for name, p in modules.items():
+        rank = _rank_of(module_algos[name], name, shapes)
+        if rank is None:
+            continue
+        ranks.add(rank)
+        if _is_kxk_conv(module_algos[name], name, p, shapes, kinds):
+            conv_ranks.add(rank)
+    ranks, conv_ranks = sorted(ranks), sorted(conv_ranks)
+    if conv_ranks and algos == ["lora"]:
+        algos = ["locon"]
+    alphas = _alphas(path, modules)
     unknown = _unknown_modules(arch, list(modules))
     report = {
         "file": os.path.abspath(path),
@@ -77,6 +87,7 @@ def describe(path: str) -> dict:
         "algorithm": algos[0] if len(algos) == 1 else "mixed:" + "+".join(algos),
         "ranks": ranks,
         "conv_ranks": conv_ranks,
+        "options": _options(module_algos, modules),
         "alphas": alphas,
         "modules": parts,
         "module_count": len(modules),
@@ -90,12 +101,64 @@ def describe(path: str) -> dict:
 
 
 def _algo_of(parts: set[str]) -> str:
-    for marker, algo in ALGO_MARKERS:
-        if any(p == marker or p.startswith(marker + ".") or p == marker + ".weight" for p in parts):
-            return algo
-    if "weight" in parts:
-        return "ia3"
+    algo = algo_of_tensors(parts)
+    if algo:
+        return algo
+    for marker, other in OTHER_ALGO_MARKERS:
+        if marker in parts:
+            return other
     return "unknown"
+
+
+# the tensor whose first axis is the rank, per algorithm, in order of preference (the WebUI's
+# loader reads LoKr's rank from lokr_w2_b, else lokr_w1_b; full-matrix LoKr, IA3, full: none)
+RANK_TENSORS = {"lora": ("lora_down.weight",), "dora": ("lora_down.weight",),
+                "loha": ("hada_w1_b",), "lokr": ("lokr_w2_b", "lokr_w1_b")}
+
+
+def _rank_of(algo: str, name: str, shapes: dict[str, list[int]]) -> int | None:
+    for tensor in RANK_TENSORS.get(algo, ()):
+        shape = shapes.get(f"{name}.{tensor}")
+        if shape:
+            return shape[0]
+    return None
+
+
+def _kinds(arch: str) -> dict[str, str]:
+    try:
+        return known_module_kinds(arch)
+    except (NotImplementedError, KeyError, ValueError):
+        return {}
+
+
+def _is_kxk_conv(algo: str, name: str, parts: set[str], shapes: dict[str, list[int]],
+                 kinds: dict[str, str]) -> bool:
+    """A module of a kxk conv: from the tensors' own kernel axes where they have them (LoRA's
+    down, CP cores, LoKr's 4-d w2), else from the model's module kinds (LoHa / LoKr fold the
+    kernel into their columns)."""
+    for tensor in ("lora_down.weight", "hada_t1", "lokr_t2", "lokr_w2", "diff"):
+        shape = shapes.get(f"{name}.{tensor}")
+        if shape is not None and len(shape) == 4:
+            return shape[2] * shape[3] > 1
+    return kinds.get(name) == "conv3x3"
+
+
+def _options(module_algos: dict[str, str], modules: dict[str, set[str]]) -> list[str]:
+    """Layout options visible in the tensor names: CP/Tucker cores ('tucker'), LoKr with a
+    low-rank small factor ('decompose_both') or no low-rank factor in any module ('full_matrix'),
+    full with bias changes ('diff_b')."""
+    found = set()
+    lokr = [parts for name, parts in modules.items() if module_algos[name] == "lokr"]
+    for parts in modules.values():
+        if "hada_t1" in parts or "lokr_t2" in parts:
+            found.add("tucker")
+        if "lokr_w1_a" in parts:
+            found.add("decompose_both")
+        if "diff_b" in parts:
+            found.add("diff_b")
+    if lokr and all("lokr_w2" in parts for parts in lokr):
+        found.add("full_matrix")
+    return sorted(found)
 
 
 def _alphas(path: str, modules: dict[str, set[str]]) -> list[float]:
@@ -175,6 +238,7 @@ def format_report(report: dict) -> str:
         f"rank:       {', '.join(map(str, report['ranks'])) or '-'}"
         + (f" (conv {', '.join(map(str, report['conv_ranks']))})" if report["conv_ranks"] else ""),
         f"alpha:      {', '.join(f'{a:g}' for a in report['alphas']) or '-'}",
+        *([f"options:    {', '.join(report['options'])}"] if report.get("options") else []),
         "modules:    " + ", ".join(f"{k} {v}" for k, v in sorted(report["modules"].items()))
         + f" (total {report['module_count']}, {report['tensor_count']} tensors)",
     ]

@@ -3,6 +3,12 @@
 Only the key map (kohya name -> checkpoint weight key) and the delta math are needed, no model
 code. A merge that changes nothing, or a file whose modules match no checkpoint weight, is an
 error, never a silent no-op.
+
+Every algorithm we save merges (LoRA / LoCon, LoHa, LoKr, IA3, DoRA, full) with the delta the
+WebUI's built-in loader computes from the same tensors. IA3 and DoRA deltas depend on the weight
+they modify: as in the WebUI (which applies networks one after another to the live weight), a
+file's module sees the weight with the earlier files already merged. `full`'s `diff_b` changes
+the bias next to the weight.
 """
 
 from __future__ import annotations
@@ -18,6 +24,12 @@ from safetensors.torch import load_file
 from . import keys
 from .errors import UserError
 from .lora_file import atomic_save_safetensors, load_lora
+from .networks import algo_of_tensors
+from .networks.dora import dora_delta_from_file
+from .networks.full import full_delta_from_file
+from .networks.ia3 import ia3_delta_from_file
+from .networks.loha import loha_delta_from_file
+from .networks.lokr import lokr_delta_from_file
 from .networks.lora import lora_delta
 
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -41,14 +53,40 @@ def group_modules(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch
     return dict(out)
 
 
-def module_delta(parts: dict[str, torch.Tensor], base_shape: tuple[int, ...], name: str) -> torch.Tensor:
-    """The fp32 weight delta one module of a file makes (strength 1)."""
-    if "lora_down.weight" in parts and "lora_up.weight" in parts:
+NEEDS_BASE_WEIGHT = ("ia3", "dora")  # algorithms whose delta scales the base weight itself
+
+
+def module_delta(parts: dict[str, torch.Tensor], base_shape: tuple[int, ...], name: str,
+                 base_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """The fp32 weight delta one module of a file makes (strength 1), shaped `base_shape`, as
+    the WebUI's loader computes it. IA3 and DoRA need `base_weight` (the weight being modified,
+    any float dtype, `base_shape` elements)."""
+    algo = algo_of_tensors(parts)
+    if algo == "lora":
         return lora_delta(parts["lora_down.weight"], parts["lora_up.weight"], parts.get("alpha"),
                           base_shape)
+    if algo == "loha":
+        return loha_delta_from_file(parts, base_shape)
+    if algo == "lokr":
+        return lokr_delta_from_file(parts, base_shape)
+    if algo == "full":
+        return full_delta_from_file(parts, base_shape)
+    if algo in NEEDS_BASE_WEIGHT:
+        if base_weight is None:
+            raise ValueError(f"{name}: a {algo} delta needs the base weight")
+        base = base_weight.float().reshape(base_shape)
+        delta = ia3_delta_from_file(parts, base) if algo == "ia3" else \
+            dora_delta_from_file(parts, base)
+        return delta.reshape(base_shape)
     kinds = ", ".join(sorted(parts))
-    raise UserError("lora", f"{name}: tensors ({kinds}) are not a LoRA/LoCon module; "
-                            "this merge supports lora_down/lora_up files")
+    raise UserError("lora", f"{name}: tensors ({kinds}) are not a module of a known algorithm "
+                            "(LoRA/LoCon, LoHa, LoKr, IA3, DoRA, full)")
+
+
+def module_bias_delta(parts: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """The fp32 bias delta of a module (strength 1): `full`'s `diff_b`, else None."""
+    diff_b = parts.get("diff_b")
+    return None if diff_b is None else diff_b.float().reshape(-1)
 
 
 def detect_arch(names: list[str]) -> str:
@@ -102,7 +140,9 @@ def merge_lora_into_checkpoint(checkpoint: str, loras: list[tuple[str, float]], 
                 report.unmatched.append(name)
                 continue
             full_shape = _module_shape(state, targets)
-            delta = module_delta(parts, full_shape, name) * float(strength)
+            base = _module_weight(state, deltas, targets) \
+                if algo_of_tensors(parts) in NEEDS_BASE_WEIGHT else None
+            delta = module_delta(parts, full_shape, name, base) * float(strength)
             row = 0
             for key, sl in targets:
                 piece = delta if sl is None else delta[row:row + (sl.stop - sl.start)]
@@ -114,6 +154,9 @@ def merge_lora_into_checkpoint(checkpoint: str, loras: list[tuple[str, float]], 
                 else:
                     acc[sl] += piece.reshape(acc[sl].shape)
                 changed.add(key)
+            bias_delta = module_bias_delta(parts)
+            if bias_delta is not None:
+                _add_bias_delta(state, deltas, changed, targets, bias_delta * float(strength), name)
             count += 1
         report.per_file[lora_path] = count
         report.changed_modules += count
@@ -137,6 +180,39 @@ def merge_lora_into_checkpoint(checkpoint: str, loras: list[tuple[str, float]], 
         f"{os.path.basename(p)}:{s}" for p, s in loras)
     atomic_save_safetensors(out, meta, out_path)
     return report
+
+
+def _module_weight(state: dict[str, torch.Tensor], deltas: dict[str, torch.Tensor],
+                   targets: list[tuple[str, slice | None]]) -> torch.Tensor:
+    """The module's full weight (fp32) with what is merged so far (row blocks stacked)."""
+    pieces = []
+    for key, sl in targets:
+        w = state[key].float()
+        if key in deltas:
+            w = w + deltas[key]
+        pieces.append(w if sl is None else w[sl])
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+
+def _bias_key(weight_key: str) -> str:
+    """'x.weight' -> 'x.bias'; OpenCLIP 'attn.in_proj_weight' -> 'attn.in_proj_bias'."""
+    return weight_key[:-len("weight")] + "bias"
+
+
+def _add_bias_delta(state: dict[str, torch.Tensor], deltas: dict[str, torch.Tensor],
+                    changed: set[str], targets: list[tuple[str, slice | None]],
+                    bias_delta: torch.Tensor, name: str) -> None:
+    row = 0
+    for key, sl in targets:
+        bkey = _bias_key(key)
+        if bkey not in state:
+            raise UserError("lora", f"{name}: the file changes a bias ({bkey}) the checkpoint "
+                                    "does not have")
+        n = state[bkey].shape[0] if sl is None else sl.stop - sl.start
+        acc = deltas.setdefault(bkey, torch.zeros(state[bkey].shape, dtype=torch.float32))
+        acc[slice(None) if sl is None else sl] += bias_delta[row:row + n]
+        row += n
+        changed.add(bkey)
 
 
 def _module_shape(state: dict[str, torch.Tensor], targets: list[tuple[str, slice | None]]) -> tuple:
