@@ -101,11 +101,11 @@ def _flag(dest: str) -> str:
     return "--" + dest.replace("_", "-")
 
 
-def choice(name: str, valid: tuple[str, ...]):
+def choice(valid: tuple[str, ...]):
     def parse(text: str) -> str:
         value = text.strip().lower()
         if value not in valid:
-            raise UserError(name, f"{text!r} is not valid; choose one of {', '.join(valid)}")
+            raise UserError("value", f"{text!r} is not valid; choose one of {', '.join(valid)}")
         return value
     return parse
 
@@ -113,24 +113,18 @@ def choice(name: str, valid: tuple[str, ...]):
 def optimizer_name(text: str) -> str:
     from .core.optim import canonical_name
 
-    try:
-        return canonical_name(text)
-    except UserError as e:
-        raise UserError("--optimizer", e.message) from None
+    return canonical_name(text)
 
 
 def optimizer_args(text: str) -> str:
     from .core.optim import parse_optimizer_args
 
-    try:
-        parse_optimizer_args(text)
-    except UserError as e:
-        raise UserError("--optimizer-args", e.message) from None
+    parse_optimizer_args(text)
     return text
 
 
 def warmup(text: str) -> tuple[str, float]:
-    """'100' -> 100 warmup steps; '0.1' -> a tenth of the run."""
+    """'100' -> ("steps", 100); '0.1' -> ("ratio", 0.1), a tenth of the run."""
     try:
         value = float(text)
     except ValueError:
@@ -143,59 +137,70 @@ def warmup(text: str) -> tuple[str, float]:
                                 "of the run in 0..1 (e.g. 0.1)")
 
 
+def _typed(parse):
+    """argparse reports a type function's ValueError (UserError is one) without its text; an
+    ArgumentTypeError keeps it: `error: arguments: argument --flag: what is wrong`."""
+    def wrapped(text: str):
+        try:
+            return parse(text)
+        except UserError as e:
+            raise argparse.ArgumentTypeError(e.message) from None
+    wrapped.__name__ = getattr(parse, "__name__", "value")
+    return wrapped
+
+
 def add_demo_arguments(demo: argparse.ArgumentParser) -> None:
     """Every default is None (the demo's own defaults apply), so a flag given can be told apart
     from one left out: given flags override --config, and errors name the flag."""
     from .core.config import LOSSES, SAVE_DTYPES, SCHEDULERS, TARGETS
 
-    add = demo.add_argument
-    add("--out", default=None, help="output folder (default: demo_out)")
-    add("--config", default=None, metavar="FILE",
+    def add(flag: str, parse=None, help: str = "", **kw) -> None:
+        if parse is not None:
+            kw["type"] = _typed(parse)
+        demo.add_argument(flag, default=None, help=help or None, **kw)
+
+    def count(flag: str, low: int = 1, high: int = 10**7):
+        return positive_int(flag, low, high)
+
+    add("--out", help="output folder (default: demo_out)")
+    add("--config", metavar="FILE",
         help="a run config (JSON or TOML, sections as RunConfig); flags override it")
-    add("--dataset", default=None, help="dataset folder (default: the shipped demo images)")
-    add("--steps", type=positive_int("--steps"), default=None, help="optimizer steps (default: 120)")
-    add("--epochs", type=positive_int("--epochs", 1, 10**6), default=None,
-        help="train this many epochs instead of --steps")
-    add("--seed", type=positive_int("--seed", 0, 2**63 - 1), default=None)
-    add("--rank", type=positive_int("--rank", 1, 1024), default=None, help="LoRA rank (default: 8)")
-    add("--alpha", type=number("--alpha"), default=None, help="LoRA alpha (default: rank)")
-    add("--batch-size", type=positive_int("--batch-size", 1, 10000), default=None,
-        help="default: 4")
-    add("--grad-accum", type=positive_int("--grad-accum", 1, 1024), default=None)
-    add("--train-on", type=choice("--train-on", TARGETS), default=None,
-        help=f"{' | '.join(TARGETS)} (default: both)")
-    add("--optimizer", type=optimizer_name, default=None,
-        help="AdamW (default), AdamW8bit, Adam, SGD, SGDNesterov, RMSprop, Lion, AdaFactor, "
-             "DAdaptAdam, DAdaptLion, DAdaptAdaGrad, Prodigy, AdamWScheduleFree, SGDScheduleFree")
-    add("--optimizer-args", type=optimizer_args, default=None, metavar='"K=V ..."',
-        help='e.g. "weight_decay=0.01 betas=0.9,0.999 d_coef=2"')
-    add("--lr", type=number("--lr", allow_zero=False), default=None,
-        help="learning rate (default: 1e-3; 1.0 for DAdapt*/Prodigy)")
-    add("--unet-lr", type=number("--unet-lr"), default=None, help="UNet LR (0: do not train it)")
-    add("--te-lr", type=number("--te-lr"), default=None, help="text encoder LR (0: do not train it)")
-    add("--scheduler", type=choice("--scheduler", SCHEDULERS), default=None,
-        help=f"{' | '.join(SCHEDULERS)} (default: constant)")
-    add("--warmup", type=warmup, default=None, metavar="N|RATIO",
-        help="LR warmup in steps, or as a ratio of the run when below 1")
-    add("--loss", type=choice("--loss", LOSSES), default=None,
-        help=f"{' | '.join(LOSSES)} (default: mse)")
-    add("--min-snr-gamma", type=number("--min-snr-gamma"), default=None,
-        help="min-SNR weighting gamma, e.g. 5 (0: off)")
-    add("--noise-offset", type=number("--noise-offset"), default=None, help="e.g. 0.05 (0: off)")
-    add("--save-every", type=positive_int("--save-every"), default=None, metavar="N",
-        help="write a snapshot every N steps")
-    add("--save-every-epochs", type=positive_int("--save-every-epochs", 1, 10**6), default=None,
-        metavar="N", help="write a snapshot every N epochs")
-    add("--keep-last", type=positive_int("--keep-last", 0), default=None, metavar="K",
-        help="keep only the last K snapshots (0: all)")
-    add("--save-dtype", type=choice("--save-dtype", SAVE_DTYPES), default=None,
-        help=f"{' | '.join(SAVE_DTYPES)} (default: fp32)")
-    add("--save-state", action="store_true", default=None,
-        help="also save the full training state (NAME-state/) at the end, to resume from")
-    add("--stop-after", type=positive_int("--stop-after"), default=None, metavar="N",
-        help="stop after step N as an interrupt would, saving the state to resume from")
-    add("--resume", default=None, metavar="DIR",
-        help="continue the run saved in DIR (a NAME-state folder) to its configured end")
+    add("--dataset", help="dataset folder (default: the shipped demo images)")
+    add("--steps", count("--steps"), "optimizer steps (default: 120)")
+    add("--epochs", count("--epochs", 1, 10**6), "train this many epochs instead of --steps")
+    add("--seed", count("--seed", 0, 2**63 - 1))
+    add("--rank", count("--rank", 1, 1024), "LoRA rank (default: 8)")
+    add("--alpha", number("--alpha"), "LoRA alpha (default: rank)")
+    add("--batch-size", count("--batch-size", 1, 10000), "default: 4")
+    add("--grad-accum", count("--grad-accum", 1, 1024))
+    add("--train-on", choice(TARGETS), f"{' | '.join(TARGETS)} (default: both)")
+    add("--optimizer", optimizer_name,
+        "AdamW (default), AdamW8bit, Adam, SGD, SGDNesterov, RMSprop, Lion, AdaFactor, "
+        "DAdaptAdam, DAdaptLion, DAdaptAdaGrad, Prodigy, AdamWScheduleFree, SGDScheduleFree")
+    add("--optimizer-args", optimizer_args, 'e.g. "weight_decay=0.01 betas=0.9,0.999 d_coef=2"',
+        metavar='"K=V ..."')
+    add("--lr", number("--lr", allow_zero=False),
+        "learning rate (default: 1e-3; 1.0 for DAdapt*/Prodigy)")
+    add("--unet-lr", number("--unet-lr"), "UNet LR (0: do not train it)")
+    add("--te-lr", number("--te-lr"), "text encoder LR (0: do not train it)")
+    add("--scheduler", choice(SCHEDULERS), f"{' | '.join(SCHEDULERS)} (default: constant)")
+    add("--warmup", warmup, "LR warmup in steps, or as a ratio of the run when below 1",
+        metavar="N|RATIO")
+    add("--loss", choice(LOSSES), f"{' | '.join(LOSSES)} (default: mse)")
+    add("--min-snr-gamma", number("--min-snr-gamma"), "min-SNR weighting gamma, e.g. 5 (0: off)")
+    add("--noise-offset", number("--noise-offset"), "e.g. 0.05 (0: off)")
+    add("--save-every", count("--save-every"), "write a snapshot every N steps", metavar="N")
+    add("--save-every-epochs", count("--save-every-epochs", 1, 10**6),
+        "write a snapshot every N epochs", metavar="N")
+    add("--keep-last", count("--keep-last", 0), "keep only the last K snapshots (0: all)",
+        metavar="K")
+    add("--save-dtype", choice(SAVE_DTYPES), f"{' | '.join(SAVE_DTYPES)} (default: fp32)")
+    add("--save-state", help="also save the full training state (NAME-state/) to resume from",
+        action="store_true")
+    add("--stop-after", count("--stop-after"),
+        "stop after step N as an interrupt would, saving the state to resume from", metavar="N")
+    add("--resume", help="continue the run saved in DIR (a NAME-state folder) to its end",
+        metavar="DIR")
 
 
 def demo_run_config(args) -> tuple[Any, set[str], bool]:
@@ -215,7 +220,8 @@ def demo_run_config(args) -> tuple[Any, set[str], bool]:
                                         f"{os.path.join(args.resume, 'config.json')}; "
                                         f"drop {', '.join(extra)}")
         config_path = os.path.join(args.resume, "config.json")
-        if not (os.path.isfile(config_path) and os.path.isfile(os.path.join(args.resume, "state.pt"))):
+        state_path = os.path.join(args.resume, "state.pt")
+        if not (os.path.isfile(config_path) and os.path.isfile(state_path)):
             raise UserError("--resume", f"{args.resume} holds no saved run (expected config.json "
                                         "and state.pt, written by --save-state or --stop-after)")
         cfg = _named(lambda: RunConfig.read(config_path), "--resume")
@@ -248,7 +254,8 @@ def demo_run_config(args) -> tuple[Any, set[str], bool]:
             values["optim"]["warmup_ratio"] = amount if kind == "ratio" else 0.0
             continue
         values[section][key] = value
-    if "lr" not in given and "optim.lr" not in file_keys and _adaptive(values["optim"]["optimizer"]):
+    if "lr" not in given and "optim.lr" not in file_keys and \
+            _adaptive(values["optim"]["optimizer"]):
         values["optim"]["lr"] = 1.0  # DAdapt* / Prodigy: the LR multiplies their own estimate
     if "alpha" not in given and "network.alpha" not in file_keys and \
             ("rank" in given or "network.rank" in file_keys):
@@ -273,7 +280,8 @@ def _named(make, flag: str):
     try:
         return make()
     except UserError as e:
-        raise UserError(flag, f"{e.field}: {e.message}" if e.field != "config" else e.message) from None
+        message = e.message if e.field == "config" else f"{e.field}: {e.message}"
+        raise UserError(flag, message) from None
 
 
 def _named_by_flag(e: UserError, given: set[str], from_file: bool) -> UserError:
@@ -292,7 +300,8 @@ def build_parser() -> ArgumentParser:
                             description="Train, inspect and merge LoRA files (lora-train-ext).")
     sub = parser.add_subparsers(dest="command", parser_class=ArgumentParser)
 
-    demo = sub.add_parser("demo", help="train a LoRA on a tiny SD1-shaped model and the demo images",
+    demo = sub.add_parser("demo",
+                          help="train a LoRA on a tiny SD1-shaped model and the demo images",
                           description="Train on the tiny model: the demo, and a headless trainer "
                                       "for every training option. Flags override --config.")
     add_demo_arguments(demo)

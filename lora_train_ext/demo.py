@@ -3,6 +3,10 @@
 It writes the base model as a WebUI-style checkpoint, trains a UNet + text-encoder LoRA, saves it,
 loads it back (the round-trip must be exact), merges it into a copy of the checkpoint and checks
 that the merged model predicts what the base model with the LoRA hooked in predicts.
+
+It doubles as a headless trainer on the tiny model: `run_demo(cfg=...)` takes any RunConfig
+(optimizer, scheduler, loss, snapshots, ...), `stop_after` stops the run as an interrupt would
+(its state is saved), and `resume_dir` continues a saved run to its configured end.
 """
 
 from __future__ import annotations
@@ -20,13 +24,20 @@ from .core.lora_file import load_lora
 from .core.merge import merge_lora_into_checkpoint
 from .core.models.tiny import build_bundle, checkpoint_state_dict, write_checkpoint
 from .core.networks import build_network
-from .core.trainer import train
+from .core.trainer import check_settings, train
 
 DEMO_RESOLUTION = 64
+DEMO_NAME = "demo_lora"
 
 
 def demo_dataset_dir() -> str:
     return str(resources.files("lora_train_ext") / "demo_data")
+
+
+def demo_defaults(out_dir: str = "demo_out") -> RunConfig:
+    """The demo's settings: 64 px, no buckets, fp32, AdamW 1e-3, 120 steps of batch 4, rank 8."""
+    return demo_config(out_dir, steps=120, seed=0, rank=8, alpha=None, lr=1e-3, batch_size=4,
+                       grad_accum=1)
 
 
 def demo_config(out_dir: str, steps: int, seed: int, rank: int, alpha: float | None, lr: float,
@@ -46,7 +57,7 @@ def demo_config(out_dir: str, steps: int, seed: int, rank: int, alpha: float | N
     cfg.train.grad_accum = grad_accum
     cfg.train.dtype = "fp32"
     cfg.save.output_dir = out_dir
-    cfg.save.output_name = "demo_lora"
+    cfg.save.output_name = DEMO_NAME
     cfg.save.save_dtype = "fp32"
     cfg.save.comment = "lora-train-ext demo on a tiny random SD1-shaped model"
     return cfg.validate()
@@ -54,31 +65,50 @@ def demo_config(out_dir: str, steps: int, seed: int, rank: int, alpha: float | N
 
 def run_demo(out_dir: str = "demo_out", steps: int = 120, seed: int = 0, rank: int = 8,
              alpha: float | None = None, lr: float = 1e-3, batch_size: int = 4,
-             grad_accum: int = 1, dataset: str = "", progress=None) -> dict:
+             grad_accum: int = 1, dataset: str = "", progress=None, *,
+             cfg: RunConfig | None = None, stop_after: int = 0, resume_dir: str = "") -> dict:
+    """Train on the tiny model and check the file; return the summary the CLI prints.
+
+    cfg: the whole run (then the single settings before `progress` are ignored).
+    stop_after: request a stop once this step is done, as an interrupt would; the state is saved.
+    resume_dir: a NAME-state folder to continue (cfg should be its config.json).
+    """
     t0 = time.time()
-    if dataset and not os.path.isdir(dataset):
-        raise UserError("--dataset", f"folder not found: {dataset}")
-    cfg = demo_config(out_dir, steps, seed, rank, alpha, lr, batch_size, grad_accum, dataset)
+    if cfg is None:
+        if dataset and not os.path.isdir(dataset):
+            raise UserError("data.dataset_dir", f"folder not found: {dataset}")
+        cfg = demo_config(out_dir, steps, seed, rank, alpha, lr, batch_size, grad_accum, dataset)
+    cfg.validate()
+    if not os.path.isdir(cfg.data.dataset_dir):
+        raise UserError("data.dataset_dir", f"folder not found: {cfg.data.dataset_dir}")
+    check_settings(cfg)  # optimizer, its package and LRs: a UserError before any model work
+    out_dir = cfg.save.output_dir or "."
     try:
         os.makedirs(out_dir, exist_ok=True)
     except OSError as e:
-        raise UserError("--out", f"cannot create {out_dir}: {e.strerror or e}") from None
+        raise UserError("save.output_dir", f"cannot create {out_dir}: {e.strerror or e}") from None
     if not os.access(out_dir, os.W_OK):
-        raise UserError("--out", f"{out_dir} is not writable")
+        raise UserError("save.output_dir", f"{out_dir} is not writable")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the tiny model is too small to gain from threads; they cost here
     try:
-        return _run(cfg, out_dir, seed, progress, t0)
+        return _run(cfg, out_dir, progress, t0, stop_after, resume_dir)
     finally:
         torch.set_num_threads(threads)
 
 
-def _run(cfg: RunConfig, out_dir: str, seed: int, progress, t0: float) -> dict:
-
+def _run(cfg: RunConfig, out_dir: str, progress, t0: float, stop_after: int,
+         resume_dir: str) -> dict:
+    seed = cfg.train.seed
     bundle = build_bundle("sd1", "tiny", seed=seed)
     base_path = write_checkpoint(bundle, os.path.join(out_dir, "base.safetensors"))
     control = TrainControl(progress)
-    result = train(bundle, cfg, control)
+    if stop_after:
+        def stop_when_due(event) -> None:
+            if event.kind == "step" and event.step >= stop_after and not control.stop_requested:
+                control.request_stop(f"stopped after step {event.step} (--stop-after)")
+        control.add_listener(stop_when_due)
+    result = train(bundle, cfg, control, resume_dir=resume_dir)
 
     # re-load: a fresh network filled from the file must equal the trained one
     tensors, meta = load_lora(result.path)
@@ -96,8 +126,17 @@ def _run(cfg: RunConfig, out_dir: str, seed: int, progress, t0: float) -> dict:
         "base_path": base_path,
         "merged_path": os.path.abspath(merged_path),
         "steps": result.steps,
+        "total_steps": result.total_steps,
+        "stopped": result.stopped,
+        "state_dir": os.path.abspath(result.state_dir) if result.state_dir else "",
+        "optimizer": meta.get("ss_optimizer", ""),
+        "scheduler": meta.get("ss_lr_scheduler", ""),
         "first_loss": round(result.first_loss, 6),
         "final_loss": round(result.final_loss, 6),
+        "lr": {k: float(f"{v:.6g}") for k, v in result.lrs.items()},
+        "warnings": result.warnings,
+        "snapshots": [os.path.abspath(p) for p in result.snapshots],
+        "history_path": os.path.abspath(result.history_path) if result.history_path else "",
         "modules": result.modules,
         "file_bytes": os.path.getsize(result.path),
         "roundtrip_exact": roundtrip_exact,
