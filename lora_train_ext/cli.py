@@ -310,6 +310,15 @@ def build_parser() -> ArgumentParser:
     prev.add_argument("--port", type=positive_int("--port", 1024, 65535), default=7861)
     prev.add_argument("--out", default="preview_out", help="folder for LoRA files and grids")
 
+    chk = sub.add_parser("check-dataset", help="check a dataset folder before training")
+    chk.add_argument("dir")
+    chk.add_argument("--json", action="store_true", help="print one JSON object")
+    chk.add_argument("--resolution", default="512", help="512 or WxH (default 512)")
+    chk.add_argument("--reg", default="", help="regularization images folder")
+    chk.add_argument("--batch-size", type=positive_int("--batch-size", 1, 10000), default=1)
+    chk.add_argument("--repeats", type=positive_int("--repeats", 1, 100000), default=1,
+                     help="repeats for a flat folder (N_name folders carry their own)")
+
     insp = sub.add_parser("inspect", help="describe a LoRA / LyCORIS file")
     insp.add_argument("file")
     insp.add_argument("--json", action="store_true", help="print one JSON object")
@@ -364,7 +373,25 @@ def cmd_preview(args) -> int:
     return 0
 
 
-COMMANDS = {"demo": cmd_demo, "inspect": cmd_inspect, "preview": cmd_preview}
+def cmd_check_dataset(args) -> int:
+    """Exit 0 when the dataset can be trained on, 1 when it has no usable image."""
+    from .core.config import DataConfig, parse_resolution
+    from .core.data import check_dataset
+
+    if not os.path.isdir(args.dir):
+        raise UserError("dir", f"folder not found: {args.dir}")
+    if args.reg and not os.path.isdir(args.reg):
+        raise UserError("--reg", f"folder not found: {args.reg}")
+    parse_resolution(args.resolution)
+    cfg = DataConfig(dataset_dir=args.dir, reg_dir=args.reg, resolution=args.resolution,
+                     repeats=args.repeats)
+    report = check_dataset(cfg, args.batch_size)
+    print(report.to_json() if args.json else report.summary_text())
+    return 0 if report.ok else 1
+
+
+COMMANDS = {"demo": cmd_demo, "inspect": cmd_inspect, "preview": cmd_preview,
+            "check-dataset": cmd_check_dataset}
 
 
 if __name__ == "__main__":  # pragma: no cover

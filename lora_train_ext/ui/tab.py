@@ -232,6 +232,9 @@ def build_tab(host, manager: RunManager, wrap_gpu: Callable[[Callable], Callable
                 status = gr.HTML(status_html(manager), elem_id="lora_train_status")
                 dataset_report = gr.Textbox(label="Dataset check", lines=6, interactive=False,
                                             elem_id="lora_train_dataset_report")
+                dataset_preview = gr.Gallery(label="What the model will see (bucketed, cropped)",
+                                             elem_id="lora_train_dataset_preview", columns=4,
+                                             height="auto")
                 with gr.Accordion("Test the LoRA (txt2img with TE / UNet strengths)", open=True):
                     with gr.Row():
                         lora = gr.Dropdown(choices=_lora_names(host), label="LoRA",
@@ -272,16 +275,19 @@ def build_tab(host, manager: RunManager, wrap_gpu: Callable[[Callable], Callable
             return [gr.update(choices=_lora_names(host), value=newest), status_html(manager)]
 
         def on_check(*values):
-            from ..core.data import check_dataset
+            from ..core.data import TrainData
 
             try:
                 cfg = config_from_form(list(values))
                 cfg.validate()
                 if not cfg.data.dataset_dir:
                     raise UserError("data.dataset_dir", "give the folder with your training images")
-                return check_dataset(cfg.data, cfg.train.batch_size).summary_text()
+                data = TrainData(cfg.data, batch_size=cfg.train.batch_size, seed=cfg.train.seed,
+                                 arch=info.arch or "sd1", require_images=False)
+                samples = data.preview(count=4) if data.report.ok else []
+                return [data.report.summary_text(), [(img, caption) for img, caption in samples]]
             except UserError as e:
-                return f"error: {e}"
+                return [f"error: {e}", []]
 
         def on_stop():
             run = manager.latest()
@@ -313,7 +319,7 @@ def build_tab(host, manager: RunManager, wrap_gpu: Callable[[Callable], Callable
         # the WebUI's wrapper appends timing to the last output: it must be the HTML one
         train.click(wrap_gpu(on_train, [gr.update()]), inputs=[task_id, *form], outputs=[lora, status],
                     **train_kw)
-        check.click(on_check, inputs=form, outputs=[dataset_report])
+        check.click(on_check, inputs=form, outputs=[dataset_report, dataset_preview])
         stop.click(on_stop, inputs=[], outputs=[status])
         preset.change(on_preset, inputs=[preset], outputs=form)
         refresh.click(lambda: gr.update(choices=_lora_names(host)), inputs=[], outputs=[lora])
