@@ -62,6 +62,12 @@ class DoRAModule(LoRAModule):
             with torch.no_grad():
                 self.dora_scale.copy_(column_norm(base_weight_fp32(self.base)))
 
+    @torch.no_grad()
+    def scale_delta_(self, factor: float) -> None:
+        """The decomposed delta is not linear in anything: scale the low-rank update (up) and
+        leave the learned magnitude alone."""
+        self.lora_up.weight.mul_(factor)
+
     def make_delta(self) -> torch.Tensor:
         update = lora_delta(self.lora_down.weight, self.lora_up.weight, self.alpha,
                             self.base_weight_shape())

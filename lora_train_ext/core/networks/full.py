@@ -38,6 +38,12 @@ class FullModule(WeightDeltaModule):
             if self.diff_b is not None:
                 self.diff_b.zero_()
 
+    @torch.no_grad()
+    def scale_delta_(self, factor: float) -> None:
+        self.diff.mul_(factor)
+        if self.diff_b is not None:
+            self.diff_b.mul_(factor)
+
     def make_delta(self) -> torch.Tensor:
         return self.diff.float()
 

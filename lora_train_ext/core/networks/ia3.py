@@ -46,6 +46,10 @@ class IA3Module(WeightDeltaModule):
         with torch.no_grad():
             self.weight.zero_()
 
+    @torch.no_grad()
+    def scale_delta_(self, factor: float) -> None:
+        self.weight.mul_(factor)
+
     def make_delta(self) -> torch.Tensor:
         return ia3_delta(base_weight_fp32(self.base), self.weight, bool(self.on_input))
 

@@ -75,6 +75,13 @@ class LoHaModule(WeightDeltaModule):
             self.hada_w2_b.copy_(normal(self.hada_w2_b.shape, 1.0, generator))
             self.hada_w2_a.zero_()
 
+    @torch.no_grad()
+    def scale_delta_(self, factor: float) -> None:
+        """Each Hadamard factor is linear in its `_a`: sqrt(factor) on both."""
+        root = abs(factor) ** 0.5
+        self.hada_w1_a.mul_(root * (1 if factor >= 0 else -1))
+        self.hada_w2_a.mul_(root)
+
     @property
     def scale(self) -> float:
         return float(self.alpha) / self.rank

@@ -153,6 +153,11 @@ class LoKrModule(WeightDeltaModule):
                 self.lokr_w2_a.copy_(kaiming_uniform(self.lokr_w2_a.shape, generator))
                 self.lokr_w2_b.zero_()
 
+    @torch.no_grad()
+    def scale_delta_(self, factor: float) -> None:
+        """kron is linear in w1 (or its `_a`)."""
+        (self.lokr_w1_a if self.layout.w1_lowrank else self.lokr_w1).mul_(factor)
+
     @property
     def scale(self) -> float:
         return float(self.alpha) / self.rank if self.layout.any_lowrank else 1.0

@@ -47,6 +47,13 @@ class WeightDeltaModule(AdapterModule):
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         raise NotImplementedError
 
+    @torch.no_grad()
+    def scale_delta_(self, factor: float) -> None:
+        """Scale the delta by exactly `factor` in place (max-norm regularisation): the
+        parameters a delta is linear in, per algorithm. Scaling every parameter by the same
+        amount does not do it for a product of several factors."""
+        raise NotImplementedError
+
     # -- shared ----------------------------------------------------------------------------
     def delta_weight(self) -> torch.Tensor:
         return self.make_delta() * self.multiplier
