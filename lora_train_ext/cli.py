@@ -92,6 +92,7 @@ DEMO_FIELDS = {
     "noise_offset": "loss.noise_offset", "save_every": "save.save_every_steps",
     "save_every_epochs": "save.save_every_epochs", "keep_last": "save.keep_last",
     "save_dtype": "save.save_dtype", "save_state": "save.save_state",
+    "arch": "model.arch", "prediction": "model.prediction", "algo": "network.algo",
 }
 # flags that do not change what a resumed run computes
 RESUME_FLAGS = ("resume", "stop_after", "save_state")
@@ -152,7 +153,7 @@ def _typed(parse):
 def add_demo_arguments(demo: argparse.ArgumentParser) -> None:
     """Every default is None (the demo's own defaults apply), so a flag given can be told apart
     from one left out: given flags override --config, and errors name the flag."""
-    from .core.config import LOSSES, SAVE_DTYPES, SCHEDULERS, TARGETS
+    from .core.config import ALGOS, ARCHES, LOSSES, SAVE_DTYPES, SCHEDULERS, TARGETS
 
     def add(flag: str, parse=None, help: str = "", **kw) -> None:
         if parse is not None:
@@ -174,6 +175,11 @@ def add_demo_arguments(demo: argparse.ArgumentParser) -> None:
     add("--batch-size", count("--batch-size", 1, 10000), "default: 4")
     add("--grad-accum", count("--grad-accum", 1, 1024))
     add("--train-on", choice(TARGETS), f"{' | '.join(TARGETS)} (default: both)")
+    add("--arch", choice(ARCHES), f"the tiny model's architecture: {' | '.join(ARCHES)} "
+                                  "(default: sd1)")
+    add("--prediction", choice(("epsilon", "v")),
+        "epsilon | v (default: the arch's own, v for sd2 (SD2.1-768), epsilon otherwise)")
+    add("--algo", choice(ALGOS), f"{' | '.join(ALGOS)} (default: lora)")
     add("--optimizer", optimizer_name,
         "AdamW (default), AdamW8bit, Adam, SGD, SGDNesterov, RMSprop, Lion, AdaFactor, "
         "DAdaptAdam, DAdaptLion, DAdaptAdaGrad, Prodigy, AdamWScheduleFree, SGDScheduleFree")
@@ -219,11 +225,13 @@ def demo_run_config(args) -> tuple[Any, set[str], bool]:
             raise UserError("--resume", "the run goes on with the settings saved in "
                                         f"{os.path.join(args.resume, 'config.json')}; "
                                         f"drop {', '.join(extra)}")
+        from .core.trainer import STATE_FILE
+
         config_path = os.path.join(args.resume, "config.json")
-        state_path = os.path.join(args.resume, "state.pt")
+        state_path = os.path.join(args.resume, STATE_FILE)
         if not (os.path.isfile(config_path) and os.path.isfile(state_path)):
             raise UserError("--resume", f"{args.resume} holds no saved run (expected config.json "
-                                        "and state.pt, written by --save-state or --stop-after)")
+                                        f"and {STATE_FILE}, written by --save-state or --stop-after)")
         cfg = _named(lambda: RunConfig.read(config_path), "--resume")
         cfg.save.output_dir = os.path.dirname(os.path.abspath(args.resume))
         if args.save_state:
@@ -301,7 +309,7 @@ def build_parser() -> ArgumentParser:
     sub = parser.add_subparsers(dest="command", parser_class=ArgumentParser)
 
     demo = sub.add_parser("demo",
-                          help="train a LoRA on a tiny SD1-shaped model and the demo images",
+                          help="train on a tiny SD1/SD2/SDXL-shaped model and the demo images",
                           description="Train on the tiny model: the demo, and a headless trainer "
                                       "for every training option. Flags override --config.")
     add_demo_arguments(demo)

@@ -91,7 +91,7 @@ def straight_and_resumed(bundle, tmp_path, dataset, total, stop, **settings):
     cfg = make_cfg(tmp_path / "resumed", dataset, total, **settings)
     first = train(bundle, cfg, stop_at(stop))
     assert first.stopped and first.steps == stop and os.path.isfile(
-        os.path.join(first.state_dir, "state.pt"))
+        os.path.join(first.state_dir, "training_state.pth"))
     assert os.path.isfile(os.path.join(first.state_dir, "config.json"))
     resumed = train(bundle, make_cfg(tmp_path / "resumed", dataset, total, **settings),
                     resume_dir=first.state_dir)

@@ -42,7 +42,8 @@ from .lora_file import BASE_MODEL_VERSION, LoraInfo, atomic_write_text, load_lor
 from .networks import AdapterNetwork, build_network, part_of
 
 COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-STATE_FILE = "state.pt"
+# not .pt / .ckpt / .safetensors: the WebUI lists those in the Lora folder as networks
+STATE_FILE = "training_state.pth"
 STATE_FORMAT = 2
 # Settings a resumed run may change without changing its result (where files go and in what
 # precision, how many snapshots are kept, whether the end state is saved).
@@ -557,7 +558,7 @@ class Trainer:
         return os.path.join(self.cfg.save.output_dir or ".", f"{self.cfg.save.output_name}-state")
 
     def save_state(self) -> str:
-        """Write NAME-state/state.pt (atomically) and NAME-state/config.json; return the folder."""
+        """Write NAME-state/training_state.pth (atomically) and NAME-state/config.json; return the folder."""
         folder = self.state_dir()
         os.makedirs(folder, exist_ok=True)
         epoch, batch_in_epoch = self.epoch, self.batch_in_epoch
