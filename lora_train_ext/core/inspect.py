@@ -22,18 +22,11 @@ def known_module_kinds(arch: str) -> dict[str, str]:
     """kohya module name -> 'linear' / 'conv1x1' / 'conv3x3' for every module a file for `arch`
     may carry (from the in-code model, built on the meta device)."""
     from .models.specs import build_unet
+    from .models.tiny import build_text_encoders
     from .networks.targets import find_targets
 
-    roots = {"unet": build_unet(arch, "tiny", device="meta")}
-    try:
-        from .models.tiny import build_text_encoders
-
-        roots.update(build_text_encoders(arch, "tiny", device="meta"))
-    except (ImportError, NotImplementedError, KeyError, ValueError):
-        if arch == "sd1":
-            from .models.clip import build_clip_text
-
-            roots["te"] = build_clip_text(arch, "tiny", device="meta")
+    roots = {"unet": build_unet(arch, "tiny", device="meta"),
+             **build_text_encoders(arch, "tiny", device="meta")}
     return {t.name: t.kind for t in find_targets(roots, arch, "both", conv=True)}
 
 

@@ -18,6 +18,8 @@ second product is zero and a new adapter is exactly the identity.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -77,9 +79,10 @@ class LoHaModule(WeightDeltaModule):
 
     @torch.no_grad()
     def scale_delta_(self, factor: float) -> None:
-        """Each Hadamard factor is linear in its `_a`: sqrt(factor) on both."""
+        """Each Hadamard factor is linear in its `_a`: sqrt(|factor|) on both (and the sign on
+        the first)."""
         root = abs(factor) ** 0.5
-        self.hada_w1_a.mul_(root * (1 if factor >= 0 else -1))
+        self.hada_w1_a.mul_(math.copysign(root, factor))
         self.hada_w2_a.mul_(root)
 
     @property

@@ -1,15 +1,15 @@
 """Adapters whose change is a weight delta built from their factors (LoHa, LoKr, IA3, DoRA, full).
 
 Their output change is the base layer's own operation (F.linear, or F.conv2d with the base's
-stride / padding / dilation / groups) applied with the delta as weight and no bias, so the hooked
-forward is the merged-weights forward up to rounding, and the delta comes from one place
-(`make_delta`) for training, merging and saving alike.
+stride / padding / dilation / groups) applied with the delta as weight (and the bias change as
+bias, for `full`), so the hooked forward is the merged-weights forward up to rounding, and the
+delta comes from one place (`make_delta`) for training, merging and saving alike.
 
-Dropout has no hidden activation to act on here; as LyCORIS does for these algorithms:
-`module_dropout` leaves the whole delta out for a forward, `rank_dropout` drops output rows of
-the delta (kept rows scaled by 1 / (1 - p), as our LoRA scales its rank dropout), `dropout`
-drops elements of the output change. Only `module_dropout` acts on weight sites (`mha.py`), which
-read `delta_weight()` directly.
+Dropout has no hidden activation to act on here. `module_dropout` leaves the whole delta out for
+a forward and `rank_dropout` drops output rows of the delta, as LyCORIS does for LoHa / LoKr
+(kept rows scaled by 1 / (1 - p), as our LoRA scales its rank dropout); `dropout` drops
+elements of the output change. Only `module_dropout` acts on weight sites (`mha.py`), which read
+`delta_weight()` directly.
 """
 
 from __future__ import annotations
