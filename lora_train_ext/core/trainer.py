@@ -740,8 +740,11 @@ def _scale_weight_norms(network: AdapterNetwork, max_norm: float) -> None:
         for a in network:
             norm = a.delta_weight().norm()
             if norm > max_norm:
-                ratio = math.sqrt(float(max_norm / norm))
-                for p in a.parameters():
+                if hasattr(a, "scale_delta_"):  # LyCORIS modules know how to scale their delta
+                    a.scale_delta_(float(max_norm / norm))
+                    continue
+                ratio = math.sqrt(float(max_norm / norm))  # LoRA: up and down share the ratio
+                for p in (a.lora_up.weight, a.lora_down.weight):
                     p.mul_(ratio)
 
 

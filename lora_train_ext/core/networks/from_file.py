@@ -1,4 +1,4 @@
-"""Build an adapter network that matches a file's tensors (any rank / alpha per module).
+"""Build an adapter network that matches a file's tensors (any algorithm, rank, alpha).
 
 Used to apply a saved file to a model for sampling outside the WebUI (the preview host, tests);
 inside the WebUI its own Lora extension applies files.
@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from . import adapter_from_tensors, algo_of_tensors
 from .base import AdapterNetwork
-from .lora import LoRAModule
 from .targets import find_targets
 
 
@@ -27,13 +27,6 @@ def network_from_tensors(roots: dict[str, nn.Module], arch: str,
         target = by_name.get(name)
         if target is None:
             raise UserError("lora", f"module {name} does not exist in this {arch} model")
-        if "lora_down.weight" not in parts:
-            raise UserError("lora", f"{name}: only LoRA/LoCon files can be applied here")
-        down = parts["lora_down.weight"]
-        alpha = float(parts["alpha"]) if "alpha" in parts else float(down.shape[0])
-        adapter = LoRAModule(name, target.module, rank=down.shape[0], alpha=alpha)
-        adapters.append(adapter)
-    network = AdapterNetwork(adapters, arch=arch, algo="lora")
-    network.load_kohya_state_dict({k: v.float() if k.endswith("weight") else v
-                                   for k, v in tensors.items()})
-    return network.eval()
+        adapters.append(adapter_from_tensors(name, target.module, parts))
+    algos = {algo_of_tensors(p) for p in grouped.values()}
+    return AdapterNetwork(adapters, arch=arch, algo=algos.pop() if len(algos) == 1 else "mixed").eval()
