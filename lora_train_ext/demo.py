@@ -1,8 +1,10 @@
-"""The demo: a tiny SD1-shaped model made in code, trained on the shipped images, on the CPU.
+"""The demo: a tiny SD1-, SD2- or SDXL-shaped model made in code, trained on the shipped images,
+on the CPU.
 
-It writes the base model as a WebUI-style checkpoint, trains a UNet + text-encoder LoRA, saves it,
-loads it back (the round-trip must be exact), merges it into a copy of the checkpoint and checks
-that the merged model predicts what the base model with the LoRA hooked in predicts.
+It writes the base model as a WebUI-style checkpoint, trains a UNet + text-encoder network (LoRA by
+default; any algorithm of `networks.SUPPORTED_ALGOS`), saves it, loads it back (the round-trip must
+be exact), merges it into a copy of the checkpoint and checks that the merged model predicts what
+the base model with the network hooked in predicts.
 
 It doubles as a headless trainer on the tiny model: `run_demo(cfg=...)` takes any RunConfig
 (optimizer, scheduler, loss, snapshots, ...), `stop_after` stops the run as an interrupt would
@@ -22,12 +24,18 @@ from .core.config import RunConfig
 from .core.errors import UserError
 from .core.lora_file import load_lora
 from .core.merge import merge_lora_into_checkpoint
-from .core.models.tiny import build_bundle, checkpoint_state_dict, write_checkpoint
+from .core.models.tiny import (build_bundle, checkpoint_state_dict, load_checkpoint_state_dict,
+                               write_checkpoint)
 from .core.networks import build_network
 from .core.trainer import check_settings, train
 
 DEMO_RESOLUTION = 64
 DEMO_NAME = "demo_lora"
+ARCH_TITLES = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL"}
+
+
+def demo_comment(arch: str) -> str:
+    return f"lora-train-ext demo on a tiny random {ARCH_TITLES[arch]}-shaped model"
 
 
 def demo_dataset_dir() -> str:
@@ -41,8 +49,13 @@ def demo_defaults(out_dir: str = "demo_out") -> RunConfig:
 
 
 def demo_config(out_dir: str, steps: int, seed: int, rank: int, alpha: float | None, lr: float,
-                batch_size: int, grad_accum: int, dataset: str = "") -> RunConfig:
+                batch_size: int, grad_accum: int, dataset: str = "", arch: str = "sd1",
+                prediction: str = "auto", algo: str = "lora") -> RunConfig:
+    """prediction: 'auto' (the arch's own: v for SD2, epsilon otherwise), 'epsilon' or 'v'."""
     cfg = RunConfig()
+    cfg.model.arch = arch
+    cfg.model.prediction = prediction
+    cfg.network.algo = algo
     cfg.data.dataset_dir = dataset or demo_dataset_dir()
     cfg.data.resolution = str(DEMO_RESOLUTION)
     cfg.data.enable_buckets = False
@@ -59,17 +72,20 @@ def demo_config(out_dir: str, steps: int, seed: int, rank: int, alpha: float | N
     cfg.save.output_dir = out_dir
     cfg.save.output_name = DEMO_NAME
     cfg.save.save_dtype = "fp32"
-    cfg.save.comment = "lora-train-ext demo on a tiny random SD1-shaped model"
+    cfg.save.comment = demo_comment(arch) if arch in ARCH_TITLES else ""
     return cfg.validate()
 
 
 def run_demo(out_dir: str = "demo_out", steps: int = 120, seed: int = 0, rank: int = 8,
              alpha: float | None = None, lr: float = 1e-3, batch_size: int = 4,
              grad_accum: int = 1, dataset: str = "", progress=None, *,
-             cfg: RunConfig | None = None, stop_after: int = 0, resume_dir: str = "") -> dict:
+             cfg: RunConfig | None = None, stop_after: int = 0, resume_dir: str = "",
+             arch: str = "sd1", prediction: str = "auto", algo: str = "lora") -> dict:
     """Train on the tiny model and check the file; return the summary the CLI prints.
 
-    cfg: the whole run (then the single settings before `progress` are ignored).
+    cfg: the whole run (then the single settings before `progress`, and arch / prediction / algo,
+    are ignored): `model.arch` picks the tiny model, `model.prediction` its prediction type
+    ('auto': the arch's own), `network.algo` the algorithm.
     stop_after: request a stop once this step is done, as an interrupt would; the state is saved.
     resume_dir: a NAME-state folder to continue (cfg should be its config.json).
     """
@@ -77,8 +93,11 @@ def run_demo(out_dir: str = "demo_out", steps: int = 120, seed: int = 0, rank: i
     if cfg is None:
         if dataset and not os.path.isdir(dataset):
             raise UserError("data.dataset_dir", f"folder not found: {dataset}")
-        cfg = demo_config(out_dir, steps, seed, rank, alpha, lr, batch_size, grad_accum, dataset)
+        cfg = demo_config(out_dir, steps, seed, rank, alpha, lr, batch_size, grad_accum, dataset,
+                          arch=arch, prediction=prediction, algo=algo)
     cfg.validate()
+    if cfg.model.arch != "sd1" and cfg.save.comment == demo_comment("sd1"):
+        cfg.save.comment = demo_comment(cfg.model.arch)  # the demo's defaults, another arch
     if not os.path.isdir(cfg.data.dataset_dir):
         raise UserError("data.dataset_dir", f"folder not found: {cfg.data.dataset_dir}")
     check_settings(cfg)  # optimizer, its package and LRs: a UserError before any model work
@@ -100,7 +119,9 @@ def run_demo(out_dir: str = "demo_out", steps: int = 120, seed: int = 0, rank: i
 def _run(cfg: RunConfig, out_dir: str, progress, t0: float, stop_after: int,
          resume_dir: str) -> dict:
     seed = cfg.train.seed
-    bundle = build_bundle("sd1", "tiny", seed=seed)
+    arch = cfg.model.arch
+    prediction = None if cfg.model.prediction == "auto" else cfg.model.prediction
+    bundle = build_bundle(arch, "tiny", seed=seed, prediction=prediction)
     base_path = write_checkpoint(bundle, os.path.join(out_dir, "base.safetensors"))
     control = TrainControl(progress)
     if stop_after:
@@ -112,13 +133,13 @@ def _run(cfg: RunConfig, out_dir: str, progress, t0: float, stop_after: int,
 
     # re-load: a fresh network filled from the file must equal the trained one
     tensors, meta = load_lora(result.path)
-    reloaded = build_network(bundle.trainable_roots(), "sd1", cfg.network, seed=seed + 1)
+    reloaded = build_network(bundle.trainable_roots(), arch, cfg.network, seed=seed + 1)
     reloaded.load_kohya_state_dict(tensors)
     roundtrip_exact = all(torch.equal(tensors[k], v) for k, v in reloaded.kohya_state_dict().items())
 
     # merge into the checkpoint file; the merged model must predict what the hooked one does
     merged_path = os.path.join(out_dir, "merged.safetensors")
-    report = merge_lora_into_checkpoint(base_path, [(result.path, 1.0)], merged_path, arch="sd1")
+    report = merge_lora_into_checkpoint(base_path, [(result.path, 1.0)], merged_path, arch=arch)
     merge_error = _merge_check(bundle, reloaded, merged_path, seed)
 
     return {
@@ -148,7 +169,10 @@ def _run(cfg: RunConfig, out_dir: str, progress, t0: float, stop_after: int,
 
 @torch.no_grad()
 def _merge_check(bundle, network, merged_path: str, seed: int) -> float:
-    """Max |hooked - merged| of the UNet + text encoder output on one fixed input."""
+    """Max |hooked - merged| of the UNet + text encoders' output on one fixed input.
+
+    The merged checkpoint's weights are copied into the bundle for one forward and the base
+    weights copied back after it (exact: copies, no subtraction)."""
     from safetensors.torch import load_file
 
     gen = torch.Generator().manual_seed(seed)
@@ -162,21 +186,10 @@ def _merge_check(bundle, network, merged_path: str, seed: int) -> float:
     finally:
         network.detach()
 
-    merged = load_file(merged_path)
-    base = checkpoint_state_dict(bundle)
-    originals = {}
-    modules = {**{"model.diffusion_model.": bundle.unet},
-               "cond_stage_model.transformer.": bundle.text_encoders["te"]}
+    base = {k: v.clone() for k, v in checkpoint_state_dict(bundle).items()}  # may share storage
+    load_checkpoint_state_dict(bundle, load_file(merged_path))
     try:
-        for prefix, root in modules.items():
-            for key, tensor in root.state_dict(keep_vars=True).items():
-                full = prefix + (key if prefix.startswith("model") or key.startswith("text_model.")
-                                 else "text_model." + key)
-                if full in merged and not torch.equal(merged[full], base[full]):
-                    originals[full] = (tensor, tensor.detach().clone())
-                    tensor.data.copy_(merged[full])
         out = bundle.denoise(x, t, bundle.condition(caption))
     finally:
-        for tensor, saved in originals.values():
-            tensor.data.copy_(saved)
+        load_checkpoint_state_dict(bundle, base)
     return float((out - hooked).abs().max())
