@@ -135,7 +135,7 @@ def test_merge_check_restores_the_bundle_exactly(arch, tmp_path):
     assert state_sha256(*bundle.base_modules()) == before
 
 
-# -- inspect: the arch from each metadata style -----------------------------------------------------
+# -- inspect: the arch from each metadata style ---------------------------------------------------
 
 @pytest.fixture(scope="module")
 def sd2_tensors():

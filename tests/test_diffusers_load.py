@@ -69,10 +69,12 @@ DIFFUSERS_LORA_INNER = re.compile(
     r"\.(proj_in|proj_out|transformer_blocks\.\d+\.(attn[12]\.(to_q|to_k|to_v|to_out\.0)"
     r"|ff\.net\.(0\.proj|2)))$")
 DIFFUSERS_LOCON = re.compile(
-    r"^((down_blocks|up_blocks)\.\d+|mid_block)\.resnets\.\d+\.(conv1|conv2|time_emb_proj|conv_shortcut)$"
+    r"^((down_blocks|up_blocks)\.\d+|mid_block)\.resnets\.\d+\."
+    r"(conv1|conv2|time_emb_proj|conv_shortcut)$"
     r"|^(down_blocks\.\d+\.downsamplers|up_blocks\.\d+\.upsamplers)\.0\.conv$")
 DIFFUSERS_TE = re.compile(
-    r"^text_model\.encoder\.layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|out_proj)|mlp\.(fc1|fc2))$")
+    r"^text_model\.encoder\.layers\.\d+\."
+    r"(self_attn\.(q_proj|k_proj|v_proj|out_proj)|mlp\.(fc1|fc2))$")
 
 
 # -- diffusers models with the tiny models' structure ---------------------------------------------

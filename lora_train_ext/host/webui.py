@@ -39,6 +39,46 @@ def _lora_networks_module():
     return mod if mod is not None and hasattr(mod, "loaded_networks") else None
 
 
+def _unet_in_channels(m) -> int:
+    """Latent channels the UNet takes: 4 for text-to-image; 9 (inpainting) or 5 (depth) else."""
+    first = m.model.diffusion_model.input_blocks[0][0]
+    return getattr(first, "in_channels", 4)
+
+
+def _sdxl_text_encoders(m) -> dict[str, torch.nn.Module] | None:
+    """{'te1': CLIP-L, 'te2': open_clip bigG} of an SDXL base-type model (the WebUI's hijack wraps
+    each sgm embedder: `.wrapped` is sgm's FrozenCLIPEmbedder / FrozenOpenCLIPEmbedder2); None
+    for other conditioners (the refiner has bigG only)."""
+    embedders = list(getattr(getattr(m, "conditioner", None), "embedders", None) or [])
+    if len(embedders) < 2:
+        return None
+    te1 = getattr(getattr(embedders[0], "wrapped", None), "transformer", None)
+    te2 = getattr(getattr(embedders[1], "wrapped", None), "model", None)
+    if te1 is None or te2 is None or not hasattr(getattr(te2, "transformer", None), "resblocks"):
+        return None
+    return {"te1": te1, "te2": te2}
+
+
+def _sdxl_condition(m, captions: list[str], sizes, resolution: int) -> dict:
+    """{'crossattn', 'vector'} from the sgm conditioner, as the WebUI's SDXL
+    `get_learned_conditioning` (modules/sd_models_xl.py) builds it, but with each image's own
+    original size, crop and target size (sizes: (orig_h, orig_w, crop_top, crop_left, target_h,
+    target_w) per caption; none: `resolution` square, no crop) where the WebUI's takes one width /
+    height for the batch and the crop from its settings."""
+    from modules import devices, prompt_parser
+
+    rows = [tuple(s) for s in sizes] if sizes else \
+        [(resolution, resolution, 0, 0, resolution, resolution)] * len(captions)
+    table = torch.tensor(rows, device=devices.device, dtype=devices.dtype)
+    text = prompt_parser.SdConditioning(list(captions), width=int(rows[0][5]),
+                                        height=int(rows[0][4]))
+    batch = {"txt": text, "original_size_as_tuple": table[:, 0:2],
+             "crop_coords_top_left": table[:, 2:4], "target_size_as_tuple": table[:, 4:6]}
+    for embedder in m.conditioner.embedders:
+        embedder.ucg_rate = 0.0  # no random caption dropout inside the conditioner
+    return m.conditioner(batch)
+
+
 class WebUIHost(Host):
     name = "webui"
 
@@ -64,8 +104,11 @@ class WebUIHost(Host):
         opts = shared.cmd_opts
         if not arch:
             problem = "this model type cannot be trained (SD1.x, SD2.x and SDXL can)"
-        elif arch == "sd2" or arch == "sdxl":
-            problem = f"{arch.upper()} training in the WebUI is not available yet; load an SD1.x model"
+        elif arch != "sd1" and (getattr(m, "is_sdxl_inpaint", False) or _unet_in_channels(m) != 4):
+            problem = "inpainting and depth models cannot be trained; load a text-to-image model"
+        elif arch == "sdxl" and _sdxl_text_encoders(m) is None:
+            problem = ("this SDXL model lacks the CLIP-L + OpenCLIP bigG text encoder pair (a "
+                       "refiner?); only SDXL base-type models can be trained")
         elif getattr(opts, "lowvram", False) or getattr(opts, "medvram", False) or \
                 (arch == "sdxl" and getattr(opts, "medvram_sdxl", False)):
             problem = ("training needs the whole model on the GPU: restart the WebUI without "
@@ -122,32 +165,73 @@ class WebUIHost(Host):
             devices.torch_gc()
 
     def _bundle(self, m, info: ModelInfo) -> ModelBundle:
+        """The resident model as a bundle. Text encoders (roots whose module paths the targets
+        expect): SD1 the HF CLIPTextModel (`cond_stage_model.wrapped.transformer`); SD2 the
+        open_clip model inside ldm's FrozenOpenCLIPEmbedder (`cond_stage_model.wrapped.model`,
+        paths `transformer.resblocks.N...`); SDXL the sgm conditioner's embedders, CLIP-L
+        (`embedders[0].wrapped.transformer`) and open_clip bigG (`embedders[1].wrapped.model`).
+        SDXL conditions through the conditioner with per-image sizes (`_sdxl_condition`) and
+        denoises with `y` = the conditioning's vector."""
         from modules import devices
 
         unet = m.model.diffusion_model
         device = devices.device
-        te = m.cond_stage_model.wrapped.transformer  # SD1: HF CLIPTextModel
+        vae = m.first_stage_model
+        if info.arch == "sdxl":
+            text_encoders = _sdxl_text_encoders(m)
+        elif info.arch == "sd2":
+            text_encoders = {"te": m.cond_stage_model.wrapped.model}
+        else:
+            text_encoders = {"te": m.cond_stage_model.wrapped.transformer}
 
         def encode(images: torch.Tensor) -> torch.Tensor:
-            vae_dtype = next(m.first_stage_model.parameters()).dtype
-            posterior = m.encode_first_stage(images.to(device=device, dtype=vae_dtype))
-            latents = posterior.mode() * m.scale_factor if hasattr(posterior, "mode") else posterior
-            return latents.float()
+            x = images.to(device=device, dtype=next(vae.parameters()).dtype)
+            if info.arch == "sdxl":
+                # sgm's encode_first_stage returns a sample; the posterior's mean (its mode, as
+                # for SD1/SD2) keeps cached latents reproducible
+                with torch.no_grad():
+                    latents = vae.quant_conv(vae.encoder(x)).chunk(2, dim=1)[0] * m.scale_factor
+            else:
+                posterior = m.encode_first_stage(x)
+                latents = posterior if isinstance(posterior, torch.Tensor) else \
+                    posterior.mode() * m.scale_factor
+            latents = latents.float()
+            if not torch.isfinite(latents).all():
+                from ..core.errors import UserError
 
-        def condition(captions: list[str], sizes=None):
-            return m.get_learned_conditioning(list(captions))
+                raise UserError("model", "the VAE gave NaN/inf latents (a half-precision VAE "
+                                         "overflowing?): start the WebUI with --no-half-vae or use "
+                                         "an fp16-fixed VAE")
+            return latents
+
+        if info.arch == "sdxl":
+            def condition(captions: list[str], sizes=None):
+                return _sdxl_condition(m, captions, sizes, info.default_resolution)
+        else:
+            def condition(captions: list[str], sizes=None):
+                return m.get_learned_conditioning(list(captions))
 
         def denoise(x: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
             dtype = next(unet.parameters()).dtype
-            if not torch.is_autocast_enabled() and dtype != torch.float32:
+            cast = not torch.is_autocast_enabled() and dtype != torch.float32
+            if info.arch == "sdxl":
+                context, y = cond["crossattn"], cond["vector"]
+                if cast:
+                    x, context, y = x.to(dtype), context.to(dtype), y.to(dtype)
+                return unet(x, t, context=context, y=y)
+            if cast:
                 x = x.to(dtype)
                 cond = cond.to(dtype)
             return unet(x, t, context=cond)
 
+        # the schedule as trained: the WebUI may rescale `alphas_cumprod` for sampling (zero
+        # terminal SNR option) and keeps the original beside it
+        original = getattr(m, "alphas_cumprod_original", None)
+        alphas = original if original is not None else m.alphas_cumprod
         return ModelBundle(
-            arch=info.arch, unet=unet, text_encoders={"te": te}, vae=m.first_stage_model,
+            arch=info.arch, unet=unet, text_encoders=text_encoders, vae=vae,
             encode=encode, condition=condition, denoise=denoise, prediction=info.prediction,
-            alphas_cumprod=m.alphas_cumprod.detach().double().cpu(), model_name=info.name,
+            alphas_cumprod=alphas.detach().double().cpu(), model_name=info.name,
             model_hash=info.hash, resolution=info.default_resolution, device=device,
             vae_id=self._vae_id(info),
         )
