@@ -74,19 +74,19 @@ def add_routes(app, host, manager: RunManager, credentials: dict[str, str] | Non
     def list_runs():
         return {"runs": [r.to_json() for r in manager.list()]}
 
-    @app.get(PREFIX + "/runs/{run_id}", dependencies=deps)
-    def run_status(run_id: str):
+    def known_run(run_id: str):
         try:
-            return manager.get(run_id).to_json()
+            return manager.get(run_id)
         except KeyError:
             raise HTTPException(status_code=404, detail=f"no run {run_id}") from None
 
+    @app.get(PREFIX + "/runs/{run_id}", dependencies=deps)
+    def run_status(run_id: str):
+        return known_run(run_id).to_json()
+
     @app.post(PREFIX + "/runs/{run_id}/stop", dependencies=deps)
     def stop_run(run_id: str):
-        try:
-            return manager.stop(run_id).to_json()
-        except KeyError:
-            raise HTTPException(status_code=404, detail=f"no run {run_id}") from None
+        return manager.stop(known_run(run_id).id).to_json()
 
     @app.get(PREFIX + "/loras", dependencies=deps)
     def loras():
