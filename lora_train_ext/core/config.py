@@ -54,6 +54,8 @@ class NetworkConfig:
     module_dropout: float = 0.0
     train_on: str = "both"  # both | unet | te
     block_filter: str = ""  # e.g. "IN,MID,OUT" or "OUT"; empty = all blocks
+    block_ranks: str = ""  # per-block rank of the UNet's non-conv modules, e.g. "IN:4, OUT:16"
+    block_lr_weights: str = ""  # per-block UNet LR multipliers, e.g. "IN:0.5, MID:1, OUT:1"
     loraplus_ratio: float = 1.0  # LR multiplier for up weights (LoRA+); 1 = off
     existing_lora: str = ""  # continue from this file
     init_seed: int | None = None  # None: the run's seed

@@ -40,6 +40,7 @@ from .errors import TrainingError, UserError
 from .guard import BaseGuard
 from .lora_file import BASE_MODEL_VERSION, LoraInfo, atomic_write_text, load_lora, now_iso, save_lora
 from .networks import AdapterNetwork, build_network, part_of
+from .networks.targets import block_value, parse_block_values
 
 COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # not .pt / .ckpt / .safetensors: the WebUI lists those in the Lora folder as networks
@@ -90,6 +91,12 @@ def check_settings(cfg: RunConfig, te_parts: tuple[str, ...] = ("te",)) -> list[
     if not parts:
         raise UserError("optim.lr", "every trained part has learning rate 0")
     spec = O.get_spec(o.optimizer)
+    parse_block_values(n.block_ranks, "network.block_ranks", integer=True)
+    block_weights = parse_block_values(n.block_lr_weights, "network.block_lr_weights")
+    if spec.same_lr and "unet" in parts and any(w != 1.0 for w in block_weights.values()):
+        raise UserError("network.block_lr_weights",
+                        f"{spec.name} needs one LR for every parameter, and per-block LR weights "
+                        "give some blocks another; clear them or pick a non-adaptive optimizer")
     base_lrs = {cfg.unet_lr if p == "unet" else cfg.te_lr for p in parts}
     if spec.same_lr and n.loraplus_ratio != 1.0 and len(base_lrs) == 1:
         raise UserError("network.loraplus_ratio",
@@ -168,22 +175,25 @@ class Trainer:
         return t.max_steps
 
     def _param_groups(self) -> list[dict]:
-        """UNet and text-encoder groups with their own LR; LoRA+ gives up weights ratio x LR."""
+        """UNet and text-encoder groups with their own LR; per-block LR weights split the UNet's
+        group; LoRA+ gives up weights ratio x LR."""
         cfg, net = self.cfg, self.network
+        weights = parse_block_values(cfg.network.block_lr_weights, "network.block_lr_weights")
+        buckets: dict[tuple[str, float, bool], list] = {}
+        for a in net:
+            part = part_of(a.name)
+            lr = (cfg.unet_lr if part == "unet" else cfg.te_lr) * \
+                block_value(getattr(a, "block", ""), weights, 1.0)
+            for n, p in a.named_parameters():
+                if not p.requires_grad:
+                    continue
+                up = cfg.network.loraplus_ratio != 1.0 and n.startswith("lora_up")
+                buckets.setdefault((part, lr, up), []).append(p)
         groups = []
-        for part in net.parts():
-            lr = cfg.unet_lr if part == "unet" else cfg.te_lr
-            params = net.trainable_parameters(part)
-            if cfg.network.loraplus_ratio != 1.0:
-                ups = [p for a in net if part_of(a.name) == part
-                       for n, p in a.named_parameters() if n.startswith("lora_up")]
-                up_ids = {id(p) for p in ups}
-                rest = [p for p in params if id(p) not in up_ids]
-                groups.append({"params": rest, "lr": lr, "name": part})
-                groups.append({"params": ups, "lr": lr * cfg.network.loraplus_ratio,
-                               "name": f"{part}_up"})
-            else:
-                groups.append({"params": params, "lr": lr, "name": part})
+        for (part, lr, up), params in buckets.items():
+            name = part + (f"@{lr:g}" if weights and part == "unet" else "") + ("_up" if up else "")
+            groups.append({"params": params, "name": name,
+                           "lr": lr * cfg.network.loraplus_ratio if up else lr})
         return [g for g in groups if g["params"] and g["lr"] > 0]
 
     def _seed_everything(self) -> None:
@@ -460,6 +470,8 @@ class Trainer:
                    "ss_zero_terminal_snr": str(cfg.model.zero_terminal_snr),
                    "ss_timestep_range": f"{cfg.loss.timestep_min},{cfg.loss.timestep_max}",
                    "ss_network_dropout": str(cfg.network.dropout),
+                   "ss_block_ranks": cfg.network.block_ranks,
+                   "ss_block_lr_weights": cfg.network.block_lr_weights,
                    "ss_mixed_precision": cfg.train.dtype,
                    "lora_train_ext.config": self.cfg.to_json()},
         )

@@ -51,6 +51,8 @@ ADVANCED = {
         Field("network.conv_alpha", "number", "Conv alpha", "LoCon: alpha of the 3x3 conv layers", minimum=0),
         Field("network.train_on", "choice", "Train", "UNet and text encoder, or only one of them", TARGETS),
         Field("network.block_filter", "text", "Blocks", "Only these UNet blocks, e.g. IN,MID,OUT or OUT03 OUT04 (empty = all)"),
+        Field("network.block_ranks", "text", "Per-block rank", "UNet blocks with their own rank, e.g. IN:4, MID:8, OUT:16 or OUT04:32 (empty = Rank everywhere)"),
+        Field("network.block_lr_weights", "text", "Per-block LR weights", "UNet LR multipliers per block, e.g. IN:0.5, MID:1, OUT:1 (0 freezes a block)"),
         Field("network.dropout", "number", "Dropout", "Neuron dropout on the adapter (0-1)", minimum=0, maximum=1),
         Field("network.existing_lora", "text", "Continue from file", "Path of a LoRA to continue training (same arch, algorithm and rank)"),
     ],

@@ -28,7 +28,7 @@ from .ia3 import IA3Module
 from .loha import LoHaModule
 from .lokr import LoKrModule
 from .lora import LoRAModule
-from .targets import Target, find_targets
+from .targets import Target, block_id, block_value, find_targets, parse_block_values
 
 __all__ = ["AdapterModule", "AdapterNetwork", "LoRAModule", "LoHaModule", "LoKrModule",
            "IA3Module", "DoRAModule", "FullModule", "Target", "build_network", "find_targets",
@@ -65,12 +65,17 @@ def build_network(roots: dict[str, nn.Module], arch: str, cfg: NetworkConfig, se
     if not targets:
         raise UserError("network.block_filter" if cfg.block_filter else "network.train_on",
                         "selects no module to train")
+    block_ranks = parse_block_values(cfg.block_ranks, "network.block_ranks", integer=True)
+    parse_block_values(cfg.block_lr_weights, "network.block_lr_weights")  # fail early
     generator = torch.Generator().manual_seed(int(seed) % (2**63))
     adapters = []
     for t in targets:
         conv3 = t.kind == "conv3x3"
-        rank, alpha = (conv_rank, conv_alpha) if conv3 else (cfg.rank, cfg.alpha)
+        block = block_id(t.path) if t.part == "unet" else ""
+        rank, alpha = (conv_rank, conv_alpha) if conv3 else \
+            (int(block_value(block, block_ranks, cfg.rank)), cfg.alpha)
         a = _make_adapter(cfg, t, rank, alpha, dtype)
+        a.block = block
         a.reset_parameters(generator)
         adapters.append(a)
     return AdapterNetwork(adapters, arch=arch, algo=cfg.algo)

@@ -76,6 +76,34 @@ def parse_block_filter(text: str) -> list[str]:
     return tokens
 
 
+def parse_block_values(text: str, field: str, integer: bool = False) -> dict[str, float]:
+    """'IN:4, MID:8, OUT04:16' -> {'IN': 4, 'MID': 8, 'OUT04': 16}; '' -> {}."""
+    out: dict[str, float] = {}
+    for item in [t for t in re.split(r"[\s,;]+", text.strip().upper()) if t]:
+        key, _, raw = item.partition(":")
+        if not re.fullmatch(r"IN(\d\d)?|MID|OUT(\d\d)?", key) or not raw:
+            raise UserError(field, f"{item!r} is not BLOCK:VALUE; blocks are IN, MID, OUT or "
+                                   "IN00..IN11, OUT00..OUT11, e.g. 'IN:4, MID:8, OUT:16'")
+        try:
+            value = float(raw)
+        except ValueError:
+            raise UserError(field, f"{raw!r} in {item!r} is not a number") from None
+        if value < 0 or (integer and (value < 1 or not value.is_integer())):
+            raise UserError(field, f"{item!r}: give {'a whole number >= 1' if integer else 'a number >= 0'}")
+        out[key] = int(value) if integer else value
+    return out
+
+
+def block_value(block: str, values: dict[str, float], default):
+    """The value for a block id: its own entry, else its group's (IN / OUT), else default."""
+    if not block or not values:
+        return default
+    if block in values:
+        return values[block]
+    group = "MID" if block == "MID" else block[:-2]
+    return values.get(group, default)
+
+
 def block_selected(ldm_path: str, tokens: list[str]) -> bool:
     if not tokens:
         return True
