@@ -533,7 +533,10 @@ class Trainer:
         name, cfg = os.path.basename(path), self.cfg.network
         arch = self.bundle.arch
         version = meta.get("ss_base_model_version", "")
-        if version and version != BASE_MODEL_VERSION.get(arch, version):
+        # kohya writes sd_v2_v / sd_v1_v for v-prediction models: compare the arch part only
+        file_arch = "sdxl" if version.startswith("sdxl") else "sd2" if version.startswith("sd_v2") \
+            else "sd1" if version.startswith("sd_v1") else ""
+        if file_arch and file_arch != arch:
             raise UserError(field_name, f"{name} was trained for {version}; this model is {arch} "
                                         f"({BASE_MODEL_VERSION.get(arch)})")
         file_algo = _algo_of(meta)
