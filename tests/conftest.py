@@ -39,3 +39,16 @@ def state_sha256(*modules: torch.nn.Module) -> str:
 
 def requires_grad_flags(*modules: torch.nn.Module) -> list[bool]:
     return [p.requires_grad for m in modules for p in m.parameters()]
+
+
+MODEL_CAPTIONS = ["shp style, red circle", "blue square, black background"]
+
+
+def model_outputs(bundle):
+    """(conditioning, UNet output) of a bundle on one fixed input: 2 latents, t = 10 and 700."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 8, 8, generator=g)
+    t = torch.tensor([10, 700])
+    with torch.no_grad():
+        cond = bundle.condition(MODEL_CAPTIONS)
+        return cond, bundle.denoise(x, t, cond)

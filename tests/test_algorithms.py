@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import state_sha256
+from conftest import MODEL_CAPTIONS, model_outputs, state_sha256
 from loader_oracle import loader_delta, module_tensors
 from lora_train_ext.core.config import NetworkConfig
 from lora_train_ext.core.inspect import describe
@@ -98,18 +98,7 @@ def randomise(network, seed: int = 1) -> None:
                     p.copy_(torch.randn(p.shape, generator=g) * std)
 
 
-def _inputs(seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(2, 4, 8, 8, generator=g)
-    t = torch.tensor([10, 700])
-    return x, t, ["shp style, red circle", "blue square, black background"]
-
-
-def _outputs(bundle):
-    x, t, captions = _inputs()
-    with torch.no_grad():
-        cond = bundle.condition(captions)
-        return cond, bundle.denoise(x, t, cond)
+_outputs = model_outputs
 
 
 def _merged_outputs(bundle, network):
@@ -514,9 +503,8 @@ def arch_bundles(tmp_path_factory):
 
 
 def _cond(model) -> torch.Tensor:
-    _, _, captions = _inputs()
     with torch.no_grad():
-        cond = model.condition(captions)
+        cond = model.condition(MODEL_CAPTIONS)
     return torch.cat([v.flatten() for v in cond.values()]) if isinstance(cond, dict) \
         else cond.flatten()
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import requires_grad_flags, state_sha256
+from conftest import model_outputs, requires_grad_flags, state_sha256
 from fixtures_path import read_tsv
 from lora_train_ext.core.bundle import Progress, TrainControl
 from lora_train_ext.core.config import RunConfig
@@ -23,18 +23,7 @@ from lora_train_ext.core.trainer import train
 from lora_train_ext.demo import demo_config
 
 
-def _inputs(seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(2, 4, 8, 8, generator=g)
-    t = torch.tensor([10, 700])
-    return x, t, ["shp style, red circle", "blue square, black background"]
-
-
-def _outputs(bundle):
-    x, t, captions = _inputs()
-    with torch.no_grad():
-        cond = bundle.condition(captions)
-        return cond, bundle.denoise(x, t, cond)
+_outputs = model_outputs
 
 
 def _randomise_up(network, seed: int = 1, scale: float = 0.5):

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .unet import Upsample  # the same nearest x2 + 3x3 `conv` as the UNet's
+
 if TYPE_CHECKING:
     from .specs import VAESpec
 
@@ -73,18 +75,6 @@ class Downsample(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(F.pad(x, (0, 1, 0, 1), mode="constant", value=0.0))
-
-
-class Upsample(nn.Module):
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        if dtype == torch.bfloat16:  # nearest upsampling lacks bf16 kernels on older torch
-            x = x.float()
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest").to(dtype))
 
 
 class _Level(nn.Module):
