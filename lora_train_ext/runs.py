@@ -95,11 +95,13 @@ class RunManager:
             with self.host.prepared_model() as bundle:
                 result = train(bundle, record.config, control)
             record.files = [result.path, *result.snapshots]
-            record.state = "stopped" if result.stopped else "finished"
-            record.message = (f"stopped at step {result.steps}" if result.stopped
-                              else f"finished {result.steps} steps")
             record.loss_avg = result.final_loss
             self.host.hot_load(record.files)
+            # the final state only once the files are usable in prompts
+            record.message = (f"stopped at step {result.steps}" if result.stopped
+                              else f"finished {result.steps} steps")
+            record.finished = time.time()
+            record.state = "stopped" if result.stopped else "finished"
         except UserError as e:
             record.state, record.error = "failed", str(e)
         except TrainingError as e:
@@ -108,7 +110,7 @@ class RunManager:
             record.state, record.error = "failed", describe_failure(e)
             traceback.print_exc()
         finally:
-            record.finished = time.time()
+            record.finished = record.finished or time.time()
         return record
 
     def start_background(self, cfg: RunConfig) -> RunRecord:
