@@ -14,7 +14,6 @@ from .networks import algo_of_tensors
 from .networks.base import part_of
 
 OTHER_ALGO_MARKERS = (("oft_blocks", "oft"), ("oft_diag", "oft"))  # loaded by others, not made here
-ARCH_FROM_META = {"sd_v1": "sd1", "sd_v2": "sd2"}
 
 
 @lru_cache(maxsize=None)
@@ -57,7 +56,7 @@ def describe(path: str) -> dict:
     parts: dict[str, int] = {}
     for name in modules:
         parts[part_of(name)] = parts.get(part_of(name), 0) + 1
-    arch = _arch(meta, list(modules))
+    arch = arch_of(meta, list(modules))
     kinds = _kinds(arch)
     ranks: set[int] = set()
     conv_ranks: set[int] = set()
@@ -163,12 +162,19 @@ def _alphas(path: str, modules: dict[str, set[str]]) -> list[float]:
     return sorted(values)
 
 
-def _arch(meta: dict[str, str], names: list[str]) -> str:
-    version = meta.get("ss_base_model_version", "")
+def arch_from_version(version: str) -> str:
+    """kohya's `ss_base_model_version` -> 'sd1' | 'sd2' | 'sdxl' ('' when unknown); kohya
+    writes sd_v2_v / sd_v1_v for v-prediction models."""
     if version.startswith("sdxl"):
         return "sdxl"
-    if version in ARCH_FROM_META:
-        return ARCH_FROM_META[version]
+    return "sd2" if version.startswith("sd_v2") else "sd1" if version.startswith("sd_v1") else ""
+
+
+def arch_of(meta: dict[str, str], names: list[str]) -> str:
+    """A LoRA file's arch from its metadata, else from its module names."""
+    from_version = arch_from_version(meta.get("ss_base_model_version", ""))
+    if from_version:
+        return from_version
     if meta.get("ss_v2") == "True":
         return "sd2"
     spec = meta.get("modelspec.architecture", "")

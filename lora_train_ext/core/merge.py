@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 
 from . import keys
 from .errors import UserError
+from .inspect import arch_of
 from .lora_file import atomic_save_safetensors, load_lora
 from .networks import algo_of_tensors
 from .networks.dora import dora_delta_from_file
@@ -89,14 +90,6 @@ def module_bias_delta(parts: dict[str, torch.Tensor]) -> torch.Tensor | None:
     return None if diff_b is None else diff_b.float().reshape(-1)
 
 
-def detect_arch(names: list[str]) -> str:
-    if any(n.startswith("lora_te1_") or n.startswith("lora_te2_") or
-           n.startswith("lora_unet_input_blocks") or n.startswith("lora_unet_output_blocks")
-           or n.startswith("lora_unet_middle_block") for n in names):
-        return "sdxl"
-    return "sd1"
-
-
 def checkpoint_arch(state: dict[str, torch.Tensor]) -> str | None:
     """The arch a checkpoint's text-encoder keys give (SD1 and SD2 files share UNet names)."""
     for arch in ("sdxl", "sd2", "sd1"):
@@ -122,9 +115,9 @@ def merge_lora_into_checkpoint(checkpoint: str, loras: list[tuple[str, float]], 
     report = MergeReport(path=out_path, changed_modules=0, changed_tensors=0)
     deltas: dict[str, torch.Tensor] = {}
     for lora_path, strength in loras:
-        tensors, _ = load_lora(lora_path)
+        tensors, file_meta = load_lora(lora_path)
         modules = group_modules(tensors)
-        file_arch = arch or checkpoint_arch(state) or detect_arch(list(modules))
+        file_arch = arch or checkpoint_arch(state) or arch_of(file_meta, list(modules))
         count = 0
         for name, parts in modules.items():
             try:

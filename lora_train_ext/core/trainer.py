@@ -15,7 +15,6 @@ not depend on which captions shared a batch).
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import json
 import math
@@ -38,6 +37,7 @@ from .checkpointing import GradientCheckpointing
 from .config import RunConfig, parse_resolution
 from .errors import TrainingError, UserError
 from .guard import BaseGuard
+from .inspect import arch_from_version
 from .lora_file import BASE_MODEL_VERSION, LoraInfo, atomic_write_text, load_lora, now_iso, save_lora
 from .networks import AdapterNetwork, build_network, part_of
 from .networks.targets import block_value, parse_block_values
@@ -533,9 +533,7 @@ class Trainer:
         name, cfg = os.path.basename(path), self.cfg.network
         arch = self.bundle.arch
         version = meta.get("ss_base_model_version", "")
-        # kohya writes sd_v2_v / sd_v1_v for v-prediction models: compare the arch part only
-        file_arch = "sdxl" if version.startswith("sdxl") else "sd2" if version.startswith("sd_v2") \
-            else "sd1" if version.startswith("sd_v1") else ""
+        file_arch = arch_from_version(version)
         if file_arch and file_arch != arch:
             raise UserError(field_name, f"{name} was trained for {version}; this model is {arch} "
                                         f"({BASE_MODEL_VERSION.get(arch)})")
@@ -774,13 +772,3 @@ def _cat_cond(parts: list) -> Any:
         return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
     return torch.cat(parts)
 
-
-@contextlib.contextmanager
-def adapters_attached(network: AdapterNetwork, multiplier: float = 1.0):
-    """Attach a network for the body (sampling, tests), then detach it again."""
-    network.set_multiplier(multiplier)
-    network.attach()
-    try:
-        yield network
-    finally:
-        network.detach()
