@@ -52,3 +52,15 @@ def model_outputs(bundle):
     with torch.no_grad():
         cond = bundle.condition(MODEL_CAPTIONS)
         return cond, bundle.denoise(x, t, cond)
+
+
+def small_run_config(out, dataset: str, steps: int, lr: float, batch_size: int, **settings):
+    """The demo's run (64 px, fp32) made small: rank 2; `section__key=value` overrides."""
+    from lora_train_ext.demo import demo_config
+
+    cfg = demo_config(str(out), steps=steps, seed=0, rank=2, alpha=None, lr=lr,
+                      batch_size=batch_size, grad_accum=1, dataset=dataset)
+    for key, value in settings.items():
+        section, name = key.split("__")
+        setattr(getattr(cfg, section), name, value)
+    return cfg.validate()

@@ -16,6 +16,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from conftest import small_run_config
+
 from lora_train_ext import cli
 from lora_train_ext.core import optim as O
 from lora_train_ext.core.bundle import TrainControl
@@ -24,7 +26,7 @@ from lora_train_ext.core.lora_file import load_lora
 from lora_train_ext.core.models.tiny import build_bundle
 from lora_train_ext.core.networks import build_network
 from lora_train_ext.core.trainer import Trainer, _steps_from, train
-from lora_train_ext.demo import demo_config, demo_dataset_dir
+from lora_train_ext.demo import demo_dataset_dir
 
 AVAILABLE = O.available_optimizers()
 STEMS = ("00_red_circle", "01_blue_square", "02_green_triangle", "03_yellow_circle",
@@ -58,12 +60,7 @@ def two_images(tmp_path_factory) -> str:
 
 
 def make_cfg(out, dataset: str, steps: int, **settings):
-    cfg = demo_config(str(out), steps=steps, seed=0, rank=2, alpha=None, lr=2e-3, batch_size=2,
-                      grad_accum=1, dataset=dataset)
-    for key, value in settings.items():
-        section, name = key.split("__")
-        setattr(getattr(cfg, section), name, value)
-    return cfg.validate()
+    return small_run_config(out, dataset, steps, lr=2e-3, batch_size=2, **settings)
 
 
 def stop_at(step: int) -> TrainControl:

@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from conftest import state_sha256
+from conftest import small_run_config, state_sha256
 from lora_train_ext import cli
 from lora_train_ext.core import optim as O
 from lora_train_ext.core import sched as S
@@ -23,7 +23,7 @@ from lora_train_ext.core.errors import UserError
 from lora_train_ext.core.lora_file import load_lora
 from lora_train_ext.core.models.tiny import build_bundle
 from lora_train_ext.core.trainer import Trainer, train
-from lora_train_ext.demo import demo_config, demo_dataset_dir
+from lora_train_ext.demo import demo_dataset_dir
 
 AVAILABLE = O.available_optimizers()
 
@@ -46,13 +46,8 @@ def images(tmp_path_factory) -> str:
 
 
 def make_cfg(out, dataset: str, steps: int = 3, **settings):
-    """The demo's run (64 px, fp32) made small: rank 2, batch 1; `section__key=value` overrides."""
-    cfg = demo_config(str(out), steps=steps, seed=0, rank=2, alpha=None, lr=1e-3, batch_size=1,
-                      grad_accum=1, dataset=dataset)
-    for key, value in settings.items():
-        section, name = key.split("__")
-        setattr(getattr(cfg, section), name, value)
-    return cfg.validate()
+    """The demo's run made small with batch 1 (see conftest.small_run_config)."""
+    return small_run_config(out, dataset, steps, lr=1e-3, batch_size=1, **settings)
 
 
 def run(bundle, cfg, trainer_hook=None):
