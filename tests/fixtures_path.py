@@ -1,23 +1,23 @@
-"""Where the shared reference fixtures live, for any test: `from fixtures_path import ...`.
+"""Where the reference data lives, for any test: `from fixtures_path import ...`.
 
-The fixtures (real models' key names and shapes, kohya module lists) sit in `shared/fixtures`
-beside the repository checkout; tests that need them skip when they are absent.
+`tests/reference/` holds facts about the public models (every checkpoint tensor's name and shape
+for SD1.5, SD2.1-v and SDXL; the module names a standard kohya LoRA / LoCon file carries), kept
+in the repository so a fresh clone runs every test with nothing beside it. A missing file is a
+failure, never a skip. `tests/reference/README.md` says how they were made.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-
-FIXTURES_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
+FIXTURES_DIR = Path(__file__).resolve().parent / "reference"
 
 
 def fixture_file(*parts: str) -> Path:
-    """FIXTURES_DIR / parts; skips the calling test when the file is absent."""
+    """FIXTURES_DIR / parts; a missing file fails the test that asked for it."""
     path = FIXTURES_DIR.joinpath(*parts)
     if not path.is_file():
-        pytest.skip(f"fixture not found: {path}")
+        raise FileNotFoundError(f"reference file missing from the repository: {path}")
     return path
 
 
@@ -27,6 +27,6 @@ def parse_shape(text: str) -> tuple[int, ...]:
 
 
 def read_tsv(*parts: str) -> list[list[str]]:
-    """Rows of a fixture TSV, split on tabs (a trailing empty field is kept)."""
+    """Rows of a reference TSV, split on tabs (a trailing empty field is kept)."""
     text = fixture_file(*parts).read_text(encoding="utf-8")
     return [line.split("\t") for line in text.splitlines() if line.strip()]

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from fixtures_path import FIXTURES_DIR
+
 from lora_train_ext.core.errors import UserError
 from lora_train_ext.core.models import unet as unet_mod
 from lora_train_ext.core.models import vae as vae_mod
@@ -25,10 +27,7 @@ ARCHS = ["sd1", "sd2", "sdxl"]
 
 
 def fixtures_dir() -> Path:
-    path = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
-    if not path.is_dir():
-        pytest.skip(f"shared fixtures not found at {path}")
-    return path
+    return FIXTURES_DIR
 
 
 def load_shapes(name: str) -> dict[str, tuple[int, ...]]:

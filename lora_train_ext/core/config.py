@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import UserError
+from .fsio import atomic_write_text
 
 CONFIG_VERSION = 1
 
@@ -203,10 +204,7 @@ class RunConfig:
     def write(self, path: str) -> None:
         """Write JSON (.json) or TOML (.toml) atomically."""
         text = to_toml(self.to_dict()) if path.endswith(".toml") else self.to_json() + "\n"
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
+        atomic_write_text(path, text)
 
     @classmethod
     def read(cls, path: str) -> "RunConfig":

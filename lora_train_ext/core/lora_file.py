@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save as st_save, save_file
 
 from .errors import UserError
+from .fsio import atomic_write, atomic_write_text  # noqa: F401 - atomic_write_text re-exported
 
 BASE_MODEL_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
 MODELSPEC_ARCH = {
@@ -59,22 +60,7 @@ def _hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple
 
 def atomic_save_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str],
                             path: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def now_iso() -> str:

@@ -36,6 +36,7 @@ from .bundle import ModelBundle, Progress, TrainControl
 from .checkpointing import GradientCheckpointing
 from .config import RunConfig, parse_resolution
 from .errors import TrainingError, UserError
+from .fsio import atomic_write
 from .guard import BaseGuard
 from .inspect import arch_from_version
 from .lora_file import BASE_MODEL_VERSION, LoraInfo, atomic_write_text, load_lora, now_iso, save_lora
@@ -597,13 +598,7 @@ class Trainer:
             "session_id": self.session_id,
             "started_at": self.started_at,
         }
-        tmp = os.path.join(folder, f".{STATE_FILE}.tmp{os.getpid()}")
-        try:
-            torch.save(state, tmp)
-            os.replace(tmp, os.path.join(folder, STATE_FILE))
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        atomic_write(os.path.join(folder, STATE_FILE), lambda tmp: torch.save(state, tmp))
         self.cfg.write(os.path.join(folder, "config.json"))
         return folder
 

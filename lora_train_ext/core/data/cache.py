@@ -18,6 +18,8 @@ import threading
 
 import torch
 
+from ..fsio import atomic_write
+
 LATENT_NAME = "latent"
 CACHE_FORMAT = "lora_train_ext.latent.v1"
 
@@ -99,15 +101,8 @@ class LatentCache:
             return
         from safetensors.torch import save_file
 
-        path = self._path(key)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp{os.getpid()}.{threading.get_ident()}"
-        try:
-            save_file({LATENT_NAME: latent}, tmp, metadata={"key": key, "format": CACHE_FORMAT})
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        atomic_write(self._path(key), lambda tmp: save_file(
+            {LATENT_NAME: latent}, tmp, metadata={"key": key, "format": CACHE_FORMAT}))
 
     def nbytes(self) -> int:
         if self.directory is None:
