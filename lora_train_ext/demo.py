@@ -27,7 +27,8 @@ from .core.merge import merge_lora_into_checkpoint
 from .core.models.tiny import (build_bundle, checkpoint_state_dict, load_checkpoint_state_dict,
                                write_checkpoint)
 from .core.networks import build_network
-from .core.trainer import check_settings, train
+from .core.preflight import check_settings
+from .core.trainer import train
 
 DEMO_RESOLUTION = 64
 DEMO_NAME = "demo_lora"

@@ -10,7 +10,8 @@ from lora_train_ext.core.errors import UserError
 from lora_train_ext.core.lora_file import load_lora
 from lora_train_ext.core.networks import build_network
 from lora_train_ext.core.networks.targets import block_value, parse_block_values
-from lora_train_ext.core.trainer import Trainer, check_settings, train
+from lora_train_ext.core.preflight import check_settings
+from lora_train_ext.core.trainer import Trainer, train
 from lora_train_ext.demo import demo_config
 
 
