@@ -1,6 +1,7 @@
 """HTTP API under /lora-train/v1/: the same operations as the tab, for scripts.
 
-Routes: POST /runs (a RunConfig as JSON, partial allowed) -> {id}; GET /runs; GET /runs/{id};
+Routes: GET /settings (the settings table); POST /runs (a RunConfig as JSON, partial allowed)
+-> {id}, or 422 with every problem found by the preflight check; GET /runs; GET /runs/{id};
 POST /runs/{id}/stop; GET /model; GET /loras; POST /test (a TE x UNet grid, PNG as base64).
 When the WebUI has `--api-auth`, every route needs the same HTTP basic credentials.
 """
@@ -11,7 +12,7 @@ import io
 import secrets
 from typing import Any, Callable
 
-from .core.config import RunConfig
+from .core.config import RunConfig, settings_json
 from .core.errors import UserError
 from .runs import RunManager, parse_strengths, strength_grid
 
@@ -51,7 +52,10 @@ def add_routes(app, host, manager: RunManager, credentials: dict[str, str] | Non
                                 headers={"WWW-Authenticate": "Basic"})
 
     def user_error(e: UserError) -> JSONResponse:
-        return JSONResponse(status_code=422, content={"error": str(e), "field": e.field})
+        """422 naming the (first) field; `problems` lists every problem found at once."""
+        problems = [p.to_json() for p in getattr(e, "problems", [e])]
+        return JSONResponse(status_code=422, content={"error": str(e), "field": e.field,
+                                                      "problems": problems})
 
     deps = [Depends(auth)]
 
@@ -60,6 +64,11 @@ def add_routes(app, host, manager: RunManager, credentials: dict[str, str] | Non
         info = host.model_info()
         return {"name": info.name, "arch": info.arch, "prediction": info.prediction,
                 "hash": info.hash, "problem": info.problem}
+
+    @app.get(PREFIX + "/settings", dependencies=deps)
+    def settings():
+        """The settings table: what POST /runs accepts, with ranges, defaults and help."""
+        return {"settings": settings_json()}
 
     @app.post(PREFIX + "/runs", dependencies=deps)
     def start_run(body: dict[str, Any]):

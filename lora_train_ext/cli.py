@@ -37,17 +37,19 @@ def positive_int(name: str, low: int = 1, high: int = 10**7):
     return parse
 
 
-def number(name: str, low: float = 0.0, allow_zero: bool = True):
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise UserError(name, f"{text!r} is not a number") from None
-        if not (value > low or (allow_zero and value == low)):
-            raise UserError(name, f"{value} is out of range; give a number "
-                                  f"{'>=' if allow_zero else '>'} {low}")
+def setting_type(path: str):
+    """An argparse type for one setting: the config's own coercion and range check."""
+    from .core.config import SETTINGS, coerce
+
+    spec = SETTINGS[path]
+
+    def parse(text: str):
+        value = coerce(spec, text)
+        problem = spec.problem(value)
+        if problem is not None:
+            raise problem
         return value
-    return parse
+    return _typed(parse)
 
 
 class StderrProgress:
@@ -79,49 +81,39 @@ class StderrProgress:
             self.stream.flush()
 
 
-# -- demo: the headless trainer's flags -----------------------------------------------------------
-# flag (argparse dest) -> the RunConfig field it sets; --warmup sets steps or a ratio
-DEMO_FIELDS = {
-    "out": "save.output_dir", "steps": "train.max_steps", "epochs": "train.epochs",
-    "seed": "train.seed", "rank": "network.rank", "alpha": "network.alpha", "lr": "optim.lr",
-    "unet_lr": "optim.unet_lr", "te_lr": "optim.te_lr", "train_on": "network.train_on",
-    "batch_size": "train.batch_size", "grad_accum": "train.grad_accum",
-    "dataset": "data.dataset_dir", "optimizer": "optim.optimizer",
-    "optimizer_args": "optim.optimizer_args", "scheduler": "optim.scheduler",
-    "warmup": "optim.warmup_steps", "loss": "loss.loss", "min_snr_gamma": "loss.min_snr_gamma",
-    "noise_offset": "loss.noise_offset", "save_every": "save.save_every_steps",
-    "save_every_epochs": "save.save_every_epochs", "keep_last": "save.keep_last",
-    "save_dtype": "save.save_dtype", "save_state": "save.save_state",
-    "arch": "model.arch", "prediction": "model.prediction", "algo": "network.algo",
-}
+# -- run settings as flags -------------------------------------------------------------------------
+# Every setting of the settings table (core/config.py SETTINGS) is a flag: `--rank`, `--lr`,
+# `--no-cache-latents`, ... (the table names each flag). Values are kept as text here and checked
+# by the config, so a flag accepts exactly what the config file, the tab and the API accept, and
+# an error names the flag and the setting: `--rank (network.rank): 0 is not valid; ...`.
+RUN_FLAGS = ("config", "stop_after", "resume", "warmup")  # the run flags that are not settings
 # flags that do not change what a resumed run computes
-RESUME_FLAGS = ("resume", "stop_after", "save_state")
+RESUME_FREE = ("resume", "stop_after", "save.save_state")
+
+
+_used_flags: dict[str, str] = {}  # setting path -> the flag (or alias) the user typed
+
+
+class _StoreSetting(argparse.Action):
+    """store, remembering which of a setting's flags was typed (`--steps` or `--max-steps`)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        _used_flags[self.dest] = option_string or ""
+
+
+class _BoolSetting(argparse.BooleanOptionalAction):
+    def __call__(self, parser, namespace, values, option_string=None):
+        super().__call__(parser, namespace, values, option_string)
+        _used_flags[self.dest] = (option_string or "").replace("--no-", "--", 1)
 
 
 def _flag(dest: str) -> str:
+    from .core.config import SETTINGS
+
+    if dest in SETTINGS:
+        return _used_flags.get(dest) or SETTINGS[dest].cli_flag
     return "--" + dest.replace("_", "-")
-
-
-def choice(valid: tuple[str, ...]):
-    def parse(text: str) -> str:
-        value = text.strip().lower()
-        if value not in valid:
-            raise UserError("value", f"{text!r} is not valid; choose one of {', '.join(valid)}")
-        return value
-    return parse
-
-
-def optimizer_name(text: str) -> str:
-    from .core.optim import canonical_name
-
-    return canonical_name(text)
-
-
-def optimizer_args(text: str) -> str:
-    from .core.optim import parse_optimizer_args
-
-    parse_optimizer_args(text)
-    return text
 
 
 def warmup(text: str) -> tuple[str, float]:
@@ -150,77 +142,69 @@ def _typed(parse):
     return wrapped
 
 
+def add_setting_flags(parser: argparse.ArgumentParser, defaults) -> None:
+    """One flag per setting (dest = the setting's path, default None so a flag given can be
+    told apart from one left out); help shows the setting's help, valid values and the
+    command's default."""
+    from .core.config import SETTINGS, _fmt
+
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for spec in SETTINGS.values():
+        group = groups.setdefault(spec.section, parser.add_argument_group(
+            f"{spec.section} settings"))
+        default = defaults.get(spec.path)
+        shown = "empty" if default in ("", None) else _fmt(default)
+        help_text = f"{spec.help} [{spec.range_text()}; default: {shown}]"
+        if spec.not_built:
+            help_text += " (not available yet)"
+        help_text = help_text.replace("%", "%%")
+        flags = [spec.cli_flag, *spec.aliases]
+        if spec.kind is bool:
+            group.add_argument(*flags, dest=spec.path, default=None, action=_BoolSetting,
+                               help=help_text)
+        else:
+            metavar = "{" + ",".join(map(str, spec.choices)) + "}" if spec.choices else \
+                {int: "N", float: "X", str: "TEXT"}[spec.kind]
+            group.add_argument(*flags, dest=spec.path, default=None, metavar=metavar,
+                               action=_StoreSetting, help=help_text)
+
+
 def add_demo_arguments(demo: argparse.ArgumentParser) -> None:
-    """Every default is None (the demo's own defaults apply), so a flag given can be told apart
-    from one left out: given flags override --config, and errors name the flag."""
-    from .core.config import ALGOS, ARCHES, LOSSES, SAVE_DTYPES, SCHEDULERS, TARGETS
+    from .demo import demo_defaults
 
-    def add(flag: str, parse=None, help: str = "", **kw) -> None:
-        if parse is not None:
-            kw["type"] = _typed(parse)
-        demo.add_argument(flag, default=None, help=help or None, **kw)
+    demo.add_argument("--config", metavar="FILE", default=None,
+                      help="a run config (JSON or TOML, sections as in the settings table); "
+                           "flags override it")
+    demo.add_argument("--warmup", type=_typed(warmup), default=None, metavar="N|RATIO",
+                      help="LR warmup in steps, or as a ratio of the run when below 1")
+    demo.add_argument("--stop-after", type=_typed(positive_int("--stop-after")), default=None,
+                      metavar="N",
+                      help="stop after step N as an interrupt would, saving the state to resume "
+                           "from")
+    demo.add_argument("--resume", default=None, metavar="DIR",
+                      help="continue the run saved in DIR (a NAME-state folder) to its end")
+    add_setting_flags(demo, demo_defaults())
 
-    def count(flag: str, low: int = 1, high: int = 10**7):
-        return positive_int(flag, low, high)
 
-    add("--out", help="output folder (default: demo_out)")
-    add("--config", metavar="FILE",
-        help="a run config (JSON or TOML, sections as RunConfig); flags override it")
-    add("--dataset", help="dataset folder (default: the shipped demo images)")
-    add("--steps", count("--steps"), "optimizer steps (default: 120)")
-    add("--epochs", count("--epochs", 1, 10**6), "train this many epochs instead of --steps")
-    add("--seed", count("--seed", 0, 2**63 - 1))
-    add("--rank", count("--rank", 1, 1024), "LoRA rank (default: 8)")
-    add("--alpha", number("--alpha"), "LoRA alpha (default: rank)")
-    add("--batch-size", count("--batch-size", 1, 10000), "default: 4")
-    add("--grad-accum", count("--grad-accum", 1, 1024))
-    add("--train-on", choice(TARGETS), f"{' | '.join(TARGETS)} (default: both)")
-    add("--arch", choice(ARCHES), f"the tiny model's architecture: {' | '.join(ARCHES)} "
-                                  "(default: sd1)")
-    add("--prediction", choice(("epsilon", "v")),
-        "epsilon | v (default: the arch's own, v for sd2 (SD2.1-768), epsilon otherwise)")
-    add("--algo", choice(ALGOS), f"{' | '.join(ALGOS)} (default: lora)")
-    add("--optimizer", optimizer_name,
-        "AdamW (default), AdamW8bit, Adam, SGD, SGDNesterov, RMSprop, Lion, AdaFactor, "
-        "DAdaptAdam, DAdaptLion, DAdaptAdaGrad, Prodigy, AdamWScheduleFree, SGDScheduleFree")
-    add("--optimizer-args", optimizer_args, 'e.g. "weight_decay=0.01 betas=0.9,0.999 d_coef=2"',
-        metavar='"K=V ..."')
-    add("--lr", number("--lr", allow_zero=False),
-        "learning rate (default: 1e-3; 1.0 for DAdapt*/Prodigy)")
-    add("--unet-lr", number("--unet-lr"), "UNet LR (0: do not train it)")
-    add("--te-lr", number("--te-lr"), "text encoder LR (0: do not train it)")
-    add("--scheduler", choice(SCHEDULERS), f"{' | '.join(SCHEDULERS)} (default: constant)")
-    add("--warmup", warmup, "LR warmup in steps, or as a ratio of the run when below 1",
-        metavar="N|RATIO")
-    add("--loss", choice(LOSSES), f"{' | '.join(LOSSES)} (default: mse)")
-    add("--min-snr-gamma", number("--min-snr-gamma"), "min-SNR weighting gamma, e.g. 5 (0: off)")
-    add("--noise-offset", number("--noise-offset"), "e.g. 0.05 (0: off)")
-    add("--save-every", count("--save-every"), "write a snapshot every N steps", metavar="N")
-    add("--save-every-epochs", count("--save-every-epochs", 1, 10**6),
-        "write a snapshot every N epochs", metavar="N")
-    add("--keep-last", count("--keep-last", 0), "keep only the last K snapshots (0: all)",
-        metavar="K")
-    add("--save-dtype", choice(SAVE_DTYPES), f"{' | '.join(SAVE_DTYPES)} (default: fp32)")
-    add("--save-state", help="also save the full training state (NAME-state/) to resume from",
-        action="store_true")
-    add("--stop-after", count("--stop-after"),
-        "stop after step N as an interrupt would, saving the state to resume from", metavar="N")
-    add("--resume", help="continue the run saved in DIR (a NAME-state folder) to its end",
-        metavar="DIR")
+def given_settings(args) -> dict[str, str]:
+    """{setting path: value as given} for the setting flags on the command line."""
+    from .core.config import SETTINGS
+
+    return {path: getattr(args, path) for path in SETTINGS if getattr(args, path, None) is not None}
 
 
 def demo_run_config(args) -> tuple[Any, set[str], bool]:
-    """(RunConfig, flags given, whether the settings came from a file) for `demo`.
+    """(RunConfig, settings and flags given, whether settings came from a file) for `demo`.
 
     Order: the demo's defaults, then --config FILE, then the flags given. With --resume the
     saved run's config.json is used as it is."""
-    from .core.config import RunConfig, _load_toml
+    from .core.config import RunConfig, read_config_file
     from .demo import demo_defaults
 
-    given = {dest for dest in DEMO_FIELDS.keys() | {"config", "stop_after", "resume"}
-             if getattr(args, dest, None) is not None}
+    flags = given_settings(args)
+    given = set(flags) | {d for d in RUN_FLAGS if getattr(args, d, None) is not None}
     if args.resume:
-        extra = sorted(_flag(d) for d in given if d not in RESUME_FLAGS)
+        extra = sorted(_flag(d) for d in given if d not in RESUME_FREE)
         if extra:
             raise UserError("--resume", "the run goes on with the settings saved in "
                                         f"{os.path.join(args.resume, 'config.json')}; "
@@ -234,44 +218,38 @@ def demo_run_config(args) -> tuple[Any, set[str], bool]:
                                         f"and {STATE_FILE}, written by --save-state or --stop-after)")
         cfg = _named(lambda: RunConfig.read(config_path), "--resume")
         cfg.save.output_dir = os.path.dirname(os.path.abspath(args.resume))
-        if args.save_state:
+        if flags.get("save.save_state"):
             cfg.save.save_state = True
         return cfg, given, True
 
-    values = demo_defaults().to_dict()
+    cfg = demo_defaults()
     file_keys: set[str] = set()
     if args.config:
-        path = args.config
-        if not os.path.isfile(path):
-            raise UserError("--config", f"file not found: {path}")
-        full = _named(lambda: RunConfig.read(path), "--config").to_dict()  # checks every key
-        with open(path, "rb") as f:
-            text = f.read().decode("utf-8")
-        raw = _load_toml(text) if path.endswith(".toml") else json.loads(text)
-        for section, entries in raw.items():  # only what the file sets overrides the demo
-            if isinstance(entries, dict):
-                for key in entries:
-                    values[section][key] = full[section][key]
-                    file_keys.add(f"{section}.{key}")
-    for dest in given & DEMO_FIELDS.keys():
-        section, key = DEMO_FIELDS[dest].split(".")
-        value = getattr(args, dest)
-        if dest == "warmup":
-            kind, amount = value
-            values["optim"]["warmup_steps"] = amount if kind == "steps" else 0
-            values["optim"]["warmup_ratio"] = amount if kind == "ratio" else 0.0
-            continue
-        values[section][key] = value
-    if "lr" not in given and "optim.lr" not in file_keys and \
-            _adaptive(values["optim"]["optimizer"]):
-        values["optim"]["lr"] = 1.0  # DAdapt* / Prodigy: the LR multiplies their own estimate
-    if "alpha" not in given and "network.alpha" not in file_keys and \
-            ("rank" in given or "network.rank" in file_keys):
-        values["network"]["alpha"] = float(values["network"]["rank"])  # the demo's alpha = rank
+        if not os.path.isfile(args.config):
+            raise UserError("--config", f"file not found: {args.config}")
+        raw = _named(lambda: read_config_file(args.config), "--config")
+        cfg = _named(lambda: RunConfig.from_dict(raw, base=cfg), "--config")
+        file_keys = {f"{section}.{key}" for section, entries in raw.items()
+                     if isinstance(entries, dict) for key in entries}
+    sections: dict[str, dict[str, Any]] = {}
+    for path, value in flags.items():
+        section, key = path.split(".")
+        sections.setdefault(section, {})[key] = value
+    if args.warmup is not None:
+        kind, amount = args.warmup
+        sections.setdefault("optim", {}).update(
+            warmup_steps=amount if kind == "steps" else 0,
+            warmup_ratio=amount if kind == "ratio" else 0.0)
     try:
-        cfg = RunConfig.from_dict(values).validate()
+        cfg = RunConfig.from_dict(sections, base=cfg, validate=True)
+        set_here = set(flags) | file_keys
+        if "optim.lr" not in set_here and _adaptive(cfg.optim.optimizer):
+            cfg.optim.lr = 1.0  # DAdapt* / Prodigy: the LR multiplies their own estimate
+        if "network.alpha" not in set_here and "network.rank" in set_here:
+            cfg.network.alpha = float(cfg.network.rank)  # the demo's alpha = rank
+        cfg.validate()
     except UserError as e:
-        raise _named_by_flag(e, given, bool(args.config)) from None
+        raise named_by_flag(e, given, bool(args.config)) from None
     return cfg, given, bool(args.config)
 
 
@@ -292,15 +270,25 @@ def _named(make, flag: str):
         raise UserError(flag, message) from None
 
 
-def _named_by_flag(e: UserError, given: set[str], from_file: bool) -> UserError:
-    """A config field's error under the flag that set it (always, when no file gave settings)."""
-    for dest, field_name in DEMO_FIELDS.items():
-        if e.field == field_name or (dest == "warmup" and e.field == "optim.warmup_ratio"):
-            if dest in given or not from_file:
-                return UserError(_flag(dest), e.message)
-    if e.field == "resume" and "resume" in given:
-        return UserError("--resume", e.message)
-    return e
+def named_by_flag(e: UserError, given: set[str], from_file: bool) -> UserError:
+    """Config errors under the flag that set them: `--rank (network.rank): ...` (always, when
+    no file gave settings; a setting from --config keeps its config name)."""
+    from .core.errors import UserErrors
+
+    def one(p: UserError) -> UserError:
+        field = p.field
+        if field in ("optim.warmup_steps", "optim.warmup_ratio") and "warmup" in given:
+            return UserError(f"--warmup ({field})", p.message)
+        if field == "resume" and "resume" in given:
+            return UserError("--resume", p.message)
+        from .core.config import SETTINGS
+
+        if field in SETTINGS and (field in given or not from_file):
+            return UserError(f"{_flag(field)} ({field})", p.message)
+        return p
+
+    problems = e.problems if isinstance(e, UserErrors) else [e]
+    return UserErrors([one(p) for p in problems])
 
 
 def build_parser() -> ArgumentParser:
@@ -321,11 +309,15 @@ def build_parser() -> ArgumentParser:
     chk = sub.add_parser("check-dataset", help="check a dataset folder before training")
     chk.add_argument("dir")
     chk.add_argument("--json", action="store_true", help="print one JSON object")
-    chk.add_argument("--resolution", default="512", help="512 or WxH (default 512)")
+    chk.add_argument("--resolution", type=setting_type("data.resolution"), default="512",
+                     help="512 or WxH (default 512)")
     chk.add_argument("--reg", default="", help="regularization images folder")
-    chk.add_argument("--batch-size", type=positive_int("--batch-size", 1, 10000), default=1)
-    chk.add_argument("--repeats", type=positive_int("--repeats", 1, 100000), default=1,
+    chk.add_argument("--batch-size", type=setting_type("train.batch_size"), default=1)
+    chk.add_argument("--repeats", type=setting_type("data.repeats"), default=1,
                      help="repeats for a flat folder (N_name folders carry their own)")
+
+    sets = sub.add_parser("settings", help="list every run setting: default, valid values, help")
+    sets.add_argument("--json", action="store_true", help="print one JSON list")
 
     insp = sub.add_parser("inspect", help="describe a LoRA / LyCORIS file")
     insp.add_argument("file")
@@ -335,6 +327,7 @@ def build_parser() -> ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    _used_flags.clear()
     try:
         args = parser.parse_args(argv)
         if args.command is None:
@@ -343,7 +336,9 @@ def main(argv: list[str] | None = None) -> int:
         handler = COMMANDS[args.command]
         return handler(args)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        problems = getattr(e, "problems", [e])
+        for p in problems:  # one line per problem
+            print(f"error: {p}", file=sys.stderr)
         return EXIT_USER_ERROR
     except TrainingError as e:
         print(f"training failed: {e}", file=sys.stderr)
@@ -361,7 +356,7 @@ def cmd_demo(args) -> int:
         result = run_demo(cfg=cfg, progress=StderrProgress(), stop_after=args.stop_after or 0,
                           resume_dir=args.resume or "")
     except UserError as e:
-        raise _named_by_flag(e, given, from_file) from None
+        raise named_by_flag(e, given, from_file) from None
     print(json.dumps(result))
     return 0
 
@@ -398,7 +393,14 @@ def cmd_check_dataset(args) -> int:
     return 0 if report.ok else 1
 
 
-COMMANDS = {"demo": cmd_demo, "inspect": cmd_inspect, "preview": cmd_preview,
+def cmd_settings(args) -> int:
+    from .core.config import settings_json, settings_markdown
+
+    print(json.dumps(settings_json()) if args.json else settings_markdown(), end="" if not args.json else "\n")
+    return 0
+
+
+COMMANDS = {"settings": cmd_settings, "demo": cmd_demo, "inspect": cmd_inspect, "preview": cmd_preview,
             "check-dataset": cmd_check_dataset}
 
 

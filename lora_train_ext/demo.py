@@ -27,7 +27,7 @@ from .core.merge import merge_lora_into_checkpoint
 from .core.models.tiny import (build_bundle, checkpoint_state_dict, load_checkpoint_state_dict,
                                write_checkpoint)
 from .core.networks import build_network
-from .core.preflight import check_settings
+from .core.preflight import preflight
 from .core.trainer import train
 
 DEMO_RESOLUTION = 64
@@ -74,7 +74,7 @@ def demo_config(out_dir: str, steps: int, seed: int, rank: int, alpha: float | N
     cfg.save.output_name = DEMO_NAME
     cfg.save.save_dtype = "fp32"
     cfg.save.comment = demo_comment(arch) if arch in ARCH_TITLES else ""
-    return cfg.validate()
+    return cfg
 
 
 def run_demo(out_dir: str = "demo_out", steps: int = 120, seed: int = 0, rank: int = 8,
@@ -92,23 +92,17 @@ def run_demo(out_dir: str = "demo_out", steps: int = 120, seed: int = 0, rank: i
     """
     t0 = time.time()
     if cfg is None:
-        if dataset and not os.path.isdir(dataset):
-            raise UserError("data.dataset_dir", f"folder not found: {dataset}")
         cfg = demo_config(out_dir, steps, seed, rank, alpha, lr, batch_size, grad_accum, dataset,
                           arch=arch, prediction=prediction, algo=algo)
-    cfg.validate()
     if cfg.model.arch != "sd1" and cfg.save.comment == demo_comment("sd1"):
         cfg.save.comment = demo_comment(cfg.model.arch)  # the demo's defaults, another arch
-    if not os.path.isdir(cfg.data.dataset_dir):
-        raise UserError("data.dataset_dir", f"folder not found: {cfg.data.dataset_dir}")
-    check_settings(cfg)  # optimizer, its package and LRs: a UserError before any model work
+    # every setting, the folders, the dataset and the optimizer's package, before model work
+    preflight(cfg, device="cpu", dataset=not resume_dir).raise_if_failed()
     out_dir = cfg.save.output_dir or "."
     try:
         os.makedirs(out_dir, exist_ok=True)
     except OSError as e:
         raise UserError("save.output_dir", f"cannot create {out_dir}: {e.strerror or e}") from None
-    if not os.access(out_dir, os.W_OK):
-        raise UserError("save.output_dir", f"{out_dir} is not writable")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the tiny model is too small to gain from threads; they cost here
     try:

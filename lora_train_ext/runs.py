@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .core.bundle import Progress, TrainControl
-from .core.config import RunConfig
-from .core.errors import TrainingError, UserError
+from .core.config import PRESETS, RunConfig, preset as config_preset
+from .core.errors import TrainingError, UserError, UserErrors
+from .core.preflight import preflight
 from .core.trainer import train
 
 STATES = ("queued", "running", "finished", "stopped", "failed")
@@ -59,22 +60,55 @@ class RunManager:
         self.host = host
         self.runs: dict[str, RunRecord] = {}
         self._lock = threading.Lock()
+        self.last_warnings: list[str] = []
+
+    # -- settings (what the tab and the API offer) --------------------------------------------
+    def presets(self) -> list[str]:
+        return list(PRESETS)
+
+    def preset_config(self, name: str) -> RunConfig:
+        """A preset's settings (or the defaults for any other name) with what suits the loaded
+        model: its resolution (unless the preset sets one) and a precision its device runs."""
+        cfg = config_preset(name) if name in PRESETS else RunConfig()
+        info = self.host.model_info()
+        if name not in PRESETS or "resolution" not in PRESETS[name].get("data", {}):
+            cfg.data.resolution = str(info.default_resolution)
+        cfg.train.dtype = info.default_dtype
+        return cfg
+
+    def optimizer_choices(self) -> list[str]:
+        from .core.optim import available_optimizers
+
+        return list(available_optimizers())
+
+    def check_dataset(self, cfg: RunConfig, samples: int = 4):
+        """(report text, [(image, caption)]) as the model will see the dataset."""
+        from .core.data import TrainData
+
+        problems = [p for p in cfg.problems() if p.field.startswith("data.")]
+        if not cfg.data.dataset_dir:
+            problems.insert(0, UserError("data.dataset_dir",
+                                         "give the folder with your training images"))
+        if problems:
+            raise UserErrors(problems)
+        data = TrainData(cfg.data, batch_size=cfg.train.batch_size, seed=cfg.train.seed,
+                         arch=self.host.model_info().arch or "sd1", require_images=False)
+        shown = data.preview(count=samples) if data.report.ok else []
+        return data.report.summary_text(), list(shown)
 
     # -- creating ---------------------------------------------------------------------------
     def prepare_config(self, cfg: RunConfig) -> RunConfig:
-        """Fill host defaults (output folder, arch, resolution) and validate."""
+        """Fill host defaults (output folder, arch) and run the one preflight check: every
+        problem at once (UserErrors), before the run is queued."""
         info = self.host.model_info()
         if info.problem:
             raise UserError("model", info.problem)
         if not cfg.save.output_dir:
             cfg.save.output_dir = self.host.output_dir()
         cfg.model.arch = info.arch
-        cfg.validate()
-        self.host.check_config(cfg)
-        if not cfg.data.dataset_dir:
-            raise UserError("data.dataset_dir", "give the folder with your training images")
-        if not os.path.isdir(cfg.data.dataset_dir):
-            raise UserError("data.dataset_dir", f"folder not found: {cfg.data.dataset_dir}")
+        result = preflight(cfg, arch=info.arch, device=self.host.device(),
+                           host_check=self.host.check_config).raise_if_failed()
+        self.last_warnings = list(result.warnings)
         return cfg
 
     def create(self, cfg: RunConfig) -> RunRecord:

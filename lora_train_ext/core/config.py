@@ -1,8 +1,15 @@
-"""One versioned dataclass tree for a run, with JSON / TOML load and save.
+"""The run's settings, declared once.
 
-Every field has a default taken from the seed guides (kohya's LoRA guide, ComfyUI's node) so a
-run can be described by only the fields a user changed. `validate()` checks ranges and names and
-raises `UserError` naming the field (`section.field`) and what would be valid.
+Every setting is a dataclass field made with `setting(...)`: its type and default are the field's,
+and its metadata holds what every entry point needs: valid range or choices, unit, help text,
+the tab's label and group, the command line's flag. `SETTINGS` lists them in order; the CLI flags
+(`cli.py`), the tab's widgets and tooltips (`ui/tab.py`), the API's validation and the README's
+settings table (`settings_markdown()`) are all made from it, so a range or a help text is
+changed in one place.
+
+`RunConfig.problems()` checks every field and the rules between fields and returns every
+problem at once (each a UserError naming `section.field`); `validate()` raises them. The check
+that also looks at folders, the dataset, packages and the model is `core/preflight.py`.
 """
 
 from __future__ import annotations
@@ -10,11 +17,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
+import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
-from .errors import UserError
+from .errors import UserError, UserErrors
 from .fsio import atomic_write_text
 
 CONFIG_VERSION = 1
@@ -24,6 +31,7 @@ PREDICTIONS = ("auto", "epsilon", "v")
 ALGOS = ("lora", "locon", "loha", "lokr", "ia3", "dora", "full")
 TARGETS = ("both", "unet", "te")
 DTYPES = ("fp32", "bf16", "fp16")
+ADAPTER_DTYPES = ("fp32", "bf16")
 SAVE_DTYPES = ("fp16", "bf16", "fp32")
 LOSSES = ("mse", "l1", "huber", "smooth_l1")
 HUBER_SCHEDULES = ("constant", "exponential", "snr")
@@ -33,135 +41,467 @@ SCHEDULERS = (
 RESIZE_MODES = ("crop", "stretch", "pad", "none")
 CROP_MODES = ("center", "random")
 TIMESTEP_SAMPLING = ("uniform", "logit_normal")
+TOKEN_LENGTHS = (75, 150, 225)
+MAX_RANK = 1024
+# the longest suffix a run adds to the output name: "-step00001234.safetensors" / ".history.json"
+NAME_SUFFIX_MAX = len("-step00000000.safetensors")
+MAX_NAME_BYTES = 255 - NAME_SUFFIX_MAX - 2  # most filesystems allow 255 bytes per name
+RESERVED_NAMES = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(1, 10)),
+                  *(f"lpt{i}" for i in range(1, 10))}
+
+# tab groups, in the order the accordions appear; "" = the simple fields shown at the top
+GROUPS = ("", "Network", "Optimizer and learning rate", "Training", "Dataset", "Captions",
+          "Loss and noise", "Saving")
+
+
+@dataclass(frozen=True)
+class Spec:
+    """What one setting accepts and how it is shown. `kind`: bool, int, float, str."""
+    path: str
+    kind: type
+    default: Any
+    help: str
+    label: str
+    group: str | None  # the tab's group; None: not in the tab
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False  # low itself is not valid (> low)
+    choices: tuple = ()
+    unit: str = ""
+    optional: bool = False  # None (empty) is valid: it means what `help` says
+    check: Callable[[Any], Any] | None = None  # extra check/normaliser; raises UserError
+    flag: str = ""  # the command line flag; "" -> --field-name
+    aliases: tuple[str, ...] = ()
+    not_built: str = ""  # set: any value but the default is refused with this reason
+
+    @property
+    def section(self) -> str:
+        return self.path.split(".")[0]
+
+    @property
+    def name(self) -> str:
+        return self.path.split(".")[1]
+
+    @property
+    def cli_flag(self) -> str:
+        return self.flag or "--" + self.name.replace("_", "-")
+
+    def range_text(self) -> str:
+        """The valid values in words: `1..1024`, `> 0`, `one of a, b`, `a number in 0..1`."""
+        if self.choices:
+            return "one of " + ", ".join(map(str, self.choices))
+        if self.kind is bool:
+            return "true or false"
+        if self.low is None and self.high is None:
+            return "text" if self.kind is str else "any number"
+        num = "a whole number" if self.kind is int else "a number"
+        if self.high is None:
+            op = ">" if self.low_open else ">="
+            return f"{num} {op} {_fmt(self.low)}"
+        if self.low_open:
+            return f"{num} in ({_fmt(self.low)}, {_fmt(self.high)}]"
+        return f"{num} in {_fmt(self.low)}..{_fmt(self.high)}"
+
+    def problem(self, value: Any) -> UserError | None:
+        """The first thing wrong with `value` (already of the right type), or None."""
+        if value is None:
+            return None if self.optional else UserError(self.path, "must not be empty")
+        if self.not_built and value != self.default:
+            shown = "empty" if self.default in ("", None) else _fmt(self.default)
+            return UserError(self.path, f"{self.not_built}; leave it {shown}")
+        if self.choices and value not in self.choices:
+            return UserError(self.path, f"{value!r} is not valid; choose one of "
+                                        f"{', '.join(map(str, self.choices))}")
+        if self.kind in (int, float):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                    (isinstance(value, float) and not math.isfinite(value)):
+                return UserError(self.path, f"{value!r} is not valid; give {self.range_text()}")
+            too_low = self.low is not None and (value <= self.low if self.low_open else value < self.low)
+            too_high = self.high is not None and value > self.high
+            if too_low or too_high:
+                return UserError(self.path, f"{value!r} is not valid; give {self.range_text()}")
+        if self.check is not None:
+            try:
+                self.check(value)
+            except UserError as e:
+                return UserError(self.path, e.message)
+        return None
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float) and v.is_integer() and abs(v) < 1e15:
+        return str(int(v)) if abs(v) < 1e6 else f"{v:g}"
+    if isinstance(v, int) and not isinstance(v, bool) and v >= 10**6:
+        exp = math.log10(v)
+        return f"10^{int(exp)}" if exp.is_integer() else str(v)
+    return str(v)
+
+
+def setting(default: Any, help: str, label: str = "", group: str | None = None, **kw) -> Any:
+    """A dataclass field carrying its Spec (completed with path and kind in `_specs`)."""
+    meta = dict(help=help, label=label, group=group, **kw)
+    return field(default=default, metadata={"spec": meta})
+
+
+def _ok_resolution(v: str) -> None:
+    parse_resolution(v)
+
+
+def _ok_optimizer(v: str) -> None:
+    from .optim import canonical_name
+
+    canonical_name(v)
+
+
+def _ok_optimizer_args(v: str) -> None:
+    from .optim import parse_optimizer_args
+
+    parse_optimizer_args(v)
+
+
+def _ok_blocks(v: str) -> None:
+    from .networks.targets import parse_block_filter
+
+    parse_block_filter(v)
+
+
+def _ok_block_values(integer: bool):
+    def check(v: str) -> None:
+        from .networks.targets import parse_block_values
+
+        values = parse_block_values(v, "value", integer=integer)
+        if integer and any(r > MAX_RANK for r in values.values()):
+            raise UserError("value", f"a block's rank is over {MAX_RANK}")
+    return check
+
+
+def _ok_colour(v: str) -> None:
+    from .data.images import parse_color
+
+    parse_color(v)
+
+
+def _ok_extension(v: str) -> None:
+    if not re.fullmatch(r"\.[A-Za-z0-9_.-]{1,16}", v):
+        raise UserError("value", f"{v!r} is not a file extension; give e.g. .txt or .caption")
+
+
+def check_output_name(name: str) -> None:
+    """A plain file name that works on Linux, macOS and Windows, with room for the suffixes a
+    run adds (`-step00001234.safetensors`)."""
+    bad = set('/\\:*?"<>|') | {chr(i) for i in range(32)}
+    if not name or not name.strip(". "):
+        raise UserError("value", "give a file name, e.g. my_lora")
+    if any(c in bad for c in name):
+        raise UserError("value", "must be a plain file name without / \\ : * ? \" < > | or "
+                                 "control characters")
+    if name != name.strip() or name.endswith("."):
+        raise UserError("value", "must not start or end with a space, or end with a dot")
+    if name.split(".")[0].lower() in RESERVED_NAMES:
+        raise UserError("value", f"{name!r} is a reserved device name on Windows; choose another")
+    if len(name.encode("utf-8")) > MAX_NAME_BYTES:
+        raise UserError("value", f"is {len(name.encode('utf-8'))} bytes long; at most "
+                                 f"{MAX_NAME_BYTES} (file names hold 255 bytes, and a snapshot "
+                                 f"adds up to {NAME_SUFFIX_MAX})")
 
 
 @dataclass
 class ModelConfig:
-    arch: str = "sd1"
-    prediction: str = "auto"  # auto: from the model (parameterization)
-    checkpoint: str = ""  # headless runs only; in the WebUI the resident model is used
-    zero_terminal_snr: bool = False
+    arch: str = setting("sd1", "The model's architecture; in the WebUI it is the loaded model's",
+                        "Architecture", None, choices=ARCHES)
+    prediction: str = setting(
+        "auto", "What the UNet predicts: auto takes the model's own (v for SD2-768 models)",
+        "Prediction", "Training", choices=PREDICTIONS)
+    checkpoint: str = setting(
+        "", "A checkpoint file to train on instead of the loaded model", "Checkpoint", None,
+        not_built="training on a checkpoint file is not built yet (it comes with the headless "
+                  "`train` command); runs train the loaded model")
+    zero_terminal_snr: bool = setting(
+        False, "Rescale the noise schedule to zero SNR at the last step (for v-prediction models)",
+        "Zero terminal SNR", "Loss and noise")
 
 
 @dataclass
 class NetworkConfig:
-    algo: str = "lora"
-    rank: int = 8
-    alpha: float = 1.0
-    conv_rank: int = 0  # LoCon 3x3 conv rank; 0 = no conv layers
-    conv_alpha: float = 1.0
-    dropout: float = 0.0  # neuron dropout on the adapter's input
-    rank_dropout: float = 0.0
-    module_dropout: float = 0.0
-    train_on: str = "both"  # both | unet | te
-    block_filter: str = ""  # e.g. "IN,MID,OUT" or "OUT"; empty = all blocks
-    block_ranks: str = ""  # per-block rank of the UNet's non-conv modules, e.g. "IN:4, OUT:16"
-    block_lr_weights: str = ""  # per-block UNet LR multipliers, e.g. "IN:0.5, MID:1, OUT:1"
-    loraplus_ratio: float = 1.0  # LR multiplier for up weights (LoRA+); 1 = off
-    existing_lora: str = ""  # continue from this file
-    init_seed: int | None = None  # None: the run's seed
-    # LyCORIS options (networks/lokr.py, loha.py): LoKr's split factor (-1 = most balanced),
-    # low-rank small factor too, no low-rank at all; CP/Tucker cores for kxk convs (LoHa, LoKr)
-    lokr_factor: int = -1
-    decompose_both: bool = False
-    full_matrix: bool = False
-    use_tucker: bool = False
+    algo: str = setting(
+        "lora", "lora: attention and feed-forward layers; locon: also the 3x3 convs; loha, lokr, "
+        "ia3, dora, full: the LyCORIS kinds", "Algorithm", "Network", choices=ALGOS)
+    rank: int = setting(8, "Size of the adapter (dim); 8-32 for a character or style, 64-128 "
+                           "for more detail", "Rank (dim)", "Network", low=1, high=MAX_RANK)
+    alpha: float = setting(1.0, "Scale = alpha / rank; 1 with adaptive optimizers, rank/2 or "
+                                "rank otherwise", "Alpha", "Network", low=0)
+    conv_rank: int = setting(0, "LoCon and LyCORIS kinds: rank of the 3x3 convs (0 = none)",
+                             "Conv rank", "Network", low=0, high=MAX_RANK)
+    conv_alpha: float = setting(1.0, "Alpha of the 3x3 convs", "Conv alpha", "Network", low=0)
+    dropout: float = setting(0.0, "Neuron dropout on the adapter's input", "Dropout", "Network",
+                             low=0, high=1)
+    rank_dropout: float = setting(0.0, "Chance to drop each rank of the adapter per step",
+                                  "Rank dropout", "Network", low=0, high=1)
+    module_dropout: float = setting(0.0, "Chance to skip a whole adapter module per step",
+                                    "Module dropout", "Network", low=0, high=1)
+    train_on: str = setting("both", "Train the UNet and the text encoder, or only one of them",
+                            "Train", "Network", choices=TARGETS)
+    block_filter: str = setting(
+        "", "Only these UNet blocks, e.g. IN,MID,OUT or OUT03 OUT04 (empty = all)", "Blocks",
+        "Network", check=_ok_blocks)
+    block_ranks: str = setting(
+        "", "UNet blocks with their own rank, e.g. IN:4, MID:8, OUT:16 or OUT04:32 "
+            "(empty = Rank everywhere)", "Per-block rank", "Network", check=_ok_block_values(True))
+    block_lr_weights: str = setting(
+        "", "UNet LR multipliers per block, e.g. IN:0.5, MID:1, OUT:1 (0 freezes a block)",
+        "Per-block LR weights", "Network", check=_ok_block_values(False))
+    loraplus_ratio: float = setting(
+        1.0, "LoRA+: the up weights learn this many times faster (16 is typical; 1 = off)",
+        "LoRA+ ratio", "Network", low=0, low_open=True, high=1000)
+    existing_lora: str = setting(
+        "", "A LoRA file to continue training (same arch, algorithm and rank)",
+        "Continue from file", "Network")
+    init_seed: int | None = setting(
+        None, "Seed of the adapter's initial weights (empty = the run's seed)", "Init seed", None,
+        low=0, high=2**63 - 1, optional=True)
+    lokr_factor: int = setting(
+        -1, "LoKr: the split factor of each weight (-1 = the most balanced split)",
+        "LoKr factor", "Network", low=-1, high=100000,
+        check=lambda v: _raise_if(v == 0, "give -1 or a factor >= 1"))
+    decompose_both: bool = setting(False, "LoKr: also make the small factor low-rank",
+                                   "LoKr: decompose both", "Network")
+    full_matrix: bool = setting(False, "LoKr: no low-rank factor at all (large files)",
+                                "LoKr: full matrix", "Network")
+    use_tucker: bool = setting(False, "LoHa / LoKr: CP/Tucker cores for the 3x3 convs",
+                               "Tucker decomposition", "Network")
 
 
 @dataclass
 class DataConfig:
-    dataset_dir: str = ""
-    reg_dir: str = ""
-    prior_loss_weight: float = 1.0
-    repeats: int = 1  # for a flat folder (N_name folders carry their own)
-    caption_extension: str = ".txt"
-    default_caption: str = ""  # used when an image has no caption file
-    trigger_word: str = ""  # prepended to every caption when set
-    caption_prefix: str = ""
-    caption_suffix: str = ""
-    shuffle_tags: bool = False
-    keep_tokens: int = 0  # tags kept in place at the start when shuffling
-    caption_dropout: float = 0.0
-    tag_dropout: float = 0.0
-    max_token_length: int = 75  # 75 | 150 | 225
-    resolution: str = "512"  # "512" or "768x512" (WxH)
-    enable_buckets: bool = True
-    min_bucket_side: int = 256
-    max_bucket_side: int = 1024
-    bucket_step: int = 64
-    no_upscale: bool = False
-    resize_mode: str = "crop"
-    crop: str = "center"
-    flip: bool = False
-    color_aug: bool = False
-    background: str = "#ffffff"  # transparent pixels are composited on this colour
-    cache_latents: bool = True
-    cache_to_disk: bool = False
-    cache_dir: str = ""
-    cache_text: bool = True  # when the text encoder is not trained
-    masked_loss: bool = False  # batches carry a mask: mask_dir/<stem>.png, else the alpha channel
-    mask_dir: str = ""  # grey masks named like the images (white = train, black = ignore)
+    dataset_dir: str = setting(
+        "", "A folder of images with .txt captions, or of N_name sub-folders (each image "
+            "repeated N times)", "Dataset folder", "", flag="--dataset")
+    reg_dir: str = setting("", "Regularization images (class images), same layout",
+                           "Regularization folder", "Dataset")
+    prior_loss_weight: float = setting(1.0, "Loss weight of the regularization images",
+                                       "Prior loss weight", "Dataset", low=0)
+    repeats: int = setting(1, "How often each image is seen per epoch when the folder has no "
+                              "N_name sub-folders", "Repeats (flat folder)", "Dataset",
+                           low=1, high=100000)
+    caption_extension: str = setting(".txt", "Caption files' extension", "Caption extension",
+                                     "Captions", check=_ok_extension)
+    default_caption: str = setting("", "Caption for images without a caption file",
+                                   "Default caption", "Captions")
+    trigger_word: str = setting(
+        "", "Optional: put at the start of every caption, and into the card's activation text",
+        "Trigger word", "")
+    caption_prefix: str = setting("", "Text put before every caption", "Caption prefix",
+                                  "Captions")
+    caption_suffix: str = setting("", "Text put after every caption", "Caption suffix",
+                                  "Captions")
+    shuffle_tags: bool = setting(False, "Shuffle comma-separated tags each time (keep the first "
+                                        "ones with Keep tokens)", "Shuffle tags", "Captions")
+    keep_tokens: int = setting(0, "Tags kept in place at the start when shuffling",
+                               "Keep tokens", "Captions", low=0, high=1000)
+    caption_dropout: float = setting(0.0, "Chance to train an image with an empty caption",
+                                     "Caption dropout", "Captions", low=0, high=1)
+    tag_dropout: float = setting(0.0, "Chance to drop each tag", "Tag dropout", "Captions",
+                                 low=0, high=1)
+    max_token_length: int = setting(75, "Longest caption in tokens (75, 150 or 225)",
+                                    "Max token length", "Captions", choices=TOKEN_LENGTHS,
+                                    unit="tokens")
+    resolution: str = setting("512", "512 for SD1.5, 768 for SD2-v, 1024 for SDXL; or WxH",
+                              "Resolution", "Dataset", check=_ok_resolution, unit="px")
+    enable_buckets: bool = setting(True, "Keep each image's aspect ratio (recommended)",
+                                   "Aspect-ratio buckets", "Dataset")
+    min_bucket_side: int = setting(256, "Shortest bucket side", "Min bucket side", "Dataset",
+                                   low=64, high=8192, unit="px")
+    max_bucket_side: int = setting(1024, "Longest bucket side", "Max bucket side", "Dataset",
+                                   low=64, high=8192, unit="px")
+    bucket_step: int = setting(64, "Bucket sides are multiples of this (a multiple of 8)",
+                               "Bucket step", "Dataset", low=8, high=1024, unit="px",
+                               check=lambda v: _raise_if(v % 8, "must be a multiple of 8"))
+    no_upscale: bool = setting(False, "Never enlarge small images (they get smaller buckets)",
+                               "No upscale", "Dataset")
+    resize_mode: str = setting("crop", "How images are fitted to their bucket", "Resize mode",
+                               "Dataset", choices=RESIZE_MODES)
+    crop: str = setting("center", "Where the crop is taken", "Crop", "Dataset",
+                        choices=CROP_MODES)
+    flip: bool = setting(False, "Random horizontal flips (not for asymmetric subjects)",
+                         "Flip augmentation", "Dataset")
+    color_aug: bool = setting(False, "Small random colour changes (not applied while latents are cached)",
+                              "Colour augmentation", "Dataset")
+    background: str = setting("#ffffff", "Transparent pixels are composited on this colour (#rrggbb or a name)",
+                              "Background colour", "Dataset", check=_ok_colour)
+    cache_latents: bool = setting(True, "Encode each image once (much faster)", "Cache latents",
+                                  "Dataset")
+    cache_to_disk: bool = setting(False, "Keep cached latents on disk between runs",
+                                  "Cache to disk", "Dataset")
+    cache_dir: str = setting("", "Folder for the disk cache (empty = .latent_cache in the dataset folder)",
+                             "Cache folder", "Dataset")
+    cache_text: bool = setting(True, "Encode each caption once while the text encoder is not "
+                                     "trained", "Cache text conditioning", "Dataset")
+    masked_loss: bool = setting(False, "Train only where a mask is white: mask_dir/<stem>.png, "
+                                       "else the image's alpha channel", "Masked loss", "Dataset")
+    mask_dir: str = setting("", "Grey masks named like the images (white = train, black = "
+                                "ignore)", "Mask folder", "Dataset")
 
 
 @dataclass
 class OptimConfig:
-    optimizer: str = "AdamW"
-    optimizer_args: str = ""  # kohya style: "weight_decay=0.01 betas=0.9,0.999"
-    lr: float = 1e-4
-    unet_lr: float | None = None  # None: lr
-    te_lr: float | None = None  # None: lr
-    scheduler: str = "constant"
-    warmup_steps: int = 0
-    warmup_ratio: float = 0.0
-    scheduler_cycles: int = 1
-    scheduler_power: float = 1.0
-    max_grad_norm: float = 1.0  # 0 = off
-    scale_weight_norms: float = 0.0  # 0 = off
+    optimizer: str = setting(
+        "AdamW", "AdamW is a safe default; DAdaptAdam / Prodigy find the LR themselves (set LR 1)",
+        "Optimizer", "Optimizer and learning rate", check=_ok_optimizer)
+    optimizer_args: str = setting(
+        "", "key=value pairs as kohya takes them, e.g. weight_decay=0.01 betas=0.9,0.999",
+        "Optimizer arguments", "Optimizer and learning rate", check=_ok_optimizer_args)
+    lr: float = setting(1e-4, "1e-4 for AdamW; 1.0 for DAdaptation / Prodigy", "Learning rate",
+                        "Optimizer and learning rate", low=0)
+    unet_lr: float | None = setting(
+        None, "Empty = the learning rate above; 0 = do not train the UNet", "UNet learning rate",
+        "Optimizer and learning rate", low=0, optional=True)
+    te_lr: float | None = setting(
+        None, "Empty = the learning rate above; 0 = do not train the text encoder; often half "
+              "of the UNet's", "Text encoder learning rate", "Optimizer and learning rate",
+        low=0, optional=True)
+    scheduler: str = setting("constant", "How the LR changes over the run; constant is right "
+                                         "for adaptive optimizers", "Scheduler",
+                             "Optimizer and learning rate", choices=SCHEDULERS)
+    warmup_steps: int = setting(0, "Steps of linear warmup from 0", "Warmup steps",
+                                "Optimizer and learning rate", low=0, high=10**7, unit="steps")
+    warmup_ratio: float = setting(0.0, "Warmup as a fraction of the run (used when warmup "
+                                       "steps is 0)", "Warmup ratio",
+                                  "Optimizer and learning rate", low=0, high=1)
+    scheduler_cycles: int = setting(1, "Restarts of cosine_with_restarts", "Scheduler cycles",
+                                    "Optimizer and learning rate", low=1, high=10000)
+    scheduler_power: float = setting(1.0, "Power of the polynomial scheduler", "Scheduler power",
+                                     "Optimizer and learning rate", low=0, low_open=True,
+                                     high=100)
+    max_grad_norm: float = setting(1.0, "Clip gradients to this norm (0 = off)", "Max grad norm",
+                                   "Optimizer and learning rate", low=0)
+    scale_weight_norms: float = setting(
+        0.0, "Scale each adapter down so its weight change's norm stays under this (0 = off)",
+        "Scale weight norms", "Optimizer and learning rate", low=0)
 
 
 @dataclass
 class LossConfig:
-    loss: str = "mse"
-    huber_delta: float = 0.1
-    huber_schedule: str = "snr"
-    min_snr_gamma: float = 0.0  # 0 = off
-    debiased_estimation: bool = False
-    noise_offset: float = 0.0
-    noise_offset_random_strength: bool = False
-    multires_noise_iterations: int = 0
-    multires_noise_discount: float = 0.3
-    input_perturbation: float = 0.0
-    timestep_min: int = 0
-    timestep_max: int = 1000
-    timestep_sampling: str = "uniform"
-    logit_mean: float = 0.0
-    logit_std: float = 1.0
+    loss: str = setting("mse", "MSE is standard; Huber / SmoothL1 are robust to outliers", "Loss",
+                        "Loss and noise", choices=LOSSES)
+    huber_delta: float = setting(0.1, "Huber: where the loss turns from squared to linear",
+                                 "Huber delta", "Loss and noise", low=0, low_open=True)
+    huber_schedule: str = setting("snr", "Huber: how delta follows the timestep",
+                                  "Huber schedule", "Loss and noise", choices=HUBER_SCHEDULES)
+    min_snr_gamma: float = setting(0.0, "5 is the usual value; 0 = off", "Min-SNR gamma",
+                                   "Loss and noise", low=0)
+    debiased_estimation: bool = setting(False, "Weight the loss by 1/sqrt(SNR)",
+                                        "Debiased estimation", "Loss and noise")
+    noise_offset: float = setting(0.0, "0.05-0.1 helps very dark / bright images; 0 = off",
+                                  "Noise offset", "Loss and noise", low=0, high=1)
+    noise_offset_random_strength: bool = setting(False, "A random noise offset up to the value",
+                                                 "Random noise offset", "Loss and noise")
+    multires_noise_iterations: int = setting(0, "Pyramid noise levels, 6-10 typical (0 = off)",
+                                             "Multires noise iterations", "Loss and noise",
+                                             low=0, high=10)
+    multires_noise_discount: float = setting(0.3, "Pyramid noise: weight of each lower level",
+                                             "Multires noise discount", "Loss and noise",
+                                             low=0, high=1)
+    input_perturbation: float = setting(0.0, "Extra noise on the input only, e.g. 0.1 (0 = off)",
+                                        "Input perturbation", "Loss and noise", low=0, high=1)
+    timestep_min: int = setting(0, "Train only timesteps from this", "Min timestep",
+                                "Loss and noise", low=0, high=999)
+    timestep_max: int = setting(1000, "... up to this (exclusive)", "Max timestep",
+                                "Loss and noise", low=1, high=1000)
+    timestep_sampling: str = setting("uniform", "How timesteps are drawn", "Timestep sampling",
+                                     "Loss and noise", choices=TIMESTEP_SAMPLING)
+    logit_mean: float = setting(0.0, "logit_normal: mean", "Logit mean", "Loss and noise",
+                                low=-10, high=10)
+    logit_std: float = setting(1.0, "logit_normal: standard deviation", "Logit std",
+                               "Loss and noise", low=0, low_open=True, high=10)
 
 
 @dataclass
 class TrainConfig:
-    max_steps: int = 200
-    epochs: int = 0  # > 0: train for this many epochs instead of max_steps
-    batch_size: int = 1
-    grad_accum: int = 1
-    seed: int = 0
-    dtype: str = "bf16"  # compute dtype (autocast); adapter weights stay fp32
-    adapter_dtype: str = "fp32"
-    gradient_checkpointing: bool = False
-    ema: bool = False
-    ema_decay: float = 0.999
+    max_steps: int = setting(200, "Optimizer steps in total", "Steps", "Training", low=1,
+                             high=10**7, unit="steps", aliases=("--steps",))
+    epochs: int = setting(0, "If > 0: train this many passes over the dataset instead of Steps",
+                          "Epochs", "Training", low=0, high=10**6)
+    batch_size: int = setting(1, "Images per step; more needs more VRAM", "Batch size",
+                              "Training", low=1, high=10000)
+    grad_accum: int = setting(1, "Steps of gradients summed before one update (a larger batch "
+                                 "without the VRAM)", "Gradient accumulation", "Training",
+                              low=1, high=1024)
+    seed: int = setting(0, "Same seed + same data = same weights on the same device", "Seed",
+                        "Training", low=0, high=2**63 - 1)
+    dtype: str = setting("bf16", "Compute precision: bf16 on recent GPUs, fp16 on older ones, "
+                                 "fp32 on CPUs (the adapter's weights stay fp32)",
+                         "Training precision", "Training", choices=DTYPES)
+    adapter_dtype: str = setting("fp32", "Precision the adapter's own weights are kept in",
+                                 "Adapter precision", "Training", choices=ADAPTER_DTYPES)
+    gradient_checkpointing: bool = setting(False, "Less VRAM, about 20-30% slower",
+                                           "Gradient checkpointing", "Training")
+    ema: bool = setting(False, "Keep an exponential moving average of the adapter's weights",
+                        "EMA", None, not_built="EMA of the adapter weights is not built yet")
+    ema_decay: float = setting(0.999, "EMA decay per step", "EMA decay", None, low=0, high=1,
+                               not_built="EMA of the adapter weights is not built yet")
 
 
 @dataclass
 class SaveConfig:
-    output_dir: str = ""
-    output_name: str = "my_lora"
-    save_dtype: str = "fp16"
-    save_every_steps: int = 0
-    save_every_epochs: int = 0
-    keep_last: int = 0  # 0 = keep all snapshots
-    save_state: bool = False
-    comment: str = ""
+    output_dir: str = setting("", "Where files go; empty = the WebUI's Lora folder",
+                              "Output folder", "Saving", flag="--out")
+    output_name: str = setting("my_lora", "File name of the LoRA (no extension); it appears "
+                                          "under this name in the Lora tab", "Output name", "",
+                               check=check_output_name)
+    save_dtype: str = setting("fp16", "fp16 is what most LoRA files use", "Save precision",
+                              "Saving", choices=SAVE_DTYPES)
+    save_every_steps: int = setting(0, "A snapshot file every N steps (0 = only at the end)",
+                                    "Save every N steps", "Saving", low=0, high=10**7,
+                                    unit="steps", aliases=("--save-every",))
+    save_every_epochs: int = setting(0, "A snapshot file every N epochs (0 = off)",
+                                     "Save every N epochs", "Saving", low=0, high=10**6,
+                                     unit="epochs")
+    keep_last: int = setting(0, "Delete older snapshots (0 = keep all)", "Keep last snapshots",
+                             "Saving", low=0, high=10**6)
+    save_state: bool = setting(False, "Also save the full training state, to resume from",
+                               "Save training state", "Saving")
+    comment: str = setting("", "Stored in the file's metadata", "Comment", "Saving")
+
+
+def _raise_if(bad: Any, message: str) -> None:
+    if bad:
+        raise UserError("value", message)
+
+
+SECTIONS = {"model": ModelConfig, "network": NetworkConfig, "data": DataConfig,
+            "optim": OptimConfig, "loss": LossConfig, "train": TrainConfig, "save": SaveConfig}
+
+
+def _specs() -> dict[str, Spec]:
+    out: dict[str, Spec] = {}
+    for section, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            meta = dict(f.metadata["spec"])
+            kind = {"bool": bool, "int": int, "float": float, "str": str}[
+                str(f.type).split("|")[0].strip()]
+            if not meta.get("label"):
+                meta["label"] = f.name.replace("_", " ").capitalize()
+            out[f"{section}.{f.name}"] = Spec(path=f"{section}.{f.name}", kind=kind,
+                                              default=f.default, **meta)
+    return out
+
+
+SETTINGS: dict[str, Spec] = _specs()
+
+
+def _cross_field_problems(cfg: "RunConfig") -> list[UserError]:
+    """Rules between fields (each field's own range is checked by its Spec)."""
+    out = []
+    d, l = cfg.data, cfg.loss
+    if isinstance(d.max_bucket_side, int) and isinstance(d.min_bucket_side, int) and \
+            d.max_bucket_side < d.min_bucket_side:
+        out.append(UserError("data.max_bucket_side", f"{d.max_bucket_side} is below "
+                                                     f"data.min_bucket_side {d.min_bucket_side}"))
+    if isinstance(l.timestep_max, int) and isinstance(l.timestep_min, int) and \
+            l.timestep_max <= l.timestep_min:
+        out.append(UserError("loss.timestep_max", f"{l.timestep_max} must be above "
+                                                  f"loss.timestep_min {l.timestep_min}"))
+    return out
 
 
 @dataclass
@@ -175,27 +515,59 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     save: SaveConfig = field(default_factory=SaveConfig)
 
+    # -- values by path ----------------------------------------------------------------------
+    def get(self, path: str) -> Any:
+        section, name = path.split(".")
+        return getattr(getattr(self, section), name)
+
+    def set(self, path: str, value: Any) -> None:
+        """Set one setting from any accepted form ('8', 8.0, 'true'...); UserError naming it."""
+        spec = SETTINGS.get(path)
+        if spec is None:
+            raise UserError(path, "unknown setting")
+        section, name = path.split(".")
+        setattr(getattr(self, section), name, coerce(spec, value))
+
     # -- (de)serialisation -------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "RunConfig":
-        """Build from a (possibly partial) dict; unknown keys are an error naming the key."""
+    def from_dict(cls, data: dict[str, Any], base: "RunConfig | None" = None,
+                  validate: bool = False) -> "RunConfig":
+        """Settings from a (possibly partial) dict of sections over `base` (default: the
+        defaults); unknown sections or keys and values of the wrong type are errors naming them
+        (all of them at once, with every range problem too when `validate`)."""
         if not isinstance(data, dict):
             raise UserError("config", "must be a JSON/TOML object of sections")
         data = migrate(dict(data))
-        cfg = cls()
+        cfg = cls.from_dict(base.to_dict()) if base is not None else cls()
+        problems: list[UserError] = []
         for name, value in data.items():
             if name == "version":
                 continue
-            section = getattr(cfg, name, None)
-            if section is None or not dataclasses.is_dataclass(section):
-                valid = ", ".join(f.name for f in dataclasses.fields(cls) if f.name != "version")
-                raise UserError(name, f"unknown config section; valid: {valid}")
+            if name not in SECTIONS:
+                problems.append(UserError(name, "unknown config section; valid: "
+                                                + ", ".join(SECTIONS)))
+                continue
             if not isinstance(value, dict):
-                raise UserError(name, "must be an object of settings")
-            _update_section(name, section, value)
+                problems.append(UserError(name, "must be an object of settings"))
+                continue
+            for key, v in value.items():
+                path = f"{name}.{key}"
+                if path not in SETTINGS:
+                    valid = ", ".join(f.name for f in dataclasses.fields(SECTIONS[name]))
+                    problems.append(UserError(path, f"unknown setting; valid: {valid}"))
+                    continue
+                try:
+                    cfg.set(path, v)
+                except UserError as e:
+                    problems.append(e)
+        if validate:
+            seen = {p.field for p in problems}
+            problems += [p for p in cfg.problems() if p.field not in seen]
+        if problems:
+            raise UserErrors(problems)
         return cfg
 
     def to_json(self) -> str:
@@ -207,19 +579,13 @@ class RunConfig:
         atomic_write_text(path, text)
 
     @classmethod
-    def read(cls, path: str) -> "RunConfig":
-        if not os.path.isfile(path):
-            raise UserError("config", f"file not found: {path}")
-        with open(path, "rb") as f:
-            raw = f.read()
-        try:
-            if path.endswith(".toml"):
-                data = _load_toml(raw.decode("utf-8"))
-            else:
-                data = json.loads(raw.decode("utf-8"))
-        except (ValueError, UnicodeDecodeError) as e:
-            raise UserError("config", f"cannot parse {path}: {e}") from None
-        return cls.from_dict(data)
+    def read(cls, path: str, base: "RunConfig | None" = None) -> "RunConfig":
+        return cls.from_dict(read_config_file(path), base)
+
+    def changed(self) -> dict[str, Any]:
+        """{path: value} of the settings that differ from the defaults."""
+        default = RunConfig()
+        return {p: self.get(p) for p in SETTINGS if self.get(p) != default.get(p)}
 
     # -- derived values ----------------------------------------------------------------------
     @property
@@ -230,76 +596,61 @@ class RunConfig:
     def te_lr(self) -> float:
         return self.optim.lr if self.optim.te_lr is None else self.optim.te_lr
 
+    # -- checks ------------------------------------------------------------------------------
+    def problems(self) -> list[UserError]:
+        """Every setting outside its range or choices, and every rule between settings broken."""
+        out = [p for spec in SETTINGS.values() if (p := spec.problem(self.get(spec.path)))]
+        return out + _cross_field_problems(self)
+
     def validate(self) -> "RunConfig":
-        """Raise UserError for the first bad field; return self for chaining."""
-        m, n, d, o, l, t, s = (
-            self.model, self.network, self.data, self.optim, self.loss, self.train, self.save)
-        _choice("model.arch", m.arch, ARCHES)
-        _choice("model.prediction", m.prediction, PREDICTIONS)
-        _choice("network.algo", n.algo, ALGOS)
-        _int_range("network.rank", n.rank, 1, 100000)
-        _positive("network.alpha", n.alpha, allow_zero=True)
-        _int_range("network.conv_rank", n.conv_rank, 0, 100000)
-        _positive("network.conv_alpha", n.conv_alpha, allow_zero=True)
-        for name in ("dropout", "rank_dropout", "module_dropout"):
-            _fraction(f"network.{name}", getattr(n, name))
-        _choice("network.train_on", n.train_on, TARGETS)
-        _positive("network.loraplus_ratio", n.loraplus_ratio)
-        if n.lokr_factor != -1:
-            _int_range("network.lokr_factor", n.lokr_factor, 1, 100000)
-        _positive("data.prior_loss_weight", d.prior_loss_weight, allow_zero=True)
-        _int_range("data.repeats", d.repeats, 1, 100000)
-        _int_range("data.keep_tokens", d.keep_tokens, 0, 1000)
-        _fraction("data.caption_dropout", d.caption_dropout)
-        _fraction("data.tag_dropout", d.tag_dropout)
-        _choice("data.max_token_length", d.max_token_length, (75, 150, 225))
-        parse_resolution(d.resolution)
-        _int_range("data.bucket_step", d.bucket_step, 8, 1024)
-        if d.bucket_step % 8:
-            raise UserError("data.bucket_step", "must be a multiple of 8")
-        _int_range("data.min_bucket_side", d.min_bucket_side, 64, 8192)
-        _int_range("data.max_bucket_side", d.max_bucket_side, d.min_bucket_side, 8192)
-        _choice("data.resize_mode", d.resize_mode, RESIZE_MODES)
-        _choice("data.crop", d.crop, CROP_MODES)
-        _positive("optim.lr", o.lr, allow_zero=True)
-        if o.unet_lr is not None:
-            _positive("optim.unet_lr", o.unet_lr, allow_zero=True)
-        if o.te_lr is not None:
-            _positive("optim.te_lr", o.te_lr, allow_zero=True)
-        _choice("optim.scheduler", o.scheduler, SCHEDULERS)
-        _int_range("optim.warmup_steps", o.warmup_steps, 0, 10**7)
-        _fraction("optim.warmup_ratio", o.warmup_ratio)
-        _int_range("optim.scheduler_cycles", o.scheduler_cycles, 1, 10000)
-        _positive("optim.scheduler_power", o.scheduler_power)
-        _positive("optim.max_grad_norm", o.max_grad_norm, allow_zero=True)
-        _positive("optim.scale_weight_norms", o.scale_weight_norms, allow_zero=True)
-        _choice("loss.loss", l.loss, LOSSES)
-        _choice("loss.huber_schedule", l.huber_schedule, HUBER_SCHEDULES)
-        _positive("loss.huber_delta", l.huber_delta)
-        _positive("loss.min_snr_gamma", l.min_snr_gamma, allow_zero=True)
-        _positive("loss.noise_offset", l.noise_offset, allow_zero=True)
-        _int_range("loss.multires_noise_iterations", l.multires_noise_iterations, 0, 10)
-        _positive("loss.input_perturbation", l.input_perturbation, allow_zero=True)
-        _int_range("loss.timestep_min", l.timestep_min, 0, 999)
-        _int_range("loss.timestep_max", l.timestep_max, l.timestep_min + 1, 1000)
-        _choice("loss.timestep_sampling", l.timestep_sampling, TIMESTEP_SAMPLING)
-        _int_range("train.max_steps", t.max_steps, 1, 10**7)
-        _int_range("train.epochs", t.epochs, 0, 10**6)
-        _int_range("train.batch_size", t.batch_size, 1, 10000)
-        _int_range("train.grad_accum", t.grad_accum, 1, 1024)
-        _int_range("train.seed", t.seed, 0, 2**64 - 1)
-        _choice("train.dtype", t.dtype, DTYPES)
-        _choice("train.adapter_dtype", t.adapter_dtype, ("fp32", "bf16"))
-        _fraction("train.ema_decay", t.ema_decay)
-        _choice("save.save_dtype", s.save_dtype, SAVE_DTYPES)
-        if not s.output_name or any(c in s.output_name for c in '/\\:*?"<>|') or \
-                s.output_name.strip(". ") == "":
-            raise UserError("save.output_name",
-                            "must be a plain file name without / \\ : * ? \" < > |")
-        _int_range("save.save_every_steps", s.save_every_steps, 0, 10**7)
-        _int_range("save.save_every_epochs", s.save_every_epochs, 0, 10**6)
-        _int_range("save.keep_last", s.keep_last, 0, 10**6)
+        """Raise UserErrors (all problems, the first one's field) or return self."""
+        problems = self.problems()
+        if problems:
+            raise UserErrors(problems)
         return self
+
+
+def coerce(spec: Spec, value: Any) -> Any:
+    """`value` as the setting's type: '8' -> 8, 'true' -> True, '' -> None where optional."""
+    if value is None or (spec.optional and isinstance(value, str) and not value.strip()):
+        if spec.optional:
+            return None
+        raise UserError(spec.path, "must not be empty")
+    kind = spec.kind
+    try:
+        if kind is bool:
+            if isinstance(value, str):
+                low = value.strip().lower()
+                if low in ("true", "1", "yes", "on"):
+                    return True
+                if low in ("false", "0", "no", "off"):
+                    return False
+                raise ValueError(value)
+            if isinstance(value, (bool, int)) and value in (0, 1):
+                return bool(value)
+            raise ValueError(value)
+        if kind is int:
+            if isinstance(value, bool):
+                raise ValueError(value)
+            if isinstance(value, str):
+                value = float(value.strip()) if re.fullmatch(r"\s*[-+]?\d+(\.0*)?(e\+?\d+)?\s*",
+                                                             value, re.I) else int(value)
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if kind is float:
+            if isinstance(value, bool):
+                raise ValueError(value)
+            out = float(value.strip() if isinstance(value, str) else value)
+            if math.isnan(out):
+                raise ValueError(value)
+            return out
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ValueError(value)
+        return str(value)
+    except (TypeError, ValueError, OverflowError):
+        wanted = {bool: "true or false", str: "text"}.get(kind) or spec.range_text()
+        raise UserError(spec.path, f"{value!r} is not valid; give {wanted}") from None
 
 
 def parse_resolution(text: str | int) -> tuple[int, int]:
@@ -326,73 +677,84 @@ def migrate(data: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
-def _update_section(section_name: str, section: Any, values: dict[str, Any]) -> None:
-    fields = {f.name: f for f in dataclasses.fields(section)}
-    for key, value in values.items():
-        if key not in fields:
-            raise UserError(f"{section_name}.{key}",
-                            f"unknown setting; valid: {', '.join(fields)}")
-        current = getattr(section, key)
-        setattr(section, key, _coerce(f"{section_name}.{key}", value, current, fields[key]))
+def read_config_file(path: str) -> dict[str, Any]:
+    """The raw sections of a JSON or TOML config file (nothing checked but the syntax)."""
+    import os
 
-
-def _coerce(name: str, value: Any, current: Any, f: dataclasses.Field) -> Any:
-    optional = "None" in str(f.type)
-    if value is None:
-        if optional:
-            return None
-        raise UserError(name, "must not be empty")
-    kind = type(current) if current is not None else (float if "float" in str(f.type) else int)
+    if not os.path.isfile(path):
+        raise UserError("config", f"file not found: {path}")
+    with open(path, "rb") as f:
+        raw = f.read()
     try:
-        if kind is bool:
-            if isinstance(value, str):
-                low = value.strip().lower()
-                if low in ("true", "1", "yes", "on"):
-                    return True
-                if low in ("false", "0", "no", "off"):
-                    return False
-                raise ValueError(value)
-            if isinstance(value, (bool, int)):
-                return bool(value)
-            raise ValueError(value)
-        if kind is int:
-            if isinstance(value, bool):
-                raise ValueError(value)
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError(value)
-            return int(value)
-        if kind is float:
-            if isinstance(value, bool):
-                raise ValueError(value)
-            out = float(value)
-            if math.isnan(out):
-                raise ValueError(value)
-            return out
-        return str(value)
-    except (TypeError, ValueError):
-        raise UserError(name, f"expected {kind.__name__}, got {value!r}") from None
+        text = raw.decode("utf-8")
+        data = _load_toml(text) if path.endswith(".toml") else json.loads(text)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError("config", f"cannot parse {path}: {e}") from None
+    if not isinstance(data, dict):
+        raise UserError("config", f"{path} must hold an object of sections")
+    return data
 
 
-def _choice(name: str, value: Any, valid: tuple) -> None:
-    if value not in valid:
-        raise UserError(name, f"{value!r} is not valid; choose one of {', '.join(map(str, valid))}")
+# -- presets (the guide's "easy settings", seed 003) ------------------------------------------
+_EASY_COMMON: dict[str, dict[str, Any]] = {
+    "network": {"algo": "lora", "rank": 64, "alpha": 1.0},
+    "data": {"resolution": "512", "min_bucket_side": 320, "max_bucket_side": 1024,
+             "max_token_length": 225},
+    "loss": {"min_snr_gamma": 5.0},
+    "train": {"max_steps": 1000},
+}
 
 
-def _int_range(name: str, value: int, low: int, high: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-        raise UserError(name, f"{value!r} is not valid; give a whole number in {low}..{high}")
+def _easy(optimizer: str, args: str) -> dict[str, dict[str, Any]]:
+    preset = {section: dict(values) for section, values in _EASY_COMMON.items()}
+    preset["optim"] = {"optimizer": optimizer, "optimizer_args": args, "lr": 1.0,
+                       "unet_lr": 1.0, "te_lr": 1.0, "scheduler": "constant",
+                       "warmup_steps": 0, "warmup_ratio": 0.0}
+    return preset
 
 
-def _positive(name: str, value: float, allow_zero: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and math.isfinite(value) and (
-        value >= 0 if allow_zero else value > 0)
-    if not ok:
-        raise UserError(name, f"{value!r} is not valid; give a number {'>= 0' if allow_zero else '> 0'}")
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    # The guide's table: DAdaptAdam, LR 1.0 for both, constant, alpha 1, dim 64, ~1000 steps,
+    # buckets 320..768-1024, min_snr_gamma 5, 225 tokens.
+    "easy-dadaptadam": _easy("DAdaptAdam", "decouple=True weight_decay=0.01 betas=0.9,0.999"),
+    # "The same settings with Prodigy (only the optimizer args changed)", args from its section.
+    "easy-prodigy": _easy("Prodigy", "decouple=True weight_decay=0.01 d_coef=2 "
+                                     "use_bias_correction=True safeguard_warmup=False "
+                                     "betas=0.9,0.999"),
+}
 
 
-def _fraction(name: str, value: float) -> None:
-    if not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-        raise UserError(name, f"{value!r} is not valid; give a number in 0..1")
+def preset(name: str) -> RunConfig:
+    """A preset's settings over the defaults; UserError for an unknown name."""
+    if name not in PRESETS:
+        raise UserError("preset", f"{name!r} is not a preset; choose one of {', '.join(PRESETS)}")
+    return RunConfig.from_dict(PRESETS[name])
+
+
+# -- the settings table in words (README, `settings` command) ------------------------------------
+def settings_markdown() -> str:
+    """One row per setting: key, default, valid values, help. The README holds this table."""
+    rows = ["| setting | default | valid | what it does |", "| --- | --- | --- | --- |"]
+    for spec in SETTINGS.values():
+        default = "(empty)" if spec.default in ("", None) else _fmt(spec.default)
+        valid = spec.range_text() + (f" ({spec.unit})" if spec.unit else "")
+        if spec.optional:
+            valid += ", or empty"
+        help_text = spec.help + (f" *Not available yet.*" if spec.not_built else "")
+        rows.append(f"| `{spec.path}` | `{default}` | {valid} | {help_text.replace('|', '/')} |")
+    return "\n".join(rows) + "\n"
+
+
+def settings_json() -> list[dict[str, Any]]:
+    """The settings table as data (the API's GET /settings, `settings --json`)."""
+    out = []
+    for spec in SETTINGS.values():
+        out.append({"key": spec.path, "type": spec.kind.__name__, "default": spec.default,
+                    "valid": spec.range_text(), "low": spec.low, "high": spec.high,
+                    "choices": list(spec.choices), "unit": spec.unit, "optional": spec.optional,
+                    "help": spec.help, "label": spec.label, "flag": spec.cli_flag,
+                    "available": not spec.not_built})
+    return out
 
 
 def to_toml(data: dict[str, Any]) -> str:

@@ -442,32 +442,3 @@ def _lr_text(unet_lr: float | None, te_lr: float | None) -> str:
     if te_lr:
         parts.append(f"TE {te_lr:g}")
     return ", ".join(parts) or "none"
-
-
-# -- presets (seed 003 "easy settings") ----------------------------------------------------------
-_EASY_COMMON: dict[str, dict[str, Any]] = {
-    "network": {"algo": "lora", "rank": 64, "alpha": 1.0},
-    "data": {"resolution": "512", "min_bucket_side": 320, "max_bucket_side": 1024,
-             "max_token_length": 225},
-    "loss": {"min_snr_gamma": 5.0},
-    "train": {"max_steps": 1000},
-}
-
-
-def _easy(optimizer: str, args: str) -> dict[str, dict[str, Any]]:
-    preset = {section: dict(values) for section, values in _EASY_COMMON.items()}
-    preset["optim"] = {"optimizer": optimizer, "optimizer_args": args, "lr": 1.0,
-                       "unet_lr": 1.0, "te_lr": 1.0, "scheduler": "constant",
-                       "warmup_steps": 0, "warmup_ratio": 0.0}
-    return preset
-
-
-PRESETS: dict[str, dict[str, dict[str, Any]]] = {
-    # The guide's table: DAdaptAdam, LR 1.0 for both, constant, alpha 1, dim 64, ~1000 steps,
-    # buckets 320..768-1024, min_snr_gamma 5, 225 tokens.
-    "easy-dadaptadam": _easy("DAdaptAdam", "decouple=True weight_decay=0.01 betas=0.9,0.999"),
-    # "The same settings with Prodigy (only the optimizer args changed)", args from its section.
-    "easy-prodigy": _easy("Prodigy", "decouple=True weight_decay=0.01 d_coef=2 "
-                                     "use_bias_correction=True safeguard_warmup=False "
-                                     "betas=0.9,0.999"),
-}

@@ -1,17 +1,152 @@
-"""The one check every entry point runs before any model work (tab, API, CLI, trainer).
+"""The one check every entry point runs before any model work: the tab, the API, the command
+line and the trainer all call `preflight()`.
 
-`preflight(cfg, ...)` returns a `Preflight` with every problem found (each a UserError naming its
-field) and the guide's warnings; `raise_if_failed()` raises the first problems as one error.
+It looks at everything and returns every problem at once, each a UserError naming its field:
+the settings' ranges and choices (the settings table in config.py), the rules between them, the
+optimizer (its package, its arguments, the LRs it accepts), the folders (dataset, regularization,
+masks, cache, output), the dataset itself (at least one usable image), a file to continue from,
+and what the host's model and device allow. `Preflight.raise_if_failed()` raises them together
+as one `UserErrors`.
 """
 
 from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
 from . import optim as O
 from .config import RunConfig
-from .errors import UserError
+from .errors import UserError, UserErrors
 from .networks.targets import parse_block_values
+
+# the text-encoder parts of each architecture, as networks name them
+TE_PARTS = {"sd1": ("te",), "sd2": ("te",), "sdxl": ("te1", "te2")}
+
+
+@dataclass
+class Preflight:
+    problems: list[UserError] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # the guide's advice; the run may go on
+    dataset_summary: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def raise_if_failed(self) -> "Preflight":
+        if self.problems:
+            raise UserErrors(self.problems)
+        return self
+
+
+def preflight(cfg: RunConfig, *, arch: str | None = None, device: torch.device | str | None = None,
+              dataset: bool = True, scan: bool = True,
+              host_check: Callable[[RunConfig], None] | None = None) -> Preflight:
+    """Check `cfg` for a run on a model of `arch` (default: cfg.model.arch) on `device`.
+
+    dataset: check the dataset, regularization and mask folders (False where the caller brings
+    its own data, as tests do); scan: also scan the dataset for usable images (the trainer, which
+    scans it right after, says False); host_check: the host's own refusals (raises UserError)."""
+    out = Preflight()
+    out.problems += cfg.problems()
+    arch = arch or cfg.model.arch
+    bad_fields = {p.field for p in out.problems}
+    if not bad_fields & {"optim.optimizer", "optim.optimizer_args", "optim.lr", "optim.unet_lr",
+                         "optim.te_lr", "network.train_on", "network.block_ranks",
+                         "network.block_lr_weights", "network.loraplus_ratio"}:
+        try:
+            out.warnings += check_settings(cfg, TE_PARTS.get(arch, ("te",)))
+        except UserError as e:
+            out.problems.append(e)
+    if cfg.train.dtype == "fp16" and device is not None and torch.device(device).type != "cuda":
+        out.problems.append(UserError("train.dtype", "fp16 needs a CUDA GPU; use bf16 or fp32 "
+                                                     "on the CPU"))
+    if host_check is not None:
+        try:
+            host_check(cfg)
+        except UserError as e:
+            out.problems.append(e)
+    out.problems += _output_problems(cfg)
+    out.problems += _file_problems(cfg, arch)
+    if dataset:
+        folder_problems = _dataset_folder_problems(cfg)
+        out.problems += folder_problems
+        if scan and not folder_problems and "data.resolution" not in bad_fields:
+            out.problems += _dataset_problems(cfg, out)
+    return out
+
+
+def _output_problems(cfg: RunConfig) -> list[UserError]:
+    folder = cfg.save.output_dir or "."
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        return [UserError("save.output_dir", f"{folder} is a file, not a folder")]
+    probe_dir = folder
+    while not os.path.exists(probe_dir):  # the nearest folder that exists must be writable
+        parent = os.path.dirname(os.path.abspath(probe_dir))
+        if parent == os.path.abspath(probe_dir):
+            break
+        probe_dir = parent
+    if not os.path.isdir(probe_dir) or not os.access(probe_dir, os.W_OK | os.X_OK):
+        return [UserError("save.output_dir", f"cannot write to {folder}")]
+    return []
+
+
+def _file_problems(cfg: RunConfig, arch: str) -> list[UserError]:
+    path = cfg.network.existing_lora
+    if not path:
+        return []
+    if not os.path.isfile(path):
+        return [UserError("network.existing_lora", f"file not found: {path}")]
+    from .inspect import arch_from_version
+
+    try:
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as e:  # not a safetensors file, truncated, ...
+        return [UserError("network.existing_lora", f"cannot read {os.path.basename(path)} as a "
+                                                   f"safetensors file: {e}")]
+    version = str(meta.get("ss_base_model_version", ""))
+    file_arch = arch_from_version(version)
+    if file_arch and file_arch != arch:
+        return [UserError("network.existing_lora", f"{os.path.basename(path)} was trained for "
+                                                   f"{version}; this model is {arch}")]
+    return []
+
+
+def _dataset_folder_problems(cfg: RunConfig) -> list[UserError]:
+    d = cfg.data
+    out = []
+    if not d.dataset_dir:
+        out.append(UserError("data.dataset_dir", "give the folder with your training images"))
+    elif not os.path.isdir(d.dataset_dir):
+        out.append(UserError("data.dataset_dir", f"folder not found: {d.dataset_dir}"))
+    if d.reg_dir and not os.path.isdir(d.reg_dir):
+        out.append(UserError("data.reg_dir", f"folder not found: {d.reg_dir}"))
+    if d.masked_loss and d.mask_dir and not os.path.isdir(d.mask_dir):
+        out.append(UserError("data.mask_dir", f"folder not found: {d.mask_dir}"))
+    if d.cache_to_disk and d.cache_dir and os.path.exists(d.cache_dir) and \
+            not os.path.isdir(d.cache_dir):
+        out.append(UserError("data.cache_dir", f"{d.cache_dir} is a file, not a folder"))
+    return out
+
+
+def _dataset_problems(cfg: RunConfig, out: Preflight) -> list[UserError]:
+    from .data import check_dataset
+
+    try:
+        report = check_dataset(cfg.data, cfg.train.batch_size, seed=cfg.train.seed)
+    except UserError as e:
+        return [e]
+    out.dataset_summary = report.summary_text()
+    if not report.ok:
+        return [UserError("data.dataset_dir", f"no usable image in {cfg.data.dataset_dir}: "
+                                              + report.summary_text().replace("\n", "; "))]
+    return []
 
 
 def trained_parts(cfg: RunConfig, te_parts: tuple[str, ...] = ("te",)) -> list[str]:

@@ -51,6 +51,10 @@ class Host:
         raise NotImplementedError
         yield  # pragma: no cover
 
+    def device(self):
+        """The torch device the model trains on (None: not known, no device checks)."""
+        return None
+
     def check_config(self, cfg) -> None:
         """Refuse settings this host's model cannot train with (raise UserError)."""
 

@@ -61,6 +61,9 @@ class StandaloneHost(Host):
                          prediction=self.bundle.prediction, hash=self.bundle.model_hash,
                          default_resolution=64)
 
+    def device(self) -> torch.device:
+        return self.bundle.device
+
     @contextlib.contextmanager
     def prepared_model(self) -> Iterator[ModelBundle]:
         threads = torch.get_num_threads()

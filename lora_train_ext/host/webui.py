@@ -126,6 +126,13 @@ class WebUIHost(Host):
             return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         return "fp32" if weights.dtype == torch.float32 else "bf16"
 
+    def device(self) -> torch.device | None:
+        from modules import shared
+
+        if shared.sd_model is None:
+            return None
+        return next(shared.sd_model.model.diffusion_model.parameters()).device
+
     def weights_dtype(self) -> torch.dtype:
         from modules import shared
 

@@ -1,153 +1,65 @@
 """The `Train LoRA` tab (gradio 3.41 and 4.x).
 
 Simple by default: the loaded model, dataset folder, output name, preset and Train. Everything
-else sits in accordions. The form is one table of fields (config path, widget, label, tooltip);
-the Train handler turns the values into one RunConfig before anything else sees them.
+else sits in accordions. The widgets, labels, tooltips and groups come from the settings table
+(core/config.py SETTINGS); the Train handler turns the values into one RunConfig, on top of the
+chosen preset, before anything else sees them. The tab reaches the core through the run manager.
 """
 
 from __future__ import annotations
 
 import html
 import os
-from dataclasses import dataclass
 from typing import Any, Callable
 
-from ..core.config import (ALGOS, DTYPES, LOSSES, RESIZE_MODES, SAVE_DTYPES, SCHEDULERS,
-                           TARGETS, RunConfig)
+from ..core.config import GROUPS, SETTINGS, RunConfig, Spec
 from ..core.errors import UserError
 from ..runs import RunManager, parse_strengths, strength_grid
 from .chart import loss_chart_svg
 
 PRESET_DEFAULT = "default (AdamW, rank 8)"
 
-
-@dataclass
-class Field:
-    path: str  # "section.field" of RunConfig
-    kind: str  # text, number, int, slider, check, choice
-    label: str
-    info: str
-    choices: tuple = ()
-    minimum: float | None = None
-    maximum: float | None = None
-    step: float | None = None
+# the tab's fields in order: the simple ones first, then each accordion's
+ALL_FIELDS: list[Spec] = [spec for group in GROUPS for spec in SETTINGS.values()
+                          if spec.group == group]
+SIMPLE_FIELDS = [f for f in ALL_FIELDS if f.group == ""]
+ADVANCED: dict[str, list[Spec]] = {g: [f for f in ALL_FIELDS if f.group == g]
+                                   for g in GROUPS if g}
 
 
-SIMPLE_FIELDS = [
-    Field("data.dataset_dir", "text", "Dataset folder",
-          "A folder of images with .txt captions, or of N_name sub-folders (each image repeated N times)"),
-    Field("save.output_name", "text", "Output name",
-          "File name of the LoRA (no extension); it appears under this name in the Lora tab"),
-    Field("data.trigger_word", "text", "Trigger word",
-          "Optional: put at the start of every caption, and into the card's activation text"),
-]
-
-ADVANCED = {
-    "Network": [
-        Field("network.algo", "choice", "Algorithm", "lora: transformer blocks (LierLa); locon: also the 3x3 convs", ALGOS),
-        Field("network.rank", "int", "Rank (dim)", "Size of the adapter; 8-32 for a character or style, 64-128 for more detail", minimum=1, maximum=1024),
-        Field("network.alpha", "number", "Alpha", "Scale = alpha / rank; 1 with adaptive optimizers (guide's advice), rank/2 or rank otherwise", minimum=0),
-        Field("network.conv_rank", "int", "Conv rank", "LoCon: rank of the 3x3 conv layers (0 = none)", minimum=0, maximum=1024),
-        Field("network.conv_alpha", "number", "Conv alpha", "LoCon: alpha of the 3x3 conv layers", minimum=0),
-        Field("network.train_on", "choice", "Train", "UNet and text encoder, or only one of them", TARGETS),
-        Field("network.block_filter", "text", "Blocks", "Only these UNet blocks, e.g. IN,MID,OUT or OUT03 OUT04 (empty = all)"),
-        Field("network.block_ranks", "text", "Per-block rank", "UNet blocks with their own rank, e.g. IN:4, MID:8, OUT:16 or OUT04:32 (empty = Rank everywhere)"),
-        Field("network.block_lr_weights", "text", "Per-block LR weights", "UNet LR multipliers per block, e.g. IN:0.5, MID:1, OUT:1 (0 freezes a block)"),
-        Field("network.dropout", "number", "Dropout", "Neuron dropout on the adapter (0-1)", minimum=0, maximum=1),
-        Field("network.existing_lora", "text", "Continue from file", "Path of a LoRA to continue training (same arch, algorithm and rank)"),
-    ],
-    "Optimizer and learning rate": [
-        Field("optim.optimizer", "choice", "Optimizer", "AdamW is a safe default; DAdaptAdam / Prodigy find the LR themselves (set LR 1)", ()),
-        Field("optim.optimizer_args", "text", "Optimizer arguments", "key=value pairs as kohya takes them, e.g. weight_decay=0.01 betas=0.9,0.999"),
-        Field("optim.lr", "number", "Learning rate", "1e-4 for AdamW; 1.0 for DAdaptation / Prodigy", minimum=0),
-        Field("optim.unet_lr", "number", "UNet learning rate", "Empty or 0 = the learning rate above", minimum=0),
-        Field("optim.te_lr", "number", "Text encoder learning rate", "Empty or 0 = the learning rate above; often half of the UNet's", minimum=0),
-        Field("optim.scheduler", "choice", "Scheduler", "How the LR changes over the run; constant is right for adaptive optimizers", SCHEDULERS),
-        Field("optim.warmup_steps", "int", "Warmup steps", "Steps of linear warmup from 0", minimum=0),
-        Field("optim.max_grad_norm", "number", "Max grad norm", "Clip gradients to this norm (0 = off)", minimum=0),
-    ],
-    "Training": [
-        Field("train.max_steps", "int", "Steps", "Optimizer steps in total", minimum=1, maximum=100000),
-        Field("train.epochs", "int", "Epochs", "If > 0: train this many passes over the dataset instead of Steps", minimum=0),
-        Field("train.batch_size", "int", "Batch size", "Images per step; more needs more VRAM", minimum=1, maximum=10000),
-        Field("train.grad_accum", "int", "Gradient accumulation", "Steps of gradients summed before one update (a larger batch without the VRAM)", minimum=1, maximum=1024),
-        Field("train.seed", "int", "Seed", "Same seed + same data = same weights on the same device", minimum=0),
-        Field("train.dtype", "choice", "Training precision", "bf16 on recent GPUs; fp16 on older ones; fp32 needs the WebUI started with --no-half", DTYPES),
-        Field("train.gradient_checkpointing", "check", "Gradient checkpointing", "Less VRAM, about 20-30% slower"),
-    ],
-    "Dataset options": [
-        Field("data.resolution", "text", "Resolution", "512 for SD1.5, 768 for SD2-v, 1024 for SDXL; or WxH"),
-        Field("data.enable_buckets", "check", "Aspect-ratio buckets", "Keep each image's aspect ratio (recommended)"),
-        Field("data.repeats", "int", "Repeats (flat folder)", "How often each image is seen per epoch when the folder has no N_name sub-folders", minimum=1),
-        Field("data.caption_extension", "text", "Caption extension", ".txt or .caption"),
-        Field("data.default_caption", "text", "Default caption", "For images without a caption file"),
-        Field("data.shuffle_tags", "check", "Shuffle tags", "Shuffle comma-separated tags each time (keep the first ones with Keep tokens)"),
-        Field("data.keep_tokens", "int", "Keep tokens", "Tags kept in place at the start when shuffling", minimum=0),
-        Field("data.caption_dropout", "number", "Caption dropout", "Chance to train an image with an empty caption", minimum=0, maximum=1),
-        Field("data.resize_mode", "choice", "Resize mode", "How images are fitted to their bucket", RESIZE_MODES),
-        Field("data.flip", "check", "Flip augmentation", "Random horizontal flips (not for asymmetric subjects)"),
-    ],
-    "Loss and noise": [
-        Field("loss.loss", "choice", "Loss", "MSE is standard; Huber / SmoothL1 are robust to outliers", LOSSES),
-        Field("loss.min_snr_gamma", "number", "Min-SNR gamma", "5 is the usual value; 0 = off", minimum=0),
-        Field("loss.noise_offset", "number", "Noise offset", "0.05-0.1 helps very dark / bright images; 0 = off", minimum=0),
-        Field("loss.timestep_min", "int", "Min timestep", "Train only timesteps from this", minimum=0, maximum=999),
-        Field("loss.timestep_max", "int", "Max timestep", "... up to this (exclusive)", minimum=1, maximum=1000),
-    ],
-    "Saving": [
-        Field("save.save_every_steps", "int", "Save every N steps", "A snapshot file every N steps (0 = only at the end)", minimum=0),
-        Field("save.keep_last", "int", "Keep last snapshots", "Delete older snapshots (0 = keep all)", minimum=0),
-        Field("save.save_dtype", "choice", "Save precision", "fp16 is what most LoRA files use", SAVE_DTYPES),
-        Field("save.output_dir", "text", "Output folder", "Empty = the WebUI's Lora folder (Settings → Train LoRA)"),
-        Field("save.comment", "text", "Comment", "Stored in the file's metadata"),
-    ],
-}
-
-ALL_FIELDS = SIMPLE_FIELDS + [f for group in ADVANCED.values() for f in group]
+def widget_kind(spec: Spec) -> str:
+    if spec.kind is bool:
+        return "check"
+    if spec.choices or spec.path == "optim.optimizer":
+        return "choice"
+    return {int: "int", float: "number", str: "text"}[spec.kind]
 
 
-def _get(cfg: RunConfig, path: str) -> Any:
-    section, name = path.split(".")
-    return getattr(getattr(cfg, section), name)
+def info_text(spec: Spec) -> str:
+    """The tooltip: the help and, for numbers, the valid range (from the settings table)."""
+    if spec.kind in (int, float) and not spec.choices:
+        return f"{spec.help} [{spec.range_text()}]"
+    return spec.help
 
 
 def form_values(cfg: RunConfig) -> list[Any]:
     out = []
     for f in ALL_FIELDS:
-        v = _get(cfg, f.path)
-        out.append("" if v is None and f.kind in ("text", "number") else v)
+        v = cfg.get(f.path)
+        out.append("" if v is None and f.kind is str else v)
     return out
 
 
 def config_from_form(values: list[Any], base: RunConfig | None = None) -> RunConfig:
-    """Form values (in ALL_FIELDS order) -> a validated-later RunConfig; errors name the field."""
+    """Form values (in ALL_FIELDS order) over `base` (the chosen preset; default: the defaults):
+    settings the form does not show keep the base's values. Every problem is reported at once,
+    each naming its setting."""
     data: dict[str, dict[str, Any]] = {}
     for f, value in zip(ALL_FIELDS, values):
-        section, name = f.path.split(".")
-        if f.path in ("optim.unet_lr", "optim.te_lr") and value in ("", None, 0, 0.0):
-            value = None
-        if f.kind == "text" and value is None:
+        if f.kind is str and value is None:
             value = ""
-        data.setdefault(section, {})[name] = value
-    cfg = RunConfig.from_dict(data)
-    if base is not None:  # keep settings the form does not show (from a preset)
-        merged = base.to_dict()
-        for section, values_ in data.items():
-            merged[section].update({k: getattr(getattr(cfg, section), k) for k in values_})
-        cfg = RunConfig.from_dict(merged)
-    return cfg
-
-
-def preset_config(name: str, info=None) -> RunConfig:
-    """A preset's settings on top of the defaults that suit the loaded model (`info`)."""
-    from ..core.optim import PRESETS
-
-    cfg = RunConfig.from_dict(PRESETS[name]) if name in PRESETS else RunConfig()
-    if info is not None:
-        if name not in PRESETS:
-            cfg.data.resolution = str(info.default_resolution)
-        cfg.train.dtype = info.default_dtype
-    return cfg
+        data.setdefault(f.section, {})[f.name] = value
+    return RunConfig.from_dict(data, base=base)
 
 
 def status_html(manager: RunManager) -> str:
@@ -188,25 +100,25 @@ def build_tab(host, manager: RunManager, wrap_gpu: Callable[[Callable], Callable
     """
     import gradio as gr
 
-    from ..core.optim import PRESETS, available_optimizers
-
     js_kw = "_js" if int(gr.__version__.split(".")[0]) < 4 else "js"
-    optimizers = tuple(available_optimizers())
+    optimizers = tuple(manager.optimizer_choices())
     info = host.model_info()
-    defaults = preset_config(PRESET_DEFAULT, info)
+    defaults = manager.preset_config(PRESET_DEFAULT)
     widgets = {}
 
-    def widget(f: Field, value):
-        kw = dict(label=f.label, info=f.info, elem_id="lora_train_" + f.path.replace(".", "_"))
-        if f.kind == "check":
+    def widget(f: Spec, value):
+        kw = dict(label=f.label, info=info_text(f),
+                  elem_id="lora_train_" + f.path.replace(".", "_"))
+        kind = widget_kind(f)
+        if kind == "check":
             return gr.Checkbox(value=bool(value), **kw)
-        if f.kind == "choice":
+        if kind == "choice":
             choices = list(optimizers if f.path == "optim.optimizer" else f.choices)
             return gr.Dropdown(choices=choices, value=value, **kw)
-        if f.kind == "int":
+        if kind == "int":
             return gr.Number(value=value, precision=0, **kw)
-        if f.kind == "number":
-            return gr.Number(value=value if value is not None else 0, **kw)
+        if kind == "number":
+            return gr.Number(value=value, **kw)  # None (empty) where the setting may be empty
         return gr.Textbox(value=value or "", lines=1, **kw)
 
     with gr.Blocks(analytics_enabled=False) as tab:
@@ -215,15 +127,16 @@ def build_tab(host, manager: RunManager, wrap_gpu: Callable[[Callable], Callable
         with gr.Row():
             with gr.Column(scale=3):
                 for f in SIMPLE_FIELDS:
-                    widgets[f.path] = widget(f, _get(defaults, f.path))
+                    widgets[f.path] = widget(f, defaults.get(f.path))
                 with gr.Row():
-                    preset = gr.Dropdown(choices=[PRESET_DEFAULT, *PRESETS], value=PRESET_DEFAULT,
+                    preset = gr.Dropdown(choices=[PRESET_DEFAULT, *manager.presets()],
+                                         value=PRESET_DEFAULT,
                                          label="Preset", elem_id="lora_train_preset",
                                          info="Starting settings; the easy-* ones are the guide's adaptive-optimizer settings")
                 for title, fields in ADVANCED.items():
                     with gr.Accordion(title, open=False):
                         for f in fields:
-                            widgets[f.path] = widget(f, _get(defaults, f.path))
+                            widgets[f.path] = widget(f, defaults.get(f.path))
             with gr.Column(scale=2):
                 with gr.Row():
                     check = gr.Button("Check dataset", elem_id="lora_train_check")
@@ -266,9 +179,9 @@ def build_tab(host, manager: RunManager, wrap_gpu: Callable[[Callable], Callable
 
         form = [widgets[f.path] for f in ALL_FIELDS]
 
-        def on_train(task, *values):
+        def on_train(task, preset_name, *values):
             try:
-                cfg = config_from_form(list(values))
+                cfg = config_from_form(list(values), base=manager.preset_config(preset_name))
                 record = manager.create(cfg)
             except UserError as e:
                 return [gr.update(), error_html(str(e))]
@@ -276,18 +189,11 @@ def build_tab(host, manager: RunManager, wrap_gpu: Callable[[Callable], Callable
             newest = os.path.splitext(os.path.basename(record.files[0]))[0] if record.files else None
             return [gr.update(choices=_lora_names(host), value=newest), status_html(manager)]
 
-        def on_check(*values):
-            from ..core.data import TrainData
-
+        def on_check(preset_name, *values):
             try:
-                cfg = config_from_form(list(values))
-                cfg.validate()
-                if not cfg.data.dataset_dir:
-                    raise UserError("data.dataset_dir", "give the folder with your training images")
-                data = TrainData(cfg.data, batch_size=cfg.train.batch_size, seed=cfg.train.seed,
-                                 arch=info.arch or "sd1", require_images=False)
-                samples = data.preview(count=4) if data.report.ok else []
-                return [data.report.summary_text(), [(img, caption) for img, caption in samples]]
+                cfg = config_from_form(list(values), base=manager.preset_config(preset_name))
+                text, samples = manager.check_dataset(cfg, samples=4)
+                return [text, [(img, caption) for img, caption in samples]]
             except UserError as e:
                 return [f"error: {e}", []]
 
@@ -298,7 +204,7 @@ def build_tab(host, manager: RunManager, wrap_gpu: Callable[[Callable], Callable
             return status_html(manager)
 
         def on_preset(name):
-            return form_values(preset_config(name, host.model_info()))
+            return form_values(manager.preset_config(name))
 
         def on_test(task, name, prompt_, negative_, seed_, steps_, size_, te_text, unet_text):
             try:
@@ -319,9 +225,10 @@ def build_tab(host, manager: RunManager, wrap_gpu: Callable[[Callable], Callable
 
         train_kw = {js_kw: _submit_js("loraTrainSubmit")}
         # the WebUI's wrapper appends timing to the last output: it must be the HTML one
-        train.click(wrap_gpu(on_train, [gr.update()]), inputs=[task_id, *form], outputs=[lora, status],
+        train.click(wrap_gpu(on_train, [gr.update()]), inputs=[task_id, preset, *form],
+                    outputs=[lora, status],
                     **train_kw)
-        check.click(on_check, inputs=form, outputs=[dataset_report, dataset_preview])
+        check.click(on_check, inputs=[preset, *form], outputs=[dataset_report, dataset_preview])
         stop.click(on_stop, inputs=[], outputs=[status])
         preset.change(on_preset, inputs=[preset], outputs=form)
         refresh.click(lambda: gr.update(choices=_lora_names(host)), inputs=[], outputs=[lora])
