@@ -13,6 +13,12 @@ Stand-ins (facts checked in the WebUI v1.10.1 source and its repositories/):
   `is_trainable`, returns {'crossattn', 'vector'}; `encode_first_stage` returns a scaled sample
   (AutoencoderKLInferenceWrapper); the UNet takes `y`; `alphas_cumprod` and
   `alphas_cumprod_original` (modules/sd_models.py); flags `is_sdxl`, `is_sdxl_inpaint`, `is_ssd`.
+- sgm GeneralConditioner (sgm/modules/encoders/modules.py): each embedder carries `ucg_rate`
+  (AbstractEmbModel.ucg_rate, set from the embedder's config, default 0.0); `forward` zeroes an
+  embedder's output for a random part of the batch with that probability (when its
+  `legacy_ucg_val` is None). The hijack's text-encoder wrappers are plain modules that get the
+  attribute only when the WebUI's SDXL `get_learned_conditioning` (modules/sd_models_xl.py) sets it
+  to 0.0, so before the first generation it may be absent.
 - modules/prompt_parser.py `SdConditioning`: a list of prompts with width / height.
 """
 
@@ -80,7 +86,7 @@ class FakeEmbedder(nn.Module):
             setattr(self.wrapped, inner, module)
         self.input_key = input_key
         self.is_trainable = False
-        self.ucg_rate = 0.1  # sgm drops captions at random unless the caller zeroes it
+        self.ucg_rate = 0.1  # sgm AbstractEmbModel.ucg_rate: random caption dropout unless 0
 
 
 class FakeConditioner(nn.Module):
@@ -97,7 +103,7 @@ class FakeConditioner(nn.Module):
         self._condition = bundle.condition
 
     def forward(self, batch: dict) -> dict:
-        if any(e.ucg_rate > 0 for e in self.embedders):
+        if any(e.ucg_rate > 0 for e in self.embedders):  # AttributeError when absent, as in sgm
             raise AssertionError("conditioning with random caption dropout")
         sizes = [tuple(int(v) for v in (*o, *c, *t)) for o, c, t in zip(
             batch["original_size_as_tuple"], batch["crop_coords_top_left"],
@@ -247,3 +253,50 @@ def test_short_run_trains_restores_and_saves_every_module(arch, bundles, monkeyp
     assert meta["ss_sd_model_name"] == model.sd_checkpoint_info.name_for_extra
     if arch == "sdxl":
         assert not any(e.is_trainable for e in model.conditioner.embedders)
+
+
+UCG_RATES = [0.1, 0.25, None, 0.1, 0.0]  # None: the attribute is absent (a wrapper never used)
+
+
+def _set_ucg_rates(embedders, rates):
+    for e, rate in zip(embedders, rates):
+        if rate is None:
+            del e.ucg_rate
+        else:
+            e.ucg_rate = rate
+
+
+def _ucg_rates(embedders):
+    return [getattr(e, "ucg_rate", None) for e in embedders]
+
+
+@pytest.mark.parametrize("ending", ["finished", "stopped", "failed"])
+def test_sdxl_run_gives_the_embedders_ucg_rate_back(ending, bundles, monkeypatch, tmp_path,
+                                                    demo_dataset):
+    """Caption dropout is off while training (the stand-in conditioner refuses a rate > 0) and
+    each embedder's own ucg_rate is back after the run, however it ends."""
+    fake, host = _install("sdxl", bundles["sdxl"], monkeypatch, tmp_path)
+    embedders = fake.shared.sd_model.conditioner.embedders
+    _set_ucg_rates(embedders, UCG_RATES)
+    cfg = demo_config("", steps=4, seed=0, rank=2, alpha=None, lr=1e-2, batch_size=1,
+                      grad_accum=1, dataset=demo_dataset)
+    cfg.save.output_name = f"ucg_{ending}"
+    manager = RunManager(host)
+    record = manager.create(cfg)
+    seen = []
+
+    def listener(event):
+        if event.kind == "step":
+            seen.append(_ucg_rates(embedders))
+            if event.step == 2 and ending == "stopped":
+                fake.shared.state.interrupted = True
+            if event.step == 2 and ending == "failed":
+                raise RuntimeError("injected failure")
+
+    record.control.add_listener(listener)
+    with host.exclusive("test"):
+        manager.execute(record)
+    assert record.state == ending, record.error
+    assert seen and all(rates == [0.0] * len(UCG_RATES) for rates in seen)
+    assert _ucg_rates(embedders) == UCG_RATES
+    assert not hasattr(embedders[2], "ucg_rate")

@@ -13,13 +13,18 @@ Facts used here were checked in the WebUI's v1.10.1 source:
   and `StableDiffusionProcessingTxt2Img.cached_hr_c / cached_hr_uc`.
 - Model flags `is_sd1`, `is_sd2`, `is_sdxl` (modules/sd_models.py `set_model_type`),
   `parameterization` ('v' for v-prediction), `alphas_cumprod`, `scale_factor`.
-- SDXL embedders run under no_grad unless `is_trainable` (sgm GeneralConditioner).
+- SDXL embedders run under no_grad unless `is_trainable`, and drop their output for a random part
+  of the batch with probability `ucg_rate` (sgm GeneralConditioner, AbstractEmbModel.ucg_rate);
+  the WebUI's own SDXL `get_learned_conditioning` (modules/sd_models_xl.py) sets it to 0.0, so a
+  hijack wrapper that never conditioned may lack the attribute.
+- `modules.sd_vae.loaded_vae_file`: the path of the VAE file in use, None for the checkpoint's own.
 - Attention optimisations are class-level forwards set by `sd_hijack.apply_optimizations()`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import sys
 from typing import Iterator
@@ -31,6 +36,7 @@ from .base import Host, ModelInfo
 
 SETTINGS_SECTION = ("lora_train", "Train LoRA")
 TRAIN_SAFE_ATTENTION = ("sdp", "sdp-no-mem", "xformers")
+_ABSENT = object()
 
 
 def _lora_networks_module():
@@ -74,9 +80,25 @@ def _sdxl_condition(m, captions: list[str], sizes, resolution: int) -> dict:
                                         height=int(rows[0][4]))
     batch = {"txt": text, "original_size_as_tuple": table[:, 0:2],
              "crop_coords_top_left": table[:, 2:4], "target_size_as_tuple": table[:, 4:6]}
-    for embedder in m.conditioner.embedders:
-        embedder.ucg_rate = 0.0  # no random caption dropout inside the conditioner
+    # the embedders' ucg_rate is 0.0 here: `prepared_model` sets it for the run and gives it back
     return m.conditioner(batch)
+
+
+def _encoder_sha256(vae: torch.nn.Module, scale_factor) -> str:
+    """sha256 over what decides a latent: the names, dtypes, shapes and bytes of the VAE's
+    encoder and quant_conv tensors (the whole VAE where it has no such parts), and the latent scale.
+    The decoder is left out, so a VAE with only its decoder fine-tuned shares its latents. An SD
+    VAE encoder is ~34M parameters: hashing its 68 MB (fp16) takes ~40 ms on a CPU with SHA
+    instructions, once per run."""
+    state = vae.state_dict()
+    parts = {k: t for k, t in state.items() if k.startswith(("encoder.", "quant_conv."))} or state
+    h = hashlib.sha256(f"scale={float(scale_factor)!r}".encode())
+    for name in sorted(parts):
+        t = parts[name].detach()
+        h.update(f"\n{name}:{t.dtype}:{tuple(t.shape)}\n".encode())
+        if t.numel():
+            h.update(t.contiguous().reshape(-1).view(torch.uint8).cpu().numpy().tobytes())
+    return h.hexdigest()
 
 
 class WebUIHost(Host):
@@ -158,16 +180,21 @@ class WebUIHost(Host):
             raise UserError("model", info.problem)
         self.unload_baked_networks()
         self._use_training_attention()
-        trainable_flags = []
+        saved = []  # (embedder, attribute, value before the run or _ABSENT)
         try:
             bundle = self._bundle(m, info)
+            # SDXL: gradients through the text encoders, no random caption dropout
             for emb in getattr(getattr(m, "conditioner", None), "embedders", []) or []:
-                trainable_flags.append((emb, getattr(emb, "is_trainable", False)))
-                emb.is_trainable = True
+                for name, value in (("is_trainable", True), ("ucg_rate", 0.0)):
+                    saved.append((emb, name, getattr(emb, name, _ABSENT)))
+                    setattr(emb, name, value)
             yield bundle
         finally:
-            for emb, flag in trainable_flags:
-                emb.is_trainable = flag
+            for emb, name, value in reversed(saved):
+                if value is not _ABSENT:
+                    setattr(emb, name, value)
+                elif hasattr(emb, name):
+                    delattr(emb, name)
             self._restore_attention()
             devices.torch_gc()
 
@@ -240,18 +267,23 @@ class WebUIHost(Host):
             encode=encode, condition=condition, denoise=denoise, prediction=info.prediction,
             alphas_cumprod=alphas.detach().double().cpu(), model_name=info.name,
             model_hash=info.hash, resolution=info.default_resolution, device=device,
-            vae_id=self._vae_id(info),
+            vae_id=self._vae_id(info, vae, m.scale_factor),
         )
 
     @staticmethod
-    def _vae_id(info: ModelInfo) -> str:
+    def _vae_id(info: ModelInfo, vae: torch.nn.Module, scale_factor) -> str:
+        """The VAE's identity in latent-cache keys: the checkpoint's hash and the WebUI's loaded
+        VAE file ('checkpoint' for the checkpoint's own VAE); where either is unknown, a sha256
+        of the encoder's weights (`_encoder_sha256`), so two VAEs never share an id."""
         try:
             from modules import sd_vae
 
-            vae = sd_vae.loaded_vae_file or "checkpoint"
+            name = sd_vae.loaded_vae_file or "checkpoint"
         except Exception:
-            vae = "checkpoint"
-        return f"{info.hash}:{vae}"
+            name = ""
+        if name and info.hash:
+            return f"{info.hash}:{name}"
+        return "weights:" + _encoder_sha256(vae, scale_factor)
 
     # -- the Lora extension's state -----------------------------------------------------------
     def unload_baked_networks(self) -> int:
