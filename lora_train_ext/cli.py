@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from typing import Any
@@ -22,6 +23,9 @@ class ArgumentParser(argparse.ArgumentParser):
     """argparse that reports bad arguments as a one-line user error (exit 2)."""
 
     def error(self, message: str) -> None:  # noqa: D401 - argparse API
+        m = re.match(r"argument ([^:]+): (.*)", message, re.S)
+        if m:  # "argument --stop-after/-x: what" -> the flag as the field
+            raise UserError(m.group(1).split("/")[0], m.group(2))
         raise UserError("arguments", message)
 
 

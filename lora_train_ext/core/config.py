@@ -69,7 +69,8 @@ class Spec:
     choices: tuple = ()
     unit: str = ""
     optional: bool = False  # None (empty) is valid: it means what `help` says
-    check: Callable[[Any], Any] | None = None  # extra check/normaliser; raises UserError
+    check: Callable[[Any], Any] | None = None  # extra check; raises UserError
+    normalize: Callable[[str], str] | None = None  # the canonical spelling ('prodigy' -> 'Prodigy')
     flag: str = ""  # the command line flag; "" -> --field-name
     aliases: tuple[str, ...] = ()
     not_built: str = ""  # set: any value but the default is refused with this reason
@@ -147,10 +148,10 @@ def _ok_resolution(v: str) -> None:
     parse_resolution(v)
 
 
-def _ok_optimizer(v: str) -> None:
+def _ok_optimizer(v: str) -> str:
     from .optim import canonical_name
 
-    canonical_name(v)
+    return canonical_name(v)
 
 
 def _ok_optimizer_args(v: str) -> None:
@@ -346,7 +347,7 @@ class DataConfig:
 class OptimConfig:
     optimizer: str = setting(
         "AdamW", "AdamW is a safe default; DAdaptAdam / Prodigy find the LR themselves (set LR 1)",
-        "Optimizer", "Optimizer and learning rate", check=_ok_optimizer)
+        "Optimizer", "Optimizer and learning rate", check=_ok_optimizer, normalize=_ok_optimizer)
     optimizer_args: str = setting(
         "", "key=value pairs as kohya takes them, e.g. weight_decay=0.01 betas=0.9,0.999",
         "Optimizer arguments", "Optimizer and learning rate", check=_ok_optimizer_args)
@@ -633,8 +634,9 @@ def coerce(spec: Spec, value: Any) -> Any:
             if isinstance(value, bool):
                 raise ValueError(value)
             if isinstance(value, str):
-                value = float(value.strip()) if re.fullmatch(r"\s*[-+]?\d+(\.0*)?(e\+?\d+)?\s*",
-                                                             value, re.I) else int(value)
+                text = value.strip()
+                # "8" exactly (no float rounding of large seeds); "8.0" and "1e3" as numbers
+                value = int(text) if re.fullmatch(r"[-+]?\d+", text) else float(text)
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError(value)
             return int(value)
@@ -647,7 +649,16 @@ def coerce(spec: Spec, value: Any) -> Any:
             return out
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise ValueError(value)
-        return str(value)
+        text = str(value)
+        for choice in spec.choices:  # choices are matched without regard to case
+            if text.strip().lower() == str(choice).lower():
+                return choice
+        if spec.normalize is not None:
+            try:
+                return spec.normalize(text)
+            except UserError:
+                pass  # problem() names it
+        return text
     except (TypeError, ValueError, OverflowError):
         wanted = {bool: "true or false", str: "text"}.get(kind) or spec.range_text()
         raise UserError(spec.path, f"{value!r} is not valid; give {wanted}") from None
