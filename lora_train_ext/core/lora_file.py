@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save as st_save, save_file
 
+from .dtypes import TORCH_DTYPES
 from .errors import UserError
 from .fsio import atomic_write, atomic_write_text  # noqa: F401 - atomic_write_text re-exported
 
@@ -30,7 +31,7 @@ MODELSPEC_ARCH = {
     "sdxl": "stable-diffusion-xl-v1-base",
 }
 SD_VERSION = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL"}
-SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+SAVE_DTYPES = TORCH_DTYPES
 
 
 def data_section_sha256(path: str) -> str:
