@@ -209,7 +209,7 @@ class Trainer:
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             if cfg.optim.scale_weight_norms > 0:
-                _scale_weight_norms(self.network, cfg.optim.scale_weight_norms)
+                self.network.scale_weight_norms_(cfg.optim.scale_weight_norms)
             value = float(step_loss)
             if not math.isfinite(value):
                 raise TrainingError(
@@ -407,20 +407,6 @@ def train(bundle: ModelBundle, cfg: RunConfig, control: TrainControl | None = No
 def _tail_mean(values: list[float], n: int = 10) -> float:
     tail = values[-n:]
     return sum(tail) / len(tail) if tail else float("nan")
-
-
-def _scale_weight_norms(network: AdapterNetwork, max_norm: float) -> None:
-    """Scale each adapter down so the norm of its weight delta is at most max_norm (kohya)."""
-    with torch.no_grad():
-        for a in network:
-            norm = a.delta_weight().norm()
-            if norm > max_norm:
-                if hasattr(a, "scale_delta_"):  # LyCORIS modules know how to scale their delta
-                    a.scale_delta_(float(max_norm / norm))
-                    continue
-                ratio = math.sqrt(float(max_norm / norm))  # LoRA: up and down share the ratio
-                for p in (a.lora_up.weight, a.lora_down.weight):
-                    p.mul_(ratio)
 
 
 def _index_cond(cond: Any, i: int) -> Any:
