@@ -35,9 +35,13 @@ from .lora_file import save_lora
 from .networks import AdapterNetwork, build_network, part_of
 from .networks.targets import block_value, parse_block_values
 from .preflight import check_settings
-from .run_metadata import now_iso, optimizer_label, run_info  # noqa: F401 - optimizer_label re-exported
-from .run_state import (STATE_FILE, process_rngs_kept, read_state, restore_state,  # noqa: F401
-                        save_state, seed_process_rngs, set_rng_states)
+from .run_metadata import now_iso, run_info
+from .run_state import (process_rngs_kept, read_state, restore_state, save_state,
+                        seed_process_rngs, set_rng_states)
+
+# importable from here as before the split (the command line reads STATE_FILE from here)
+from .run_metadata import optimizer_label  # noqa: F401
+from .run_state import STATE_FILE  # noqa: F401
 
 COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -398,6 +402,7 @@ class Trainer:
         F.write_history(self.cfg.save, self.history)
         self.control.emit(Progress("snapshot", step=self.step, total=total, path=path))
         self.snapshots = F.prune_snapshots(self.snapshots, self.cfg.save.keep_last)
+
 
 def train(bundle: ModelBundle, cfg: RunConfig, control: TrainControl | None = None,
           data: TrainingData | None = None, resume_dir: str = "") -> TrainResult:
