@@ -7,8 +7,9 @@ latent cache), loop (noise, predict, loss, step), finish (state, file, history),
 base model comes back bit-identical, and the process's RNGs as they were, whether the run
 finishes, is stopped, or fails.
 
-Beside it: run_state (save / resume the full state, RNGs), run_metadata (the file's `ss_*`
-keys), continue_from (continuing a plain LoRA file).
+Beside it: run_state (save / resume the full state, RNGs, data position), run_metadata (the
+file's `ss_*` keys), continue_from (continuing a plain LoRA file), run_files (output paths,
+snapshots, history).
 """
 
 from __future__ import annotations
