@@ -25,7 +25,8 @@ from lora_train_ext.core.errors import UserError
 from lora_train_ext.core.lora_file import load_lora
 from lora_train_ext.core.models.tiny import build_bundle
 from lora_train_ext.core.networks import build_network
-from lora_train_ext.core.trainer import Trainer, _steps_from, train
+from lora_train_ext.core.continue_from import steps_from
+from lora_train_ext.core.trainer import Trainer, train
 from lora_train_ext.demo import demo_dataset_dir
 
 AVAILABLE = O.available_optimizers()
@@ -179,7 +180,7 @@ def test_continue_from_a_plain_lora_file_takes_weights_and_steps(bundle, two_ima
     ({"ss_steps": "n/a"}, "x_5_steps.safetensors", 5),
 ])
 def test_steps_from_metadata_or_file_name(meta, name, steps):
-    assert _steps_from(meta, name) == steps
+    assert steps_from(meta, name) == steps
 
 
 def _rewrite(path: str, out: str, meta_changes: dict, tensor_change=None) -> str:

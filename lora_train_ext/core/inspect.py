@@ -3,8 +3,10 @@ and which loaders will accept it (every module name must map onto a real module)
 
 from __future__ import annotations
 
+import json
 import os
 from functools import lru_cache
+from typing import Mapping, Sequence
 
 from safetensors import safe_open
 
@@ -52,7 +54,6 @@ def describe(path: str) -> dict:
     if not modules:
         raise UserError("file", f"{os.path.basename(path)} holds no tensors")
     module_algos = {n: _algo_of(p) for n, p in modules.items()}
-    algos = sorted(set(module_algos.values()))
     parts: dict[str, int] = {}
     for name in modules:
         parts[part_of(name)] = parts.get(part_of(name), 0) + 1
@@ -68,15 +69,13 @@ def describe(path: str) -> dict:
         if _is_kxk_conv(module_algos[name], name, p, shapes, kinds):
             conv_ranks.add(rank)
     ranks, conv_ranks = sorted(ranks), sorted(conv_ranks)
-    if conv_ranks and algos == ["lora"]:
-        algos = ["locon"]
     alphas = _alphas(path, modules)
     unknown = _unknown_modules(arch, list(modules))
     report = {
         "file": os.path.abspath(path),
         "bytes": os.path.getsize(path),
         "arch": arch,
-        "algorithm": algos[0] if len(algos) == 1 else "mixed:" + "+".join(algos),
+        "algorithm": algo_of_file(meta, shapes),
         "ranks": ranks,
         "conv_ranks": conv_ranks,
         "options": _options(module_algos, modules),
@@ -90,6 +89,54 @@ def describe(path: str) -> dict:
     }
     report["loaders"] = loader_verdicts(report, list(modules))
     return report
+
+
+LORA_FAMILY = ("lora", "locon", "dora")  # one layout (down, up): kernel size, dora_scale tell
+
+
+def algo_of_file(meta: Mapping[str, str], shapes: Mapping[str, Sequence[int]]) -> str:
+    """A file's algorithm, by the one rule inspect and continue-from-file share: 'lora',
+    'locon', 'loha', 'lokr', 'ia3', 'dora', 'full', 'oft', 'mixed:A+B' or 'unknown'.
+
+    Metadata first: the algorithm `ss_network_module` / `ss_network_args` state (LyCORIS names
+    it; kohya's networks.lora is LoRA). Tensor shapes then, where the metadata states none, and
+    inside the LoRA family, which one layout serves: a kxk conv kernel makes it LoCon, a
+    `dora_scale` DoRA (LyCORIS writes DoRA as algo lora with dora_wd). `shapes`: tensor key ->
+    shape, as in the file.
+    """
+    stated = stated_algo(meta)
+    shown = _algo_of_shapes(shapes)
+    if not stated or (stated in LORA_FAMILY and shown in LORA_FAMILY):
+        return shown
+    return stated
+
+
+def stated_algo(meta: Mapping[str, str]) -> str:
+    """The algorithm a file's metadata states ('' when it states none)."""
+    module = meta.get("ss_network_module", "")
+    try:
+        args = json.loads(meta.get("ss_network_args") or "{}")
+    except ValueError:
+        args = {}
+    algo = str(args.get("algo", "")) if isinstance(args, dict) else ""
+    if module == "networks.lora":
+        return algo if algo in ("lora", "locon") else "lora"
+    return algo
+
+
+def _algo_of_shapes(shapes: Mapping[str, Sequence[int]]) -> str:
+    modules: dict[str, set[str]] = {}
+    for key in shapes:
+        name, _, rest = key.partition(".")
+        modules.setdefault(name, set()).add(rest)
+    algos = sorted({_algo_of(parts) for parts in modules.values()})
+    if algos == ["lora"] and any(len(shape) == 4 and shape[2] * shape[3] > 1
+                                 for key, shape in shapes.items()
+                                 if key.endswith(".lora_down.weight")):
+        return "locon"
+    if not algos:
+        return "unknown"
+    return algos[0] if len(algos) == 1 else "mixed:" + "+".join(algos)
 
 
 def _algo_of(parts: set[str]) -> str:

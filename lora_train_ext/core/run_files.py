@@ -1,0 +1,62 @@
+"""Where a run writes and what: NAME.safetensors (+ NAME.json), snapshots NAME-000002 (every N
+epochs) and NAME-step00000300 (every N steps) with only the last `keep_last` kept, and
+NAME.history.json. The adapter files themselves are written by lora_file.save_lora."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from .config import SaveConfig
+from .errors import UserError
+from .fsio import atomic_write_text
+
+
+def output_path(s: SaveConfig, name: str = "") -> str:
+    """The file NAME (default: the run's output name) in the output folder."""
+    return os.path.join(s.output_dir or ".", f"{name or s.output_name}.safetensors")
+
+
+def check_writable(s: SaveConfig) -> None:
+    """Make the output folder; raise UserError when a file cannot be written there."""
+    folder = s.output_dir or "."
+    try:
+        os.makedirs(folder, exist_ok=True)
+        probe = os.path.join(folder, f".write_test{os.getpid()}")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise UserError("save.output_dir", f"cannot write to {folder}: {e.strerror or e}") from None
+
+
+def snapshot_name(s: SaveConfig, step: int, total: int, epoch_due: int | None) -> str | None:
+    """The snapshot due after `step` (None when none is, or when it is the last step: the final
+    file follows). An epoch's snapshot wins over a step's at the same step."""
+    if step >= total:
+        return None
+    if epoch_due is not None:
+        return f"{s.output_name}-{epoch_due:06d}"
+    if s.save_every_steps and step % s.save_every_steps == 0:
+        return f"{s.output_name}-step{step:08d}"
+    return None
+
+
+def prune_snapshots(snapshots: list[str], keep_last: int) -> list[str]:
+    """Delete all but the last `keep_last` snapshots (0: keep all) and their sidecars; return
+    the kept ones."""
+    if not keep_last or len(snapshots) <= keep_last:
+        return snapshots
+    for old in snapshots[:-keep_last]:
+        for p in (old, os.path.splitext(old)[0] + ".json"):
+            if os.path.exists(p):
+                os.remove(p)
+    return snapshots[-keep_last:]
+
+
+def write_history(s: SaveConfig, history: list[dict[str, Any]]) -> str:
+    """NAME.history.json: [{"step", "loss", "lr": {group: effective LR}}], written atomically."""
+    path = os.path.join(s.output_dir or ".", f"{s.output_name}.history.json")
+    atomic_write_text(path, json.dumps(history) + "\n")
+    return path
