@@ -200,7 +200,6 @@ def test_vae_id_tells_vaes_apart_when_the_lookup_fails(failure, webui, monkeypat
     assert _vae_id_of(host) == first
 
 
-@pytest.mark.xfail(strict=True, reason="trainer restores global RNGs: fixed on the trainer branch")
 def test_run_leaves_the_global_rngs_as_they_were(webui, demo_dataset):
     """A run in the WebUI must not reseed the process's random, numpy and torch generators (the
     WebUI and other extensions draw from them)."""

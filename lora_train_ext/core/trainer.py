@@ -30,12 +30,13 @@ from .bundle import ModelBundle, Progress, TrainControl, TrainingData
 from .checkpointing import GradientCheckpointing
 from .config import RunConfig
 from .continue_from import ExistingLora, load_existing, read_existing
+from .dtypes import TORCH_DTYPES
 from .errors import TrainingError, UserError
 from .guard import BaseGuard
 from .lora_file import save_lora
 from .networks import AdapterNetwork, build_network, part_of
 from .networks.targets import block_value, parse_block_values
-from .preflight import check_settings
+from .preflight import preflight
 from .run_metadata import now_iso, run_info
 from .run_state import (process_rngs_kept, read_state, restore_state, save_state,
                         seed_process_rngs, set_rng_states)
@@ -44,7 +45,7 @@ from .run_state import (process_rngs_kept, read_state, restore_state, save_state
 from .run_metadata import optimizer_label  # noqa: F401
 from .run_state import STATE_FILE  # noqa: F401
 
-COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+COMPUTE_DTYPES = TORCH_DTYPES
 
 
 @dataclass
@@ -78,13 +79,11 @@ class Trainer:
     def __init__(self, bundle: ModelBundle, cfg: RunConfig, control: TrainControl | None = None,
                  data: TrainingData | None = None, resume_dir: str = ""):
         self.bundle = bundle
-        self.cfg = cfg.validate()
+        self.cfg = cfg  # checked by preflight() when the run starts
         self.control = control or TrainControl()
         self.data = data
         self.resume_dir = resume_dir
         self.device = bundle.device
-        if cfg.train.dtype == "fp16" and self.device.type != "cuda":
-            raise UserError("train.dtype", "fp16 needs a CUDA GPU; use bf16 or fp32 on the CPU")
         self.prediction = bundle.prediction if cfg.model.prediction == "auto" else cfg.model.prediction
         alphas = bundle.alphas_cumprod.double().cpu()
         if cfg.model.zero_terminal_snr:
@@ -134,7 +133,10 @@ class Trainer:
     def _check(self) -> tuple[dict | None, ExistingLora | None]:
         """Settings, saved state, a file to continue, dataset, output folder: before model work."""
         cfg = self.cfg
-        for message in check_settings(cfg, tuple(self.bundle.text_encoders)):
+        # the same check as the tab, the API and the command line: every problem at once
+        checked = preflight(cfg, arch=self.bundle.arch, device=self.device,
+                            dataset=self.data is None, scan=False).raise_if_failed()
+        for message in checked.warnings:
             self._warn(message)
         state = read_state(self.resume_dir, cfg, self._warn) if self.resume_dir else None
         existing = None
