@@ -42,7 +42,12 @@ class RunRecord:
     error: str = ""
     message: str = ""
     files: list[str] = field(default_factory=list)
-    history: list[tuple[int, float]] = field(default_factory=list)
+    history: list[tuple[int, float]] = field(default_factory=list)  # (step, loss)
+    lr_history: list[tuple[int, dict[str, float]]] = field(default_factory=list)  # effective LR
+    speed_history: list[tuple[int, float]] = field(default_factory=list)  # (step, images/s)
+    memory_history: list[tuple[int, float]] = field(default_factory=list)  # (step, MiB)
+    images_per_s: float | None = None
+    last_elapsed: float = field(default=0.0, repr=False)  # seconds into the run at the last step
     control: TrainControl = field(default_factory=TrainControl, repr=False)
 
     def to_json(self) -> dict[str, Any]:
@@ -51,7 +56,8 @@ class RunRecord:
             "loss": self.loss, "loss_avg": self.loss_avg, "lr": self.lr, "eta": self.eta,
             "created": self.created, "started": self.started, "finished": self.finished,
             "error": self.error, "message": self.message, "files": list(self.files),
-            "output_name": self.config.save.output_name,
+            "output_name": self.config.save.output_name, "images_per_s": self.images_per_s,
+            "memory_mib": self.memory_history[-1][1] if self.memory_history else None,
         }
 
 
@@ -163,10 +169,21 @@ class RunManager:
 
     def _on_event(self, record: RunRecord, event: Progress) -> None:
         if event.kind == "step":
+            last_step, last_elapsed = record.step, record.last_elapsed
             record.step, record.total = event.step, event.total
             record.loss, record.loss_avg, record.eta = event.loss, event.loss_avg, event.eta
             record.lr = dict(event.lr)
             record.history.append((event.step, float(event.loss)))
+            record.lr_history.append((event.step, dict(event.lr)))
+            t = record.config.train
+            if event.elapsed > last_elapsed and event.step > last_step:
+                record.images_per_s = (t.batch_size * t.grad_accum * (event.step - last_step)
+                                       / (event.elapsed - last_elapsed))
+                record.speed_history.append((event.step, record.images_per_s))
+            record.last_elapsed = event.elapsed
+            record.memory_history.append((event.step, memory_mib()))
+            if not event.message:
+                record.message = "training"  # not the caching message of before the loop
         elif event.kind == "start":
             record.step, record.total = event.step, event.total
         elif event.kind == "snapshot" and event.path:
@@ -192,10 +209,35 @@ class RunManager:
         runs = self.list()
         return runs[0] if runs else None
 
+    def current(self) -> RunRecord | None:
+        """The run to show: the one training, else the next queued, else the newest."""
+        runs = self.list()
+        for state in ("running", "queued"):
+            active = [r for r in runs if r.state == state]
+            if active:
+                return active[-1]  # the oldest of them: the first to start
+        return runs[0] if runs else None
+
     def stop(self, run_id: str) -> RunRecord:
         record = self.get(run_id)
         record.control.request_stop("stopped by user")
         return record
+
+
+def memory_mib() -> float:
+    """Memory in use now: the GPU's peak allocated where training runs on CUDA, else the
+    process's resident set."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.max_memory_allocated() / 2**20
+    try:
+        with open("/proc/self/statm", encoding="ascii") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError, AttributeError):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
 def describe_failure(error: BaseException) -> str:

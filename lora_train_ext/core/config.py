@@ -427,7 +427,8 @@ class TrainConfig:
     grad_accum: int = setting(1, "Steps of gradients summed before one update (a larger batch "
                                  "without the VRAM)", "Gradient accumulation", "Training",
                               low=1, high=1024)
-    seed: int = setting(0, "Same seed + same data = same weights on the same device", "Seed",
+    seed: int = setting(0, "Same seed + same data = same weights on the same device",
+                        "Training seed",
                         "Training", low=0, high=2**63 - 1)
     dtype: str = setting("bf16", "Compute precision: bf16 on recent GPUs, fp16 on older ones, "
                                  "fp32 on CPUs (the adapter's weights stay fp32)",

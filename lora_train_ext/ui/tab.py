@@ -15,7 +15,7 @@ from typing import Any, Callable
 from ..core.config import GROUPS, SETTINGS, RunConfig, Spec
 from ..core.errors import UserError
 from ..runs import RunManager, parse_strengths, strength_grid
-from .chart import loss_chart_svg
+from .chart import line_chart_svg, loss_chart_svg
 
 PRESET_DEFAULT = "default (AdamW, rank 8)"
 
@@ -63,7 +63,7 @@ def config_from_form(values: list[Any], base: RunConfig | None = None) -> RunCon
 
 
 def status_html(manager: RunManager) -> str:
-    run = manager.latest()
+    run = manager.current()
     if run is None:
         return "<div class='lora-train-status'>No run yet. Choose a dataset folder and press Train.</div>"
     parts = [f"<b>{html.escape(run.config.save.output_name)}</b>: {run.state}"]
@@ -73,8 +73,13 @@ def status_html(manager: RunManager) -> str:
         parts.append(f"loss {run.loss:.4f} (avg {run.loss_avg or 0:.4f})")
     if run.lr:
         parts.append("lr " + ", ".join(f"{k} {v:.2e}" for k, v in run.lr.items()))
+    if run.images_per_s is not None and run.state == "running":
+        parts.append(f"{run.images_per_s:.2f} images/s")
     if run.eta is not None and run.state == "running":
         parts.append(f"ETA {run.eta:.0f}s")
+    queued = [r for r in manager.list() if r.state == "queued" and r is not run]
+    if queued:
+        parts.append(f"{len(queued)} more queued")
     body = " · ".join(parts)
     if run.error:
         body += f"<div class='lora-train-error'>{html.escape(run.error)}</div>"
@@ -83,8 +88,24 @@ def status_html(manager: RunManager) -> str:
     if run.files:
         body += "<div class='lora-train-files'>Saved: " + ", ".join(
             html.escape(os.path.basename(p)) for p in run.files) + "</div>"
-    chart = loss_chart_svg(run.history) if run.history else ""
+    chart = run_charts_html(run)
     return f"<div class='lora-train-status' data-state='{run.state}'>{body}{chart}</div>"
+
+
+def run_charts_html(run) -> str:
+    """Loss (raw and smoothed), effective LR per part, images/s and memory, as the run goes."""
+    charts = [loss_chart_svg(run.history)]
+    groups = sorted({g for _, lrs in run.lr_history for g in lrs})
+    if groups:
+        charts.append(line_chart_svg(
+            "Learning rate (effective: d x lr for adaptive optimizers)",
+            {g: [(s, lrs[g]) for s, lrs in run.lr_history if g in lrs] for g in groups},
+            y_label="lr"))
+    if run.speed_history:
+        charts.append(line_chart_svg("Speed", {"images/s": run.speed_history}, y_label="images/s"))
+    if run.memory_history:
+        charts.append(line_chart_svg("Memory", {"MiB": run.memory_history}, y_label="MiB"))
+    return "".join(c for c in charts if c)
 
 
 def error_html(message: str) -> str:
@@ -168,9 +189,9 @@ def build_tab(host, manager: RunManager, wrap_gpu: Callable[[Callable], Callable
                                                     elem_id="lora_train_test_unet",
                                                     info="UNet multipliers, comma separated")
                     with gr.Row():
-                        seed = gr.Number(value=1234, precision=0, label="Seed", elem_id="lora_train_test_seed")
+                        seed = gr.Number(value=1234, precision=0, label="Grid seed", elem_id="lora_train_test_seed")
                         steps = gr.Number(value=20, precision=0, label="Sampling steps", elem_id="lora_train_test_steps")
-                        size = gr.Number(value=info.default_resolution, precision=0, label="Size",
+                        size = gr.Number(value=info.default_resolution, precision=0, label="Grid size",
                                          elem_id="lora_train_test_size")
                     test_button = gr.Button("Generate grid", variant="primary", elem_id="lora_train_test_run")
                     test_image = gr.Image(label="Grid", type="pil", interactive=False,
@@ -198,7 +219,7 @@ def build_tab(host, manager: RunManager, wrap_gpu: Callable[[Callable], Callable
                 return [f"error: {e}", []]
 
         def on_stop():
-            run = manager.latest()
+            run = manager.current()
             if run is not None and run.state in ("queued", "running"):
                 manager.stop(run.id)
             return status_html(manager)
@@ -232,6 +253,8 @@ def build_tab(host, manager: RunManager, wrap_gpu: Callable[[Callable], Callable
         stop.click(on_stop, inputs=[], outputs=[status])
         preset.change(on_preset, inputs=[preset], outputs=form)
         refresh.click(lambda: gr.update(choices=_lora_names(host)), inputs=[], outputs=[lora])
+        # the list is read when the page loads, not only when the tab was built
+        tab.load(lambda: gr.update(choices=_lora_names(host)), inputs=[], outputs=[lora])
         test_kw = {js_kw: _submit_js("loraTrainTestSubmit")}
         test_button.click(wrap_gpu(on_test, [None]), inputs=[task_id, lora, prompt, negative, seed, steps, size,
                                                        te_strengths, unet_strengths],
