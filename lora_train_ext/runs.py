@@ -47,6 +47,7 @@ class RunRecord:
     speed_history: list[tuple[int, float]] = field(default_factory=list)  # (step, images/s)
     memory_history: list[tuple[int, float]] = field(default_factory=list)  # (step, MiB)
     images_per_s: float | None = None
+    samples: list[tuple[int, str]] = field(default_factory=list)  # (step, image path)
     last_elapsed: float = field(default=0.0, repr=False)  # seconds into the run at the last step
     control: TrainControl = field(default_factory=TrainControl, repr=False)
 
@@ -58,6 +59,7 @@ class RunRecord:
             "error": self.error, "message": self.message, "files": list(self.files),
             "output_name": self.config.save.output_name, "images_per_s": self.images_per_s,
             "memory_mib": self.memory_history[-1][1] if self.memory_history else None,
+            "samples": [{"step": s, "path": p} for s, p in self.samples],
         }
 
 
@@ -131,6 +133,9 @@ class RunManager:
         record.started = time.time()
         control = record.control
         control.add_listener(lambda e: self._on_event(record, e))
+        s = record.config.save
+        if record.config.sample.prompts.strip():
+            control.sampler = self.host.sampler(s.output_dir or ".", s.output_name)
         try:
             with self.host.prepared_model() as bundle:
                 result = train(bundle, record.config, control)
@@ -186,6 +191,8 @@ class RunManager:
                 record.message = "training"  # not the caching message of before the loop
         elif event.kind == "start":
             record.step, record.total = event.step, event.total
+        elif event.kind == "sample" and event.path:
+            record.samples.append((event.step, event.path))
         elif event.kind == "snapshot" and event.path:
             record.files.append(event.path)
             self.host.hot_load([event.path])

@@ -92,6 +92,8 @@ class TrainControl:
             self._listeners.append(on_progress)
         self.stop_reason = ""
         self.paused_at: float | None = None
+        # the host's sample maker: (step, prompts) -> paths of the images written; None = none
+        self.sampler: Callable[[int, list], list[str]] | None = None
 
     # requests (from the UI / API thread)
     def request_stop(self, reason: str = "stopped by user") -> None:

@@ -38,6 +38,7 @@ from .networks import AdapterNetwork, build_network, part_of
 from .networks.targets import block_value, parse_block_values
 from .preflight import preflight
 from .run_metadata import now_iso, run_info
+from .sampling import prompts_for, sample_due
 from .run_state import (process_rngs_kept, read_state, restore_state, save_state,
                         seed_process_rngs, set_rng_states)
 
@@ -66,6 +67,8 @@ class TrainResult:
     warnings: list[str] = field(default_factory=list)  # the guide's warnings, given before the run
     history_path: str = ""  # NAME.history.json: [{step, loss, lr: {group: effective LR}}]
     lrs: dict[str, float] = field(default_factory=dict)  # effective LR per group at the last step
+    samples: list[str] = field(default_factory=list)  # sample images made during the run
+    sample_seconds: float = 0.0  # time spent making them (not in `seconds` per step / ETA)
 
 
 class Trainer:
@@ -107,6 +110,8 @@ class Trainer:
         self._text_cache: dict[tuple, Any] = {}
         self._epoch_iter = None
         self._yielded_in_epoch = 0
+        self.samples: list[str] = []
+        self.sample_seconds = 0.0
         self._pending_epoch_snapshot: int | None = None
 
     # -- the run -----------------------------------------------------------------------------
@@ -198,11 +203,14 @@ class Trainer:
         use_amp = amp_dtype != torch.float32
         start_step = self.step
         control.emit(Progress("start", step=self.step, total=total))
+        if self.step == 0:
+            self._maybe_sample(total)  # the baseline
         while self.step < total:
             control.wait_while_paused()
             if control.stop_requested:
                 return True
             step_loss = torch.zeros((), device=self.device)
+            epoch_before = self.epoch
             for _ in range(accum):
                 batch = self._next_batch()
                 with torch.autocast(self.device.type, dtype=amp_dtype, enabled=use_amp):
@@ -225,14 +233,36 @@ class Trainer:
             self.step += 1
             self.losses.append(value)
             self.history.append({"step": self.step, "loss": value, "lr": lrs})
-            elapsed = time.time() - t0
+            elapsed = time.time() - t0 - self.sample_seconds  # training time alone
             done = self.step - start_step
             eta = elapsed / done * (total - self.step) if done else None
             control.emit(Progress(
                 "step", step=self.step, total=total, loss=value, loss_avg=_tail_mean(self.losses),
                 lr=dict(lrs), epoch=self.epoch, elapsed=elapsed, eta=eta))
             self._maybe_snapshot(total)
+            self._maybe_sample(total, self.epoch if self.epoch != epoch_before else None)
         return False
+
+    def _maybe_sample(self, total: int, epoch_ended: int | None = None) -> None:
+        """Ask the host for sample images when they are due, with the adapter as it is now
+        (eval mode, no gradients); the process RNGs are given back so the run goes on exactly
+        as it would without samples."""
+        sampler = self.control.sampler
+        if sampler is None or not sample_due(self.cfg, self.step, epoch_ended, total):
+            return
+        started = time.time()
+        O.set_train_mode(self.optimizer, False)
+        self.network.eval()
+        try:
+            with process_rngs_kept(), torch.no_grad():
+                paths = list(sampler(self.step, prompts_for(self.cfg)))
+        finally:
+            self.network.train()
+            O.set_train_mode(self.optimizer, True)
+            self.sample_seconds += time.time() - started
+        self.samples += paths
+        for path in paths:
+            self.control.emit(Progress("sample", step=self.step, total=total, path=path))
 
     def _micro_step(self, batch) -> torch.Tensor:
         cfg, bundle = self.cfg, self.bundle
@@ -325,7 +355,8 @@ class Trainer:
             stop_reason=self.control.stop_reason if stopped else "", state_dir=state_dir,
             metadata=meta, modules=self.network.parts(), warnings=list(self.warnings),
             history_path=history_path,
-            lrs=dict(self.history[-1]["lr"]) if self.history else self.current_lrs())
+            lrs=dict(self.history[-1]["lr"]) if self.history else self.current_lrs(),
+            samples=list(self.samples), sample_seconds=self.sample_seconds)
 
     def _tear_down(self, guard: BaseGuard) -> None:
         """Detach everything and give the base model back, whatever happened."""

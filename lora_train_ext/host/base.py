@@ -93,9 +93,19 @@ class Host:
 
     # -- generation (test panel) ------------------------------------------------------------
     def generate(self, prompts: list[str], negative: str, seed: int, steps: int, width: int,
-                 height: int, cfg_scale: float) -> list:
+                 height: int, cfg_scale: float, sampler_name: str = "") -> list:
         """One PIL image per prompt, same seed for each. Called with the lock held."""
         raise NotImplementedError
+
+    def sampler(self, out_dir: str, name: str):
+        """A TrainControl.sampler that makes samples with this host's own generation, on the
+        model as the run holds it (the adapter hooked in, at its current weights)."""
+        from ..core.sampling import sampler_for
+
+        def one(p):
+            return self.generate([p.prompt], p.negative, p.seed, p.steps, p.width, p.height,
+                                 p.cfg_scale, sampler_name=p.sampler)[0]
+        return sampler_for(one, out_dir, name)
 
     def save_grid(self, image, prompt: str) -> str:
         """Save a grid image where the host saves grids; return its path."""

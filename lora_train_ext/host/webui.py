@@ -398,7 +398,8 @@ class WebUIHost(Host):
         return getattr(shared.opts, "lora_train_output_dir", "") or self.lora_dir()
 
     # -- generation -----------------------------------------------------------------------------
-    def generate(self, prompts, negative, seed, steps, width, height, cfg_scale):
+    def generate(self, prompts, negative, seed, steps, width, height, cfg_scale,
+                 sampler_name: str = ""):
         from modules import processing, shared
 
         images = []
@@ -406,7 +407,8 @@ class WebUIHost(Host):
             p = processing.StableDiffusionProcessingTxt2Img(
                 sd_model=shared.sd_model, prompt=prompt, negative_prompt=negative, seed=int(seed),
                 steps=int(steps), width=int(width), height=int(height), cfg_scale=float(cfg_scale),
-                batch_size=1, n_iter=1, do_not_save_samples=True, do_not_save_grid=True)
+                batch_size=1, n_iter=1, do_not_save_samples=True, do_not_save_grid=True,
+                **({"sampler_name": sampler_name} if sampler_name else {}))
             try:
                 processed = processing.process_images(p)
             finally:

@@ -92,6 +92,15 @@ def status_html(manager: RunManager) -> str:
     return f"<div class='lora-train-status' data-state='{run.state}'>{body}{chart}</div>"
 
 
+def sample_gallery(manager: RunManager, limit: int = 16) -> list[tuple[str, str]]:
+    """The shown run's samples, newest first, captioned with their step."""
+    run = manager.current()
+    if run is None:
+        return []
+    return [(path, f"step {step}") for step, path in reversed(run.samples[-limit:])
+            if os.path.isfile(path)]
+
+
 def run_charts_html(run) -> str:
     """Loss (raw and smoothed), effective LR per part, images/s and memory, as the run goes."""
     charts = [loss_chart_svg(run.history)]
@@ -166,6 +175,8 @@ def build_tab(host, manager: RunManager, wrap_gpu: Callable[[Callable], Callable
                 task_id = gr.Textbox(visible=False, elem_id="lora_train_task_id")
                 gr.HTML("<div id='lora_train_progress_anchor'></div>")
                 status = gr.HTML(status_html(manager), elem_id="lora_train_status")
+                samples = gr.Gallery(label="Samples while training (newest first)",
+                                     elem_id="lora_train_samples", columns=4, height="auto")
                 dataset_report = gr.Textbox(label="Dataset check", lines=6, interactive=False,
                                             elem_id="lora_train_dataset_report")
                 dataset_preview = gr.Gallery(label="What the model will see (bucketed, cropped)",
@@ -259,8 +270,8 @@ def build_tab(host, manager: RunManager, wrap_gpu: Callable[[Callable], Callable
         test_button.click(wrap_gpu(on_test, [None]), inputs=[task_id, lora, prompt, negative, seed, steps, size,
                                                        te_strengths, unet_strengths],
                           outputs=[test_image, test_info], **test_kw)
-        tab.load(lambda: status_html(manager), inputs=[], outputs=[status], every=1,
-                 show_progress="hidden")
+        tab.load(lambda: [status_html(manager), sample_gallery(manager)], inputs=[],
+                 outputs=[status, samples], every=1, show_progress="hidden")
     return tab
 
 
