@@ -1,8 +1,9 @@
 """HTTP API under /lora-train/v1/: the same operations as the tab, for scripts.
 
 Routes: GET /settings (the settings table); POST /runs (a RunConfig as JSON, partial allowed)
--> {id}, or 422 with every problem found by the preflight check; GET /runs; GET /runs/{id};
-POST /runs/{id}/stop; GET /model; GET /loras; POST /test (a TE x UNet grid, PNG as base64).
+-> {id, position in the queue}, or 422 with every problem found by the preflight check;
+GET /runs; GET /runs/{id}; GET /queue; POST /runs/{id}/stop, /cancel, /move {"by": N};
+GET /model; GET /loras; POST /test (a TE x UNet grid, PNG as base64).
 When the WebUI has `--api-auth`, every route needs the same HTTP basic credentials.
 """
 
@@ -74,10 +75,17 @@ def add_routes(app, host, manager: RunManager, credentials: dict[str, str] | Non
     def start_run(body: dict[str, Any]):
         try:
             cfg = RunConfig.from_dict(body.get("config", body))
-            record = manager.start_background(cfg)
+            record = manager.enqueue(cfg)
         except UserError as e:
             return user_error(e)
-        return {"id": record.id, "state": record.state}
+        return {"id": record.id, "state": record.state,
+                "position": manager.position(record.id)}
+
+    @app.get(PREFIX + "/queue", dependencies=deps)
+    def queue():
+        """The queued runs in the order they will run (the running one is not in it)."""
+        return {"queue": [dict(r.to_json(), position=i + 1)
+                          for i, r in enumerate(manager.queued())]}
 
     @app.get(PREFIX + "/runs", dependencies=deps)
     def list_runs():
@@ -96,6 +104,26 @@ def add_routes(app, host, manager: RunManager, credentials: dict[str, str] | Non
     @app.post(PREFIX + "/runs/{run_id}/stop", dependencies=deps)
     def stop_run(run_id: str):
         return manager.stop(known_run(run_id).id).to_json()
+
+    @app.post(PREFIX + "/runs/{run_id}/cancel", dependencies=deps)
+    def cancel_run(run_id: str):
+        """A queued run leaves the queue; a running one stops (its state is saved)."""
+        return manager.cancel(known_run(run_id).id).to_json()
+
+    @app.post(PREFIX + "/runs/{run_id}/move", dependencies=deps)
+    def move_run(run_id: str, body: dict[str, Any]):
+        """{"by": -1} moves a queued run one place earlier."""
+        known_run(run_id)
+        try:
+            by = int(body.get("by", 0))
+            queue = manager.move(run_id, by)
+        except (TypeError, ValueError):
+            return JSONResponse(status_code=422, content={"error": "by: give a whole number",
+                                                          "field": "by"})
+        except KeyError:
+            return JSONResponse(status_code=409, content={"error": f"run {run_id} is not queued",
+                                                          "field": "run_id"})
+        return {"queue": [r.id for r in queue]}
 
     @app.get(PREFIX + "/loras", dependencies=deps)
     def loras():

@@ -22,7 +22,7 @@ from .core.errors import TrainingError, UserError, UserErrors
 from .core.preflight import preflight
 from .core.trainer import train
 
-STATES = ("queued", "running", "finished", "stopped", "failed")
+STATES = ("queued", "running", "finished", "stopped", "failed", "cancelled")
 
 
 @dataclass
@@ -69,6 +69,9 @@ class RunManager:
         self.runs: dict[str, RunRecord] = {}
         self._lock = threading.Lock()
         self.last_warnings: list[str] = []
+        self._queue: list[str] = []  # ids of queued runs, in the order they will run
+        self._queue_changed = threading.Condition(self._lock)
+        self._worker: threading.Thread | None = None
 
     # -- settings (what the tab and the API offer) --------------------------------------------
     def presets(self) -> list[str]:
@@ -158,19 +161,67 @@ class RunManager:
             record.finished = record.finished or time.time()
         return record
 
-    def start_background(self, cfg: RunConfig) -> RunRecord:
-        """Create a run and train it in a thread that takes the host's lock (the API)."""
+    # -- the queue: runs one after another in a worker thread that takes the host's lock ------
+    def enqueue(self, cfg: RunConfig) -> RunRecord:
+        """Check `cfg` (the preflight) and put the run at the end of the queue."""
         record = self.create(cfg)
+        with self._queue_changed:
+            self._queue.append(record.id)
+            self._queue_changed.notify_all()
+            if self._worker is None or not self._worker.is_alive():
+                self._worker = threading.Thread(target=self._work, name="lora-train-queue",
+                                                daemon=True)
+                self._worker.start()
+        return record
 
-        def worker():
+    start_background = enqueue  # the API's name for it
+
+    def queued(self) -> list[RunRecord]:
+        with self._lock:
+            return [self.runs[i] for i in self._queue]
+
+    def position(self, run_id: str) -> int | None:
+        """1 = next to run; None when not queued."""
+        with self._lock:
+            return self._queue.index(run_id) + 1 if run_id in self._queue else None
+
+    def move(self, run_id: str, by: int) -> list[RunRecord]:
+        """Move a queued run `by` places (negative: earlier); returns the queue."""
+        with self._lock:
+            if run_id not in self._queue:
+                raise KeyError(run_id)
+            i = self._queue.index(run_id)
+            j = max(0, min(len(self._queue) - 1, i + by))
+            self._queue.insert(j, self._queue.pop(i))
+        return self.queued()
+
+    def cancel(self, run_id: str) -> RunRecord:
+        """Take a queued run out of the queue, or stop a running one."""
+        record = self.get(run_id)
+        with self._lock:
+            if run_id in self._queue:
+                self._queue.remove(run_id)
+                record.state, record.finished = "cancelled", time.time()
+                record.message = "cancelled before it started"
+                return record
+        return self.stop(run_id)
+
+    def _work(self) -> None:
+        """Run queued runs in order; a failed run does not stop the ones after it. Each run
+        gives the model back and frees memory before the next one starts."""
+        while True:
+            with self._queue_changed:
+                if not self._queue:
+                    self._worker = None
+                    return
+                run_id = self._queue.pop(0)
+            record = self.runs[run_id]
             with self.host.exclusive(f"lora-train {record.id}"):
                 if record.control.stop_requested:
                     record.state, record.finished = "stopped", time.time()
-                    return
-                self.execute(record)
-
-        threading.Thread(target=worker, name=f"lora-train-{record.id}", daemon=True).start()
-        return record
+                else:
+                    self.execute(record)
+            self.host.free_memory()
 
     def _on_event(self, record: RunRecord, event: Progress) -> None:
         if event.kind == "step":

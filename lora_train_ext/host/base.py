@@ -65,6 +65,16 @@ class Host:
         with self._lock:
             yield
 
+    def free_memory(self) -> None:
+        """Give back what a finished run held (between queued runs)."""
+        import gc
+
+        import torch
+
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
     # -- progress ---------------------------------------------------------------------------
     def on_progress(self, event: Progress) -> None:
         """Mirror a training event into the host's own progress display."""

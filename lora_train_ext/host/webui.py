@@ -148,6 +148,11 @@ class WebUIHost(Host):
             return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         return "fp32" if weights.dtype == torch.float32 else "bf16"
 
+    def free_memory(self) -> None:
+        from modules import devices
+
+        devices.torch_gc()
+
     def device(self) -> torch.device | None:
         from modules import shared
 

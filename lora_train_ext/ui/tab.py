@@ -92,6 +92,25 @@ def status_html(manager: RunManager) -> str:
     return f"<div class='lora-train-status' data-state='{run.state}'>{body}{chart}</div>"
 
 
+def queue_choices(manager: RunManager) -> list[str]:
+    return [f"{r.id} {r.config.save.output_name}" for r in manager.queued()]
+
+
+def queue_table_html(manager: RunManager) -> str:
+    """The queued runs in order, and the last few that ended with their state."""
+    rows = [f"<li>{i}. <b>{html.escape(r.config.save.output_name)}</b> ({r.id}) queued</li>"
+            for i, r in enumerate(manager.queued(), 1)]
+    running = [r for r in manager.list() if r.state == "running"]
+    ended = [r for r in manager.list() if r.state not in ("queued", "running")][:5]
+    head = "".join(f"<li>running: <b>{html.escape(r.config.save.output_name)}</b> step "
+                   f"{r.step}/{r.total}</li>" for r in running)
+    tail = "".join(f"<li>{html.escape(r.config.save.output_name)}: {r.state}"
+                   + (f" ({html.escape(r.error)})" if r.error else "") + "</li>" for r in ended)
+    if not (rows or head or tail):
+        return "<div class='lora-train-queue'>The queue is empty. Runs added with Add to queue train one after another.</div>"
+    return f"<div class='lora-train-queue'><ul>{head}{''.join(rows)}{tail}</ul></div>"
+
+
 def sample_gallery(manager: RunManager, limit: int = 16) -> list[tuple[str, str]]:
     """The shown run's samples, newest first, captioned with their step."""
     run = manager.current()
@@ -171,10 +190,21 @@ def build_tab(host, manager: RunManager, wrap_gpu: Callable[[Callable], Callable
                 with gr.Row():
                     check = gr.Button("Check dataset", elem_id="lora_train_check")
                     train = gr.Button("Train", variant="primary", elem_id="lora_train_start")
+                    enqueue = gr.Button("Add to queue", elem_id="lora_train_enqueue")
                     stop = gr.Button("Stop", elem_id="lora_train_stop")
                 task_id = gr.Textbox(visible=False, elem_id="lora_train_task_id")
                 gr.HTML("<div id='lora_train_progress_anchor'></div>")
                 status = gr.HTML(status_html(manager), elem_id="lora_train_status")
+                with gr.Accordion("Queue", open=False):
+                    queue_html = gr.HTML(queue_table_html(manager), elem_id="lora_train_queue")
+                    with gr.Row():
+                        queue_pick = gr.Dropdown(choices=queue_choices(manager), label="Queued run",
+                                                 elem_id="lora_train_queue_pick")
+                        up = gr.Button("↑", elem_id="lora_train_queue_up",
+                                       elem_classes=["lora-train-tool"])
+                        down = gr.Button("↓", elem_id="lora_train_queue_down",
+                                         elem_classes=["lora-train-tool"])
+                        cancel = gr.Button("Cancel", elem_id="lora_train_queue_cancel")
                 samples = gr.Gallery(label="Samples while training (newest first)",
                                      elem_id="lora_train_samples", columns=4, height="auto")
                 dataset_report = gr.Textbox(label="Dataset check", lines=6, interactive=False,
@@ -229,6 +259,30 @@ def build_tab(host, manager: RunManager, wrap_gpu: Callable[[Callable], Callable
             except UserError as e:
                 return [f"error: {e}", []]
 
+        def on_enqueue(preset_name, *values):
+            try:
+                cfg = config_from_form(list(values), base=manager.preset_config(preset_name))
+                record = manager.enqueue(cfg)
+            except UserError as e:
+                return [error_html(str(e)), queue_table_html(manager), gr.update()]
+            message = (f"<div class='lora-train-message'>queued {html.escape(record.config.save.output_name)}"
+                       f" (position {manager.position(record.id) or 'next'})</div>")
+            return [message + status_html(manager), queue_table_html(manager),
+                    gr.update(choices=queue_choices(manager))]
+
+        def on_queue(action, pick):
+            run_id = (pick or "").split(" ")[0]
+            try:
+                if action == "cancel":
+                    manager.cancel(run_id)
+                else:
+                    manager.move(run_id, -1 if action == "up" else 1)
+            except KeyError:
+                pass  # it started or left the queue meanwhile
+            choices = queue_choices(manager)
+            return [queue_table_html(manager),
+                    gr.update(choices=choices, value=pick if pick in choices else None)]
+
         def on_stop():
             run = manager.current()
             if run is not None and run.state in ("queued", "running"):
@@ -262,6 +316,10 @@ def build_tab(host, manager: RunManager, wrap_gpu: Callable[[Callable], Callable
                     **train_kw)
         check.click(on_check, inputs=[preset, *form], outputs=[dataset_report, dataset_preview])
         stop.click(on_stop, inputs=[], outputs=[status])
+        enqueue.click(on_enqueue, inputs=[preset, *form], outputs=[status, queue_html, queue_pick])
+        for button, action in ((up, "up"), (down, "down"), (cancel, "cancel")):
+            button.click(lambda pick, a=action: on_queue(a, pick), inputs=[queue_pick],
+                         outputs=[queue_html, queue_pick])
         preset.change(on_preset, inputs=[preset], outputs=form)
         refresh.click(lambda: gr.update(choices=_lora_names(host)), inputs=[], outputs=[lora])
         # the list is read when the page loads, not only when the tab was built
@@ -270,8 +328,8 @@ def build_tab(host, manager: RunManager, wrap_gpu: Callable[[Callable], Callable
         test_button.click(wrap_gpu(on_test, [None]), inputs=[task_id, lora, prompt, negative, seed, steps, size,
                                                        te_strengths, unet_strengths],
                           outputs=[test_image, test_info], **test_kw)
-        tab.load(lambda: [status_html(manager), sample_gallery(manager)], inputs=[],
-                 outputs=[status, samples], every=1, show_progress="hidden")
+        tab.load(lambda: [status_html(manager), sample_gallery(manager), queue_table_html(manager)],
+                 inputs=[], outputs=[status, samples, queue_html], every=1, show_progress="hidden")
     return tab
 
 
