@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 from .core.config import RunConfig, settings_json
 from .core.errors import UserError
-from .runs import RunManager, parse_strengths, strength_grid
+from .runs import RunManager, parse_strengths, snapshot_grid, snapshots_of, strength_grid
 
 PREFIX = "/lora-train/v1"
 
@@ -128,6 +128,40 @@ def add_routes(app, host, manager: RunManager, credentials: dict[str, str] | Non
     @app.get(PREFIX + "/loras", dependencies=deps)
     def loras():
         return {"loras": host.list_loras()}
+
+    @app.get(PREFIX + "/runs/{run_id}/snapshots", dependencies=deps)
+    def run_snapshots(run_id: str):
+        record = known_run(run_id)
+        return {"snapshots": snapshots_of(host, record.config.save.output_name)}
+
+    @app.post(PREFIX + "/snapshot-grid", dependencies=deps)
+    def best_snapshot_grid(body: dict[str, Any]):
+        """Snapshots (rows) x strengths (columns) through the host's txt2img; body: snapshots
+        (names) or run (id), strengths "0.5, 1", prompt, negative_prompt, seed, steps, size."""
+        try:
+            names = body.get("snapshots")
+            if not names and body.get("run"):
+                names = snapshots_of(host, known_run(str(body["run"])).config.save.output_name)
+            strengths = parse_strengths(str(body.get("strengths", "0.5, 0.75, 1")), "strengths")
+            size = int(body.get("size", host.model_info().default_resolution))
+            if size < 64 or size % 8:
+                raise UserError("size", "give a multiple of 8, at least 64")
+            with (exclusive or host.exclusive)("lora-train snapshot grid"):
+                grid, tags = snapshot_grid(
+                    host, [str(n) for n in names or []], strengths, str(body.get("prompt", "")),
+                    str(body.get("negative_prompt", "")), int(body.get("seed", 1234)),
+                    steps=int(body.get("steps", 20)), width=size, height=size)
+                path = host.save_grid(grid, str(body.get("prompt", "")))
+        except UserError as e:
+            return user_error(e)
+        except (TypeError, ValueError) as e:
+            return JSONResponse(status_code=422, content={"error": str(e), "field": "body"})
+        except FileNotFoundError as e:
+            return JSONResponse(status_code=404, content={"error": str(e), "field": "snapshots"})
+        buf = io.BytesIO()
+        grid.save(buf, format="PNG")
+        return {"grid_png_base64": base64.b64encode(buf.getvalue()).decode("ascii"),
+                "tags": tags, "path": path}
 
     @app.post(PREFIX + "/test", dependencies=deps)
     def test(body: dict[str, Any]):

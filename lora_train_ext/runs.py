@@ -346,3 +346,43 @@ def strength_grid(host, lora_name: str, prompt: str, negative: str, seed: int, t
     grid = labelled_grid(images, rows=[f"TE {t:g}" for t in te_strengths],
                          cols=[f"UNet {u:g}" for u in unet_strengths])
     return grid, images, prompts
+
+
+def lora_tag(name: str, strength: float, te: float | None = None, unet: float | None = None) -> str:
+    """`<lora:NAME:s>`, or the named TE / UNet form when a split is asked for."""
+    if te is None and unet is None:
+        return f"<lora:{name}:{strength:g}>"
+    return lora_prompt(name, strength * (1.0 if te is None else te),
+                       strength * (1.0 if unet is None else unet))
+
+
+def snapshots_of(host, name: str) -> list[str]:
+    """The run's files: its snapshots (`NAME-stepN`, `NAME-N` per epoch) oldest first, then
+    the final `NAME`."""
+    import re
+
+    names = [os.path.splitext(os.path.basename(p))[0] for p in host.list_loras()]
+    own = [n for n in names if re.fullmatch(re.escape(name) + r"-(step)?\d+", n)]
+    own.sort(key=lambda n: int(re.search(r"(\d+)$", n).group(1)))
+    return own + ([name] if name in names else [])
+
+
+def snapshot_grid(host, snapshots: list[str], strengths: list[float], prompt: str, negative: str,
+                  seed: int, steps: int = 20, width: int = 512, height: int = 512,
+                  cfg_scale: float = 7.0, split: tuple[float, float] | None = None):
+    """Rows: snapshots; columns: strengths (x the TE/UNet split when given). Returns (grid,
+    tags in row-major order)."""
+    from .grid import labelled_grid
+
+    if not snapshots:
+        raise UserError("snapshots", "choose at least one snapshot of the run")
+    if len(snapshots) > 16:
+        raise UserError("snapshots", "at most 16 snapshots in one grid")
+    if not prompt.strip():
+        raise UserError("prompt", "write a prompt to compare the snapshots with")
+    te, unet = split if split else (None, None)
+    tags = [lora_tag(n, s, te, unet) for n in snapshots for s in strengths]
+    images = host.generate([f"{prompt}, {t}" for t in tags], negative, seed, steps, width,
+                           height, cfg_scale)
+    grid = labelled_grid(images, rows=list(snapshots), cols=[f"strength {s:g}" for s in strengths])
+    return grid, tags

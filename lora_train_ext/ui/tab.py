@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 from ..core.config import GROUPS, SETTINGS, RunConfig, Spec
 from ..core.errors import UserError
-from ..runs import RunManager, parse_strengths, strength_grid
+from ..runs import (RunManager, parse_strengths, snapshot_grid, snapshots_of, strength_grid)
 from .chart import line_chart_svg, loss_chart_svg
 
 PRESET_DEFAULT = "default (AdamW, rank 8)"
@@ -90,6 +90,21 @@ def status_html(manager: RunManager) -> str:
             html.escape(os.path.basename(p)) for p in run.files) + "</div>"
     chart = run_charts_html(run)
     return f"<div class='lora-train-status' data-state='{run.state}'>{body}{chart}</div>"
+
+
+def tag_table_html(names: list[str], strengths: list[float], tags: list[str], path: str) -> str:
+    """The grid's cells as a table of their `<lora:...>` tags; a click copies a tag."""
+    head = "".join(f"<th>{s:g}</th>" for s in strengths)
+    rows = []
+    for r, name in enumerate(names):
+        cells = []
+        for c in range(len(strengths)):
+            tag = html.escape(tags[r * len(strengths) + c])
+            cells.append(f"<td><button class='lora-train-tag' title='copy' onclick=\"navigator."
+                         f"clipboard.writeText(this.textContent)\">{tag}</button></td>")
+        rows.append(f"<tr><th>{html.escape(name)}</th>{''.join(cells)}</tr>")
+    return (f"<div class='lora-train-message'>saved {html.escape(path)}; click a tag to copy it"
+            f"</div><table class='lora-train-tags'><tr><th></th>{head}</tr>{''.join(rows)}</table>")
 
 
 def queue_choices(manager: RunManager) -> list[str]:
@@ -235,6 +250,14 @@ def build_tab(host, manager: RunManager, wrap_gpu: Callable[[Callable], Callable
                         size = gr.Number(value=info.default_resolution, precision=0, label="Grid size",
                                          elem_id="lora_train_test_size")
                     test_button = gr.Button("Generate grid", variant="primary", elem_id="lora_train_test_run")
+                    with gr.Accordion("Pick the best snapshot (snapshots x strengths)", open=False):
+                        snaps = gr.Dropdown(choices=[], multiselect=True, label="Snapshots",
+                                            elem_id="lora_train_snapshots",
+                                            info="The chosen LoRA's snapshots and final file; "
+                                                 "empty = all of them")
+                        grid_strengths = gr.Textbox(value="0.5, 0.75, 1", label="Strengths (columns)",
+                                                    elem_id="lora_train_snapshot_strengths")
+                        snap_button = gr.Button("Snapshot grid", elem_id="lora_train_snapshot_run")
                     test_image = gr.Image(label="Grid", type="pil", interactive=False,
                                           elem_id="lora_train_test_grid")
                     test_info = gr.HTML(elem_id="lora_train_test_info")
@@ -283,6 +306,21 @@ def build_tab(host, manager: RunManager, wrap_gpu: Callable[[Callable], Callable
             return [queue_table_html(manager),
                     gr.update(choices=choices, value=pick if pick in choices else None)]
 
+        def on_snapshot_grid(task, name, picked, prompt_, negative_, seed_, steps_, size_, text):
+            try:
+                strengths = parse_strengths(text, "Strengths")
+                side = int(size_ or 512)
+                if side < 64 or side % 8:
+                    raise UserError("Grid size", "give a multiple of 8, at least 64")
+                names = list(picked or []) or snapshots_of(host, name or "")
+                grid, tags = snapshot_grid(host, names, strengths, prompt_, negative_,
+                                           int(seed_ or 0), steps=int(steps_ or 20),
+                                           width=side, height=side)
+                path = host.save_grid(grid, prompt_)
+            except (UserError, FileNotFoundError) as e:
+                return [None, error_html(str(e))]
+            return [grid, tag_table_html(names, strengths, tags, path)]
+
         def on_stop():
             run = manager.current()
             if run is not None and run.state in ("queued", "running"):
@@ -322,6 +360,12 @@ def build_tab(host, manager: RunManager, wrap_gpu: Callable[[Callable], Callable
                          outputs=[queue_html, queue_pick])
         preset.change(on_preset, inputs=[preset], outputs=form)
         refresh.click(lambda: gr.update(choices=_lora_names(host)), inputs=[], outputs=[lora])
+        lora.change(lambda name: gr.update(choices=snapshots_of(host, name or ""), value=[]),
+                    inputs=[lora], outputs=[snaps])
+        snap_kw = {js_kw: _submit_js("loraTrainTestSubmit")}
+        snap_button.click(wrap_gpu(on_snapshot_grid, [None]),
+                          inputs=[task_id, lora, snaps, prompt, negative, seed, steps, size,
+                                  grid_strengths], outputs=[test_image, test_info], **snap_kw)
         # the list is read when the page loads, not only when the tab was built
         tab.load(lambda: gr.update(choices=_lora_names(host)), inputs=[], outputs=[lora])
         test_kw = {js_kw: _submit_js("loraTrainTestSubmit")}
