@@ -94,6 +94,10 @@ class TrainControl:
         self.paused_at: float | None = None
         # the host's sample maker: (step, prompts) -> paths of the images written; None = none
         self.sampler: Callable[[int, list], list[str]] | None = None
+        # pause and test: the host takes the model (its lock, the paused snapshot hot-loaded)
+        # and gives it back; on_resume raises when the run cannot go on (model switched)
+        self.on_pause: Callable[[str], None] | None = None
+        self.on_resume: Callable[[], None] | None = None
 
     # requests (from the UI / API thread)
     def request_stop(self, reason: str = "stopped by user") -> None:

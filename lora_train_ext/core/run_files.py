@@ -39,8 +39,13 @@ def snapshot_name(s: SaveConfig, step: int, total: int, epoch_due: int | None) -
     if epoch_due is not None:
         return f"{s.output_name}-{epoch_due:06d}"
     if s.save_every_steps and step % s.save_every_steps == 0:
-        return f"{s.output_name}-step{step:08d}"
+        return step_snapshot_name(s, step)
     return None
+
+
+def step_snapshot_name(s: SaveConfig, step: int) -> str:
+    """NAME-step00000300: the snapshot of a step (every N steps, or a pause)."""
+    return f"{s.output_name}-step{step:08d}"
 
 
 def prune_snapshots(snapshots: list[str], keep_last: int) -> list[str]:

@@ -15,6 +15,7 @@ snapshots, history).
 from __future__ import annotations
 
 import math
+import os
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -110,6 +111,8 @@ class Trainer:
         self._text_cache: dict[tuple, Any] = {}
         self._epoch_iter = None
         self._yielded_in_epoch = 0
+        self.guard: BaseGuard | None = None
+        self.model_gone = False  # the host switched models during a pause
         self.samples: list[str] = []
         self.sample_seconds = 0.0
         self._pending_epoch_snapshot: int | None = None
@@ -119,7 +122,7 @@ class Trainer:
         t0 = time.time()
         with process_rngs_kept():  # the run seeds them for itself; the host's stay its own
             state, existing = self._check()
-            guard = BaseGuard(self.bundle.base_modules())
+            self.guard = guard = BaseGuard(self.bundle.base_modules())
             guard.freeze()
             try:
                 with torch.inference_mode(False), torch.enable_grad():
@@ -128,7 +131,8 @@ class Trainer:
                     result = self._finish(stopped, total, t0)
             finally:
                 self._tear_down(guard)
-            guard.verify()
+            if not self.model_gone:
+                guard.verify()
         self.control.emit(Progress("end", step=self.step, total=result.total_steps,
                                    loss=result.final_loss, elapsed=result.seconds,
                                    path=result.path,
@@ -206,7 +210,7 @@ class Trainer:
         if self.step == 0:
             self._maybe_sample(total)  # the baseline
         while self.step < total:
-            control.wait_while_paused()
+            self._pause_if_requested(total)
             if control.stop_requested:
                 return True
             step_loss = torch.zeros((), device=self.device)
@@ -424,8 +428,10 @@ class Trainer:
     def _maybe_snapshot(self, total: int) -> None:
         epoch_due, self._pending_epoch_snapshot = self._pending_epoch_snapshot, None
         name = F.snapshot_name(self.cfg.save, self.step, total, epoch_due)
-        if name is None:
-            return
+        if name is not None:
+            self._write_snapshot(name, total)
+
+    def _write_snapshot(self, name: str, total: int) -> str:
         O.set_train_mode(self.optimizer, False)
         self.network.eval()
         path = F.output_path(self.cfg.save, name)
@@ -436,6 +442,51 @@ class Trainer:
         F.write_history(self.cfg.save, self.history)
         self.control.emit(Progress("snapshot", step=self.step, total=total, path=path))
         self.snapshots = F.prune_snapshots(self.snapshots, self.cfg.save.keep_last)
+        return path
+
+    # -- pause and test ----------------------------------------------------------------------
+    def _pause_if_requested(self, total: int) -> None:
+        """At a step boundary: write NAME-stepN, take the adapter out of the model and hand the
+        model to the host (`control.on_pause(path)`: release the lock, hot-load the file) until
+        resumed; then take it back (`control.on_resume()`, which may refuse: the model was
+        switched) and go on exactly where the run was (process RNGs kept, the base weights
+        checked to hold the same values)."""
+        control = self.control
+        if not control.pause_requested or control.stop_requested:
+            return
+        path = self._write_snapshot(F.step_snapshot_name(self.cfg.save, self.step), total)
+        if self.checkpointing is not None:
+            self.checkpointing.disable()
+        self.network.detach()
+        with process_rngs_kept():
+            control.emit(Progress("paused", step=self.step, total=total, path=path,
+                                  message=f"paused at step {self.step}: test "
+                                          f"{os.path.splitext(os.path.basename(path))[0]}"))
+            try:
+                if control.on_pause is not None:
+                    control.on_pause(path)
+                control.wait_while_paused()
+            finally:
+                try:
+                    if control.on_resume is not None:
+                        control.on_resume()
+                except Exception as e:  # the model was switched or unloaded while paused
+                    self.model_gone = True
+                    control.request_stop(f"the run ended while paused: {e}")
+        if self.model_gone:
+            return
+        try:
+            self.guard.accept_same_values()  # the host's generations wrote and restored them
+        except TrainingError:
+            self.model_gone = True
+            control.request_stop("the base weights hold other values after the pause "
+                                 "(another model, or a network left baked in)")
+            raise
+        self.network.attach()
+        if self.checkpointing is not None:
+            self.checkpointing.enable()
+        control.emit(Progress("resumed", step=self.step, total=total,
+                              message=f"resumed at step {self.step}"))
 
 
 def train(bundle: ModelBundle, cfg: RunConfig, control: TrainControl | None = None,

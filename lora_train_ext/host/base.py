@@ -62,8 +62,34 @@ class Host:
     @contextlib.contextmanager
     def exclusive(self, job: str) -> Iterator[None]:
         """Hold the host's GPU lock for a job that did not come through a wrapped UI call."""
-        with self._lock:
+        with self.gpu_lock():
             yield
+
+    def gpu_lock(self):
+        """The lock every GPU job holds (a run holds it from start to end, except while paused)."""
+        return self._lock
+
+    # -- pause and test ---------------------------------------------------------------------
+    def lend_model(self, snapshot: str) -> dict:
+        """A paused run hands the model over: hot-load its snapshot and let generations run
+        (the run's thread holds the lock and lets go of it here). Returns what `take_model_back`
+        needs to tell the same model from another one."""
+        self.hot_load([snapshot])
+        token = {"model": self.model_info().hash or self.model_info().name}
+        self.gpu_lock().release()
+        return token
+
+    def take_model_back(self, token: dict) -> None:
+        """Wait for the lock (a generation in progress finishes first), then check the model is
+        still the run's; raise UserError when it was switched."""
+        self.gpu_lock().acquire()
+        now = self.model_info().hash or self.model_info().name
+        if now != token["model"]:
+            from ..core.errors import UserError
+
+            raise UserError("model", f"the model was switched to {now} while the run was "
+                                     f"paused; its state is saved: load {token['model']} again "
+                                     "and resume the run from its state folder")
 
     def free_memory(self) -> None:
         """Give back what a finished run held (between queued runs)."""
