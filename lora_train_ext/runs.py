@@ -153,6 +153,7 @@ class RunManager:
                 record.state = "running"
 
         control.on_pause, control.on_resume = on_pause, on_resume
+        control.poll_stop = self.host.interrupt_requested
         try:
             with self.host.prepared_model() as bundle:
                 result = train(bundle, record.config, control)

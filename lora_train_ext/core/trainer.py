@@ -40,8 +40,8 @@ from .networks.targets import block_value, parse_block_values
 from .preflight import preflight
 from .run_metadata import now_iso, run_info
 from .sampling import prompts_for, sample_due
-from .run_state import (process_rngs_kept, read_state, restore_state, save_state,
-                        seed_process_rngs, set_rng_states)
+from .run_state import (process_rng_states, process_rngs_kept, read_state, restore_state,
+                        save_state, seed_process_rngs, set_process_rng_states, set_rng_states)
 
 # importable from here as before the split (the command line reads STATE_FILE from here)
 from .run_metadata import optimizer_label  # noqa: F401
@@ -215,12 +215,16 @@ class Trainer:
                 return True
             step_loss = torch.zeros((), device=self.device)
             epoch_before = self.epoch
+            mark = self._step_mark()
             for _ in range(accum):
                 batch = self._next_batch()
                 with torch.autocast(self.device.type, dtype=amp_dtype, enabled=use_amp):
                     loss = self._micro_step(batch)
                 (loss / accum).backward()
                 step_loss += loss.detach() / accum
+                if control.stop_requested:  # asked during this step: it is not taken
+                    self._rewind(mark)
+                    return True
             if cfg.optim.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm)
             self.optimizer.step()
@@ -246,6 +250,23 @@ class Trainer:
             self._maybe_snapshot(total)
             self._maybe_sample(total, self.epoch if self.epoch != epoch_before else None)
         return False
+
+    def _step_mark(self) -> tuple:
+        """Where the run stands before a step: data position and every RNG it draws from."""
+        return (self.epoch, self.batch_in_epoch, self._pending_epoch_snapshot,
+                self.generator.get_state(), process_rng_states())
+
+    def _rewind(self, mark: tuple) -> None:
+        """Undo a step begun but not taken (a stop asked mid-step), so the saved state is the
+        one after the last step taken and a resume goes on exactly as if never stopped."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self._close_epoch_iter()
+        (self.epoch, self.batch_in_epoch, self._pending_epoch_snapshot, generator,
+         rngs) = mark
+        self.generator.set_state(generator)
+        set_process_rng_states(rngs)
+        # the dataset's own position too (no fingerprint given: a position, not a new dataset)
+        self.data.load_state_dict({"epoch": self.epoch, "batch_index": self.batch_in_epoch})
 
     def _maybe_sample(self, total: int, epoch_ended: int | None = None) -> None:
         """Ask the host for sample images when they are due, with the adapter as it is now
