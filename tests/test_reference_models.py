@@ -39,6 +39,7 @@ import os
 import sys
 import types
 import warnings
+from collections import Counter
 
 import pytest
 import torch
@@ -75,7 +76,7 @@ def _diffusers_api():
         except ImportError as e:
             rae = "diffusers.models.autoencoders.autoencoder_rae"
             if "Dinov2WithRegisters" not in str(e) or rae in sys.modules:
-                pytest.skip(f"diffusers {diffusers.__version__}: AutoencoderKL does not import: {e}")
+                pytest.skip(f"diffusers {diffusers.__version__}: no AutoencoderKL: {e}")
             placeholder = types.ModuleType(rae)
             placeholder.AutoencoderRAE = None
             sys.modules[rae] = placeholder
@@ -97,7 +98,8 @@ def ldm_original_config(arch: str, size: str) -> dict:
     spec = arch_spec(arch, size)
     u, v = spec.unet, spec.vae
     unet = dict(in_channels=u.in_channels, out_channels=u.out_channels,
-                model_channels=u.model_channels, attention_resolutions=list(u.attention_resolutions),
+                model_channels=u.model_channels,
+                attention_resolutions=list(u.attention_resolutions),
                 num_res_blocks=u.num_res_blocks, channel_mult=list(u.channel_mult),
                 use_linear_in_transformer=u.use_linear, transformer_depth=list(u.transformer_depth),
                 context_dim=u.context_dim)
@@ -107,8 +109,8 @@ def ldm_original_config(arch: str, size: str) -> dict:
         unet["num_head_channels"] = u.num_head_channels
     if u.adm_in_channels is not None:
         unet.update(num_classes="sequential", adm_in_channels=u.adm_in_channels)
-    ddconfig = dict(double_z=True, z_channels=v.z_channels, resolution=256, in_channels=v.in_channels,
-                    out_ch=v.out_ch, ch=v.ch, ch_mult=list(v.ch_mult),
+    ddconfig = dict(double_z=True, z_channels=v.z_channels, resolution=256,
+                    in_channels=v.in_channels, out_ch=v.out_ch, ch=v.ch, ch_mult=list(v.ch_mult),
                     num_res_blocks=v.num_res_blocks, attn_resolutions=[], dropout=0.0)
     # sgm (SDXL) calls the UNet's section network_config, ldm unet_config
     unet_key = "network_config" if arch == "sdxl" else "unet_config"
@@ -148,8 +150,10 @@ def diffusers_configs(sfu, arch: str, size: str, checkpoint: dict) -> tuple[dict
     image_size = 64 if size == "tiny" else None  # tiny: no model type to infer the default from
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        unet = sfu.create_unet_diffusers_config_from_ldm(original, checkpoint, image_size=image_size)
-        vae = sfu.create_vae_diffusers_config_from_ldm(original, checkpoint, image_size=image_size)
+        unet = sfu.create_unet_diffusers_config_from_ldm(original, checkpoint,
+                                                         image_size=image_size)
+        vae = sfu.create_vae_diffusers_config_from_ldm(original, checkpoint,
+                                                       image_size=image_size)
     unet_extra, vae_extra = _tiny_overrides(arch, size)
     unet.update(unet_extra)
     vae.update(vae_extra)
@@ -194,9 +198,10 @@ def _only(checkpoint: dict, prefix: str) -> dict:
 
 
 def _te_checkpoint(arch: str, part: str, checkpoint: dict) -> dict:
-    """What the text-encoder loader is handed. SDXL te2: only `conditioner.embedders.1.` — diffusers
-    tells te1 from te2 in one file by comparing te1's width with the model's (768 vs 1280); the tiny
-    te1 and te2 are both 32 wide, so given the whole file it would load te1's weights into te2."""
+    """What the text-encoder loader is handed. SDXL te2: only `conditioner.embedders.1.`: diffusers
+    tells te1 from te2 in one file by comparing te1's width with the model's (768 vs 1280); the
+    tiny te1 and te2 are both 32 wide, so given the whole file it would load te1's weights into
+    te2 (and fail on the MLP shapes)."""
     if arch == "sdxl" and part == "te2":
         return _only(checkpoint, "conditioner.embedders.1.")
     return checkpoint
@@ -216,7 +221,8 @@ def _assert_covers(name: str, model: nn.Module, converted: dict, allowed=(POSITI
     own = set(model.state_dict())
     missing = sorted(own - set(converted) - set(allowed))
     unexpected = sorted(set(converted) - own)
-    assert not missing and not unexpected, f"{name}: missing {missing[:3]}, unexpected {unexpected[:3]}"
+    assert not missing and not unexpected, \
+        f"{name}: missing {missing[:3]}, unexpected {unexpected[:3]}"
 
 
 # -- diffusers' models from our checkpoint --------------------------------------------------------
@@ -234,7 +240,8 @@ def diffusers_from_file(path: str, arch: str, workdir) -> dict[str, nn.Module]:
             folder.mkdir()
             (folder / "config.json").write_text(json.dumps(cfg))
             models[part] = cls.from_single_file(path, config=str(folder), local_files_only=True)
-        _assert_covers("unet", models["unet"], sfu.convert_ldm_unet_checkpoint(checkpoint, unet_cfg))
+        _assert_covers("unet", models["unet"],
+                       sfu.convert_ldm_unet_checkpoint(checkpoint, unet_cfg))
         _assert_covers("vae", models["vae"], sfu.convert_ldm_vae_checkpoint(checkpoint, vae_cfg))
         for part, (cls, cfg) in text_configs(arch, "tiny").items():
             folder = workdir / part
@@ -265,7 +272,8 @@ def diffusers_sharing(arch: str, size: str, checkpoint: dict) -> dict[str, nn.Mo
         for part, (cls, cfg) in text_configs(arch, size).items():
             with torch.device("meta"):
                 model = cls(cfg)
-            converted = _converted_text(sfu, arch, part, model, _te_checkpoint(arch, part, checkpoint))
+            te_ckpt = _te_checkpoint(arch, part, checkpoint)
+            converted = _converted_text(sfu, arch, part, model, te_ckpt)
             converted.setdefault(POSITION_IDS, torch.arange(cfg.max_position_embeddings)[None])
             model.load_state_dict(converted, strict=True, assign=True)
             models[part] = model
@@ -314,7 +322,8 @@ def compare(bundle, models: dict[str, nn.Module], latent: int, image: int) -> di
             pooled_dim = out2.text_embeds.shape[-1]
             _diff("te1 (penultimate)", cond["crossattn"][..., :w1], out1.hidden_states[-2], results)
             _diff("te2 (penultimate)", cond["crossattn"][..., w1:], out2.hidden_states[-2], results)
-            _diff("te2 pooled projection", cond["vector"][:, :pooled_dim], out2.text_embeds, results)
+            _diff("te2 pooled projection", cond["vector"][:, :pooled_dim], out2.text_embeds,
+                  results)
             added = {"text_embeds": cond["vector"][:, :pooled_dim],
                      "time_ids": torch.tensor(sizes, dtype=torch.float32)}
             ref_unet = models["unet"](x, t, encoder_hidden_states=cond["crossattn"],
@@ -329,6 +338,31 @@ def compare(bundle, models: dict[str, nn.Module], latent: int, image: int) -> di
     return results
 
 
+def norm_settings(model: nn.Module, skip: str | None = None) -> Counter:
+    """How many GroupNorms / LayerNorms of each (groups, width, eps, affine) a model has (modules
+    under `skip` left out). An eps off by 10x (1e-5 vs 1e-6) moves a tiny UNet's output by ~1e-5
+    of its scale on random weights: the order of the rounding tolerance, so the outputs alone
+    cannot tell it; this can."""
+    found: Counter = Counter()
+    for name, m in model.named_modules():
+        if skip is not None and name.startswith(skip):
+            continue
+        if isinstance(m, nn.GroupNorm):
+            found[("GroupNorm", m.num_groups, m.num_channels, m.eps, m.affine)] += 1
+        elif isinstance(m, nn.LayerNorm):
+            found[("LayerNorm", tuple(m.normalized_shape), m.eps, m.elementwise_affine)] += 1
+    return found
+
+
+def check_norms(bundle, models: dict[str, nn.Module]) -> None:
+    ours = {"unet": bundle.unet, "vae": bundle.vae, **bundle.text_encoders}
+    for part, model in ours.items():
+        skip = None
+        if bundle.arch == "sd2" and part == "te":  # diffusers drops the last block (never read)
+            skip = f"transformer.resblocks.{model.num_layers - 1}."
+        assert norm_settings(model, skip) == norm_settings(models[part]), part
+
+
 def _report(arch: str, size: str, results: dict) -> str:
     return "\n".join(f"{arch} {size} {name}: max abs diff {d:.3g} (output max {s:.3g}, "
                      f"relative {d / s:.3g})" for name, (d, s) in results.items())
@@ -341,8 +375,11 @@ def _check(arch: str, size: str, results: dict, rel: float) -> None:
     assert not bad, f"differs beyond fp32 rounding ({rel:g} of output scale): {bad}\n{report}"
 
 
-# The tiny outputs agree to ~1e-7 of their scale (see the test output); 1e-5 leaves room for other
-# BLAS / SDPA kernels while a real mismatch (a wrong norm, order, scale) is ~1e-2 or more.
+# Measured (CPU, torch 2.13, diffusers 0.39): tiny outputs agree to <= 3e-6 of their scale (VAE
+# decode; UNet ~1e-6, text encoders ~1e-6 or exactly), real-width ones to <= 2.5e-6. 1e-5 / 1e-4
+# leave room for other BLAS / SDPA kernels; a wrong wiring is far above (swapping one crop
+# number in SDXL's time_ids moves the tiny UNet output by 3e-2 of its scale). Epsilons are
+# checked apart (`check_norms`).
 TINY_REL = 1e-5
 REAL_REL = 1e-4  # deeper sums at real width accumulate more rounding
 
@@ -357,6 +394,7 @@ def test_tiny_equals_diffusers_single_file(arch, tmp_path):
     if arch == "sdxl":  # the added conditioning is diffusers' SDXL path, not a class embedding
         assert models["unet"].config.addition_embed_type == "text_time"
     assert models["vae"].config.scaling_factor == spec.vae.scale_factor
+    check_norms(bundle, models)
     results = compare(bundle, models, latent=8, image=64)
     _check(arch, "tiny", results, TINY_REL)
 
@@ -375,6 +413,7 @@ def test_real_width_equals_diffusers(arch):
     assert cfg.norm_num_groups == 32
     if arch == "sdxl":
         assert cfg.addition_embed_type == "text_time" and cfg.addition_time_embed_dim == 256
+    check_norms(bundle, models)
     results = compare(bundle, models, latent=16, image=64)
     del models, bundle
     gc.collect()
