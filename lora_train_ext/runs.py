@@ -117,6 +117,8 @@ class RunManager:
             raise UserError("model", info.problem)
         if not cfg.save.output_dir:
             cfg.save.output_dir = self.host.output_dir()
+        if not cfg.save.run_dir:
+            cfg.save.run_dir = self.host.run_dir()
         cfg.model.arch = info.arch
         result = preflight(cfg, arch=info.arch, device=self.host.device(),
                            host_check=self.host.check_config).raise_if_failed()
@@ -139,7 +141,7 @@ class RunManager:
         control.add_listener(lambda e: self._on_event(record, e))
         s = record.config.save
         if record.config.sample.prompts.strip():
-            control.sampler = self.host.sampler(s.output_dir or ".", s.output_name)
+            control.sampler = self.host.sampler(s)
         lent: dict = {}
 
         def on_pause(path: str) -> None:

@@ -87,6 +87,6 @@ def test_a_model_switch_during_the_pause_ends_the_run_with_its_state(tmp_path, d
         host.bundle.model_hash = real_hash
     assert record.state == "stopped", (record.state, record.error)
     assert "switched" in record.message and "state is saved" in record.message
-    state_dir = os.path.join(str(tmp_path), "Lora", "switched-state")
+    state_dir = os.path.join(str(tmp_path), "runs", "switched-state")
     assert os.path.isfile(os.path.join(state_dir, "training_state.pth"))
     assert record.step == 2

@@ -151,6 +151,8 @@ class Trainer:
         existing = None
         if cfg.network.existing_lora and state is None:
             existing = read_existing(cfg.network.existing_lora, self.bundle.arch, cfg.network)
+        if cfg.data.cache_to_disk and not cfg.data.cache_dir:
+            cfg.data.cache_dir = F.run_path(cfg.save, "latent_cache")  # never the dataset folder
         if self.data is None:
             from .data import TrainData
 

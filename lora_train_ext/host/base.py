@@ -115,6 +115,11 @@ class Host:
     def output_dir(self) -> str:
         return self.lora_dir()
 
+    def run_dir(self) -> str:
+        """Where runs keep their own files (state, history, samples, caches): not the Lora
+        folder, which holds only what the Lora cards show."""
+        raise NotImplementedError
+
     def hot_load(self, paths: list[str]) -> None:
         """Make new or rewritten adapter files usable at once (no restart)."""
 
@@ -133,7 +138,7 @@ class Host:
         """One PIL image per prompt, same seed for each. Called with the lock held."""
         raise NotImplementedError
 
-    def sampler(self, out_dir: str, name: str):
+    def sampler(self, save):
         """A TrainControl.sampler that makes samples with this host's own generation, on the
         model as the run holds it (the adapter hooked in, at its current weights)."""
         from ..core.sampling import sampler_for
@@ -141,7 +146,7 @@ class Host:
         def one(p):
             return self.generate([p.prompt], p.negative, p.seed, p.steps, p.width, p.height,
                                  p.cfg_scale, sampler_name=p.sampler)[0]
-        return sampler_for(one, out_dir, name)
+        return sampler_for(one, save)
 
     def save_grid(self, image, prompt: str) -> str:
         """Save a grid image where the host saves grids; return its path."""

@@ -434,6 +434,14 @@ class WebUIHost(Host):
 
         return getattr(shared.opts, "lora_train_output_dir", "") or self.lora_dir()
 
+    def run_dir(self) -> str:
+        """Settings -> Train LoRA, else outputs/lora-train in the WebUI's data folder (where
+        its other outputs go): state, history, samples and caches, never the Lora folder."""
+        from modules import paths_internal, shared
+
+        return getattr(shared.opts, "lora_train_run_dir", "") or \
+            os.path.join(paths_internal.data_path, "outputs", "lora-train")
+
     # -- generation -----------------------------------------------------------------------------
     def generate(self, prompts, negative, seed, steps, width, height, cfg_scale,
                  sampler_name: str = ""):
