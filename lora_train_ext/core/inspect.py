@@ -41,9 +41,13 @@ def describe(path: str) -> dict:
         raise UserError("file", f"not found: {path}")
     meta = read_metadata(path)
     shapes: dict[str, list[int]] = {}
-    with safe_open(path, "pt") as f:
-        for key in f.keys():
-            shapes[key] = list(f.get_slice(key).get_shape())
+    try:
+        with safe_open(path, "pt") as f:
+            for key in f.keys():
+                shapes[key] = list(f.get_slice(key).get_shape())
+    except Exception as e:  # truncated, non-string metadata, ...: safetensors' own errors
+        raise UserError("file", f"{os.path.basename(path)} cannot be read as safetensors: "
+                                f"{e}") from None
     modules: dict[str, set[str]] = {}
     for key in shapes:
         name, _, rest = key.partition(".")
