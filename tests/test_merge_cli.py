@@ -399,3 +399,26 @@ def test_inspect_loader_table(files):
     assert any("dora_scale" in n for n in dora["loader_notes"])
     lora = describe(files["a"])
     assert all(v == "yes" for v in lora["loaders"].values()) and lora["loader_notes"] == []
+
+
+def test_sd2_openclip_rows_merge_and_extract(tmp_path):
+    """SD2's text encoder: q / k / v are row blocks of in_proj_weight, both ways."""
+    bundle = build_bundle("sd2", "tiny", seed=0)
+    base = write_checkpoint(bundle, str(tmp_path / "base.safetensors"))
+    net = build_network(bundle.trainable_roots(), "sd2",
+                        NetworkConfig(rank=2, alpha=2.0, train_on="te"), seed=1)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for a in net:
+            a.lora_up.weight.copy_(torch.randn(a.lora_up.weight.shape, generator=g) * 0.3)
+    lora = str(tmp_path / "te.safetensors")
+    save_lora(net.kohya_state_dict(), LoraInfo(arch="sd2", rank=2, alpha=2.0), lora,
+              save_dtype="fp32", sidecar=False)
+    merged = str(tmp_path / "merged.safetensors")
+    merge_checkpoint(base, [LoraSpec(lora, 1.5)], merged)
+    out = str(tmp_path / "x.safetensors")
+    report = extract_lora(base, merged, out, rank=8, save_dtype="fp32")
+    assert report.skipped_parts == ["unet"] and report.arch == "sd2"
+    got, want = _deltas(out, "sd2"), _deltas(lora, "sd2")
+    assert got.keys() == want.keys() and any("_q_proj" in n for n in got)
+    assert max(_rel(got[n], 1.5 * want[n]) for n in want) < 1e-3

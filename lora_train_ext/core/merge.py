@@ -44,8 +44,8 @@ from .networks.ia3 import ia3_delta_from_file
 from .networks.loha import loha_delta_from_file
 from .networks.lokr import lokr_delta_from_file
 from .networks.lora import lora_delta
-from .stream_io import (CheckpointSource, SafetensorsWriter, TensorSpec, check_output_path,
-                        file_sha256)
+from .stream_io import (CheckpointSource, SafetensorsReader, SafetensorsWriter, TensorSpec,
+                        check_output_path, file_sha256, numel)
 
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 HASH_PLACEHOLDER = "?" * 64
@@ -231,11 +231,44 @@ def _bias_key(weight_key: str) -> str:
 
 # -- checkpoint merge (streaming) ---------------------------------------------------------------
 
+class _LazyLora:
+    """A LoRA file read module by module while the checkpoint streams: its header up front
+    (names, shapes and the scalars, for the checks), each module's tensors when the weight it
+    changes comes up. Memory: one module at a time, whatever the file's size."""
+
+    def __init__(self, path: str, field_name: str):
+        self.path = path
+        self.reader = SafetensorsReader(path, field_name)
+        self.metadata = self.reader.metadata
+        self.modules: dict[str, dict[str, str]] = defaultdict(dict)
+        for key in self.reader.keys():
+            name, _, rest = key.partition(".")
+            self.modules[name][rest] = key
+        if not self.modules:
+            self.reader.close()
+            raise UserError(field_name, f"{path} holds no tensors")
+
+    def shapes(self, name: str) -> dict[str, torch.Tensor]:
+        """The module's tensors as meta tensors (shape and dtype only), scalars with values."""
+        out = {}
+        for rest, key in self.modules[name].items():
+            spec = self.reader.specs[key]
+            out[rest] = self.reader.read(key) if numel(spec.shape) <= 1 else \
+                torch.empty(spec.shape, dtype=spec.dtype, device="meta")
+        return out
+
+    def parts(self, name: str) -> dict[str, torch.Tensor]:
+        return {rest: self.reader.read(key) for rest, key in self.modules[name].items()}
+
+    def close(self) -> None:
+        self.reader.close()
+
+
 @dataclass
 class _Contribution:
-    file: int
+    lora: _LazyLora
     name: str
-    parts: dict[str, torch.Tensor]
+    algo: str
     rows: slice | None
     strength: float
     shape: tuple[int, ...]  # the module's weight: the key's, or its row block
@@ -257,20 +290,20 @@ def _module_targets(name: str, arch: str, specs: dict[str, TensorSpec]
     return targets[0]
 
 
-def _plan(loras: list[LoraSpec], src: CheckpointSource, arch: str, forced_arch: bool,
-          field_name: str):
+def _plan(loras: list[LoraSpec], lazies: list[_LazyLora], src: CheckpointSource, arch: str,
+          forced_arch: bool, field_name: str):
     """Map every module of every file onto the checkpoint; refuse before any writing."""
     contributions: dict[str, list[_Contribution]] = defaultdict(list)
-    biases: dict[str, list[tuple[torch.Tensor, slice | None, float]]] = defaultdict(list)
+    biases: dict[str, list[_Contribution]] = defaultdict(list)
     per_file: dict[str, int] = {}
     sources: list[dict] = []
-    for index, spec in enumerate(loras):
-        tensors, meta = _load(spec, field_name)
-        modules = group_modules(tensors)
+    for spec, lora in zip(loras, lazies):
+        meta, modules = lora.metadata, lora.modules
         file_name = os.path.basename(spec.path)
         bad: list[str] = []
         stated = declared_arch(meta)
-        for name, parts in modules.items():
+        for name in modules:
+            parts = lora.shapes(name)
             algo = algo_of_tensors(parts)
             if not algo:
                 bad.append(f"{name} (tensors {', '.join(sorted(parts))}: no known algorithm)")
@@ -304,18 +337,17 @@ def _plan(loras: list[LoraSpec], src: CheckpointSource, arch: str, forced_arch: 
                     "for another model")
             raise MergeMismatch(field_name, f"{head}{what}; nothing was written", bad)
         count = 0
-        for name, parts in modules.items():
+        for name in modules:
             key, rows = _module_targets(name, arch, src.specs)
-            part = keys.split_kohya_name(name)[0]
-            strength = spec.multiplier(part)
+            strength = spec.multiplier(keys.split_kohya_name(name)[0])
             if strength == 0:
                 continue
             full = src.specs[key].shape
             shape = full if rows is None else (rows.stop - rows.start, *full[1:])
-            contributions[key].append(_Contribution(index, name, parts, rows, strength, shape))
-            bias = module_bias_delta(parts)
-            if bias is not None:
-                biases[_bias_key(key)].append((bias, rows, strength))
+            c = _Contribution(lora, name, algo_of_tensors(modules[name]), rows, strength, shape)
+            contributions[key].append(c)
+            if "diff_b" in modules[name]:
+                biases[_bias_key(key)].append(c)
             count += 1
         per_file[spec.path] = count
         sources.append({**spec.to_dict(), "sha256": data_section_sha256(spec.path),
@@ -386,15 +418,21 @@ def merge_checkpoint(base: str, loras: list[LoraSpec], out_path: str,
         if ckpt_arch is None:
             raise UserError("--base", f"{os.path.basename(base)} has no SD1/SD2/SDXL text "
                                       "encoder keys; it is not a full checkpoint")
-        contributions, biases, per_file, sources = _plan(loras, src, ckpt_arch, bool(arch),
-                                                         "--lora")
-        if loras and not contributions:
-            raise UserError("--lora", "the merge would change nothing: every strength is 0")
-        vae_src, vae_map = _vae_tensors(vae, src, allow_ckpt) if vae else (None, {})
+        lazies: list[_LazyLora] = []
+        vae_src = None
         try:
+            for s in loras:
+                lazies.append(_LazyLora(s.path, "--lora"))
+            contributions, biases, per_file, sources = _plan(loras, lazies, src, ckpt_arch,
+                                                             bool(arch), "--lora")
+            if loras and not contributions:
+                raise UserError("--lora", "the merge would change nothing: every strength is 0")
+            vae_src, vae_map = _vae_tensors(vae, src, allow_ckpt) if vae else (None, {})
             report = _write_merged(src, contributions, biases, vae_src, vae_map, out_path,
                                    precision, loras, sources, ckpt_arch, progress)
         finally:
+            for lazy in lazies:
+                lazy.close()
             if vae_src is not None:
                 vae_src.close()
     report.per_file = per_file
@@ -427,6 +465,12 @@ def _write_merged(src: CheckpointSource, contributions, biases, vae_src, vae_map
         "precision": precision or "as base",
         "arch": arch,
     }
+    previous = src.metadata.get("lora_train_ext.merge")
+    if previous:  # merging into a merged checkpoint: keep the chain
+        try:
+            recipe["previous"] = json.loads(previous)
+        except ValueError:
+            recipe["previous"] = previous
     meta = {k: v for k, v in src.metadata.items() if not k.startswith("modelspec.hash")}
     meta["format"] = "pt"
     meta["lora_train_ext.merge"] = recipe_json(recipe)
@@ -476,18 +520,34 @@ def _write_merged(src: CheckpointSource, contributions, biases, vae_src, vae_map
 def _merge_tensor(t: torch.Tensor, contributions, biases, out_dtype: torch.dtype
                   ) -> tuple[torch.Tensor, bool]:
     """base + every contribution (files in order; IA3 / DoRA see the earlier ones merged)."""
-    w = t.float()
-    acc = torch.zeros_like(w)
+    w = t.float()  # t itself when t is fp32
+    acc: torch.Tensor | None = None  # the summed delta; few temporaries of the tensor's size
     for c in contributions:
         rows = slice(None) if c.rows is None else c.rows
+        parts = c.lora.parts(c.name)
         base = None
-        if algo_of_tensors(c.parts) in NEEDS_BASE_WEIGHT:
-            base = w[rows] + acc[rows]
-        delta = module_delta(c.parts, c.shape, c.name, base)
-        acc[rows] += delta.reshape(acc[rows].shape) * float(c.strength)
-    for bias, rows, strength in biases:
-        acc[slice(None) if rows is None else rows] += bias * float(strength)
-    merged = (w + acc).to(out_dtype)
+        if c.algo in NEEDS_BASE_WEIGHT:
+            base = w[rows] if acc is None else w[rows] + acc[rows]
+        delta = module_delta(parts, c.shape, c.name, base).reshape(w[rows].shape)
+        delta.mul_(float(c.strength))
+        del parts, base
+        if acc is None and c.rows is None:
+            acc = delta  # 0 + delta: exactly delta
+        else:
+            if acc is None:
+                acc = torch.zeros_like(w)
+            acc[rows] += delta
+        del delta
+    for c in biases:
+        if acc is None:
+            acc = torch.zeros_like(w)
+        bias = module_bias_delta(c.lora.parts(c.name))
+        acc[slice(None) if c.rows is None else c.rows] += bias * float(c.strength)
+    if w is not t:
+        merged = w.add_(acc).to(out_dtype)
+    else:
+        merged = (w + acc).to(out_dtype)
+    del acc, w
     return merged, not torch.equal(merged, t.to(out_dtype))
 
 
