@@ -422,3 +422,26 @@ def test_sd2_openclip_rows_merge_and_extract(tmp_path):
     got, want = _deltas(out, "sd2"), _deltas(lora, "sd2")
     assert got.keys() == want.keys() and any("_q_proj" in n for n in got)
     assert max(_rel(got[n], 1.5 * want[n]) for n in want) < 1e-3
+
+
+def test_extract_and_merge_loras_commands(files, tmp_path, capsys):
+    merged = str(tmp_path / "m.safetensors")
+    code, _, _ = run_main("merge", "--base", files["base"], "--lora", f"{files['b']}:1:0:1",
+                          "--out", merged, capsys=capsys)
+    assert code == 0
+    out = str(tmp_path / "x.safetensors")
+    code, stdout, err = run_main("extract", "--base", files["base"], "--tuned", merged,
+                                 "--rank", "8", "--conv-rank", "4", "--out", out, capsys=capsys)
+    assert code == 0 and "text encoder te identical" in err and "extract:" in err
+    result = json.loads(stdout.strip().splitlines()[-1])
+    assert result["skipped_parts"] == ["te"] and result["parts"]["unet"] == result["modules"]
+    info = describe(out)
+    assert info["algorithm"] == "locon" and info["conv_ranks"] == [4]
+    tensors = load_lora(out)[0]  # default precision fp16, alphas fp32
+    assert {t.dtype for k, t in tensors.items() if not k.endswith(".alpha")} == {torch.float16}
+    assert {t.dtype for k, t in tensors.items() if k.endswith(".alpha")} == {torch.float32}
+    ml = str(tmp_path / "ml.safetensors")
+    code, stdout, err = run_main("merge-loras", "--lora", f"{files['a']}:0.5", "--lora", files["b"],
+                                 "--out", ml, capsys=capsys)
+    assert code == 0 and "concat" in err
+    assert json.loads(stdout.strip().splitlines()[-1])["mode"] == "concat"

@@ -364,8 +364,7 @@ def _vae_tensors(path: str, src: CheckpointSource, allow_ckpt: bool) -> tuple[Ch
         prefix = keys.VAE_CHECKPOINT_PREFIX
         mapping: dict[str, str] = {}
         for k in vae.keys():
-            if k.startswith(("loss.", "model_ema.")) or k in ("model_ema.decay",
-                                                            "model_ema.num_updates"):
+            if k.startswith(("loss.", "model_ema.")):  # training-only entries of VAE files
                 continue
             own = k[len(prefix):] if k.startswith(prefix) else k
             mapping[prefix + own] = k
