@@ -29,6 +29,7 @@ from typing import Callable
 
 import torch
 
+from .dtypes import TORCH_DTYPES
 from . import keys
 from .errors import UserError
 from .fsio import atomic_write
@@ -47,7 +48,7 @@ from .networks.lora import lora_delta
 from .stream_io import (CheckpointSource, SafetensorsReader, SafetensorsWriter, TensorSpec,
                         check_output_path, file_sha256, numel)
 
-SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+SAVE_DTYPES = TORCH_DTYPES
 HASH_PLACEHOLDER = "?" * 64
 MAX_LISTED = 8
 
