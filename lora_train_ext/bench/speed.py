@@ -22,10 +22,13 @@ Cases (`--cases`, comma-separated; the default is the first four):
 
 The cases alternate step by step (the order turns each round) after one warm-up step each, so a
 busy machine slows them alike; with `full`, the trainer drives and the other cases run between
-its steps. Each case prints one JSON line: step_ms (median) and its spread (min, max),
+its steps. Each case prints one JSON line: step_ms (median wall time) and its spread (min, max),
+cpu_ms (the process's CPU time per step: on a machine shared with other work it counts the work
+done, not the waits; with one thread and OMP_WAIT_POLICY=PASSIVE, no spinning either),
 images_per_s, peak_mem (CPU: the process's resident memory while the step runs, sampled every
-2 ms; CUDA: peak allocated), ratio_to_bare and ratio_to_peft (medians of the per-round ratios,
-with their spread), and the FLOPs of one step counted by torch's FlopCounterMode (forward and
+2 ms, and peak_mem_step above its level when the step began; CUDA: peak allocated),
+ratio_to_bare and ratio_to_peft (medians of the per-round ratios of wall times, with their
+spread; cpu_ratio_* the same of CPU times), and the FLOPs of one step counted by torch's FlopCounterMode (forward and
 backward; attention on the CPU counted with torch's own formula) or, without it, counted by hand
 for the forward only (`flops_by` says which).
 `--size tiny` runs the same on the tiny models (the test suite).
@@ -226,6 +229,7 @@ class Case:
     leave: Callable[[], None] = _noop
     options: dict = field(default_factory=dict)
     times: list[float] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)  # process CPU seconds of each timed step
     peaks: list[int] = field(default_factory=list)
     deltas: list[int] = field(default_factory=list)
     flops: int | None = None
@@ -445,10 +449,11 @@ def _timed(case: Case, device: torch.device) -> None:
     try:
         _sync(device)
         with PeakMemory(device) as mem:
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             case.step()
             _sync(device)
             case.times.append(time.perf_counter() - t0)
+            case.cpu.append(time.process_time() - c0)
         case.peaks.append(mem.peak_bytes)
         case.deltas.append(max(0, mem.peak_bytes - mem.start_bytes))
     finally:
@@ -497,14 +502,14 @@ def run_cases(s: Setup, cases: list[Case], repeats: int, with_full: bool,
     from ..core.trainer import Trainer
 
     full = Case("full", _noop)
-    state = {"trainer": None, "mark": 0.0, "mem": None, "flop_mode": None}
+    state = {"trainer": None, "mark": 0.0, "cpu_mark": 0.0, "mem": None, "flop_mode": None}
     counted_step = repeats + 2  # 1: warm-up, 2 .. repeats + 1: timed, then one counted
 
     def between_steps(event: Progress) -> None:
         if event.kind != "step":
             return
-        now = time.perf_counter()
         _sync(s.device)
+        now, cpu_now = time.perf_counter(), time.process_time()
         k = event.step
         mem = state.pop("mem", None)
         if mem is not None:
@@ -515,6 +520,7 @@ def run_cases(s: Setup, cases: list[Case], repeats: int, with_full: bool,
             full.flops, full.flops_by = int(mode.get_total_flops()), "FlopCounterMode"
         if 2 <= k <= repeats + 1:
             full.times.append(now - state["mark"])
+            full.cpu.append(cpu_now - state["cpu_mark"])
             full.peaks.append(mem.peak_bytes)
             full.deltas.append(max(0, mem.peak_bytes - mem.start_bytes))
         trainer = state["trainer"]
@@ -546,7 +552,7 @@ def run_cases(s: Setup, cases: list[Case], repeats: int, with_full: bool,
         if k <= repeats:
             state["mem"] = PeakMemory(s.device).__enter__()
         _sync(s.device)
-        state["mark"] = time.perf_counter()
+        state["cpu_mark"], state["mark"] = time.process_time(), time.perf_counter()
 
     with tempfile.TemporaryDirectory(prefix="lora-bench-") as folder:
         _write_dataset(os.path.join(folder, "data"), s)
@@ -567,10 +573,14 @@ def _median(values: list[float]) -> float | None:
     return statistics.median(values) if values else None
 
 
-def _paired(a: Case, b: Case | None) -> tuple[float | None, list[float] | None]:
-    if b is None or not a.times or not b.times:
+def _paired(a: Case, b: Case | None, what: str = "times"
+            ) -> tuple[float | None, list[float] | None]:
+    """Median and (min, max) of the per-round ratios a / b (rounds are interleaved)."""
+    if b is None or not getattr(a, what) or not getattr(b, what):
         return None, None
-    ratios = [x / y for x, y in zip(a.times, b.times)]
+    ratios = [x / y for x, y in zip(getattr(a, what), getattr(b, what)) if y > 0]
+    if not ratios:
+        return None, None
     return round(statistics.median(ratios), 3), [round(min(ratios), 3), round(max(ratios), 3)]
 
 
@@ -631,6 +641,8 @@ def run(arch: str = "sd1", size: str = "real", resolution: int = 256, batch: int
         med = _median(c.times)
         ratio_bare, spread_bare = _paired(c, by_name.get("bare"))
         ratio_peft, spread_peft = _paired(c, by_name.get("peft"))
+        cpu_bare, cpu_spread_bare = _paired(c, by_name.get("bare"), "cpu")
+        cpu_peft, cpu_spread_peft = _paired(c, by_name.get("peft"), "cpu")
         lines.append({
             **common, "case": name, "options": c.options,
             "step_ms": round(med * 1e3, 1),
@@ -641,6 +653,11 @@ def run(arch: str = "sd1", size: str = "real", resolution: int = 256, batch: int
             "peak_mem_kind": PeakMemory(s.device).kind,
             "ratio_to_bare": ratio_bare, "ratio_to_bare_spread": spread_bare,
             "ratio_to_peft": ratio_peft, "ratio_to_peft_spread": spread_peft,
+            "cpu_ms": round(_median(c.cpu) * 1e3, 1) if c.cpu else None,
+            "cpu_spread_ms": [round(min(c.cpu) * 1e3, 1), round(max(c.cpu) * 1e3, 1)]
+            if c.cpu else None,
+            "cpu_ratio_to_bare": cpu_bare, "cpu_ratio_to_bare_spread": cpu_spread_bare,
+            "cpu_ratio_to_peft": cpu_peft, "cpu_ratio_to_peft_spread": cpu_spread_peft,
             "gflop": None if c.flops is None else round(c.flops / 1e9, 3),
             "gflop_per_s": None if c.flops is None else round(c.flops / 1e9 / med, 2),
             "flops_by": c.flops_by, "env": env,
