@@ -680,11 +680,27 @@ def parse_resolution(text: str | int) -> tuple[int, int]:
     return values[0], values[1]
 
 
+# Steps that bring a config dict from version N to N + 1, by N. Version 1 is the first and the
+# current one, so there are none yet; a change that renames or re-means a setting bumps
+# CONFIG_VERSION and adds its step here (with a test that the older file still loads).
+MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {}
+
+
 def migrate(data: dict[str, Any]) -> dict[str, Any]:
-    """Bring an older config dict up to CONFIG_VERSION (version 1 is the first)."""
+    """Bring a config dict of an older version up to CONFIG_VERSION. A dict without `version` is
+    taken as the current version; a newer or unknown version is refused (UserError)."""
     version = data.get("version", CONFIG_VERSION)
-    if not isinstance(version, int) or version < 1 or version > CONFIG_VERSION:
-        raise UserError("version", f"unsupported config version {version!r}; this build reads 1..{CONFIG_VERSION}")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise UserError("version", f"{version!r} is not a config version; versions are whole "
+                                   f"numbers 1..{CONFIG_VERSION}")
+    if version > CONFIG_VERSION:
+        raise UserError("version", f"config version {version!r} was written by a newer "
+                                   f"lora-train-ext; this one reads versions 1..{CONFIG_VERSION} "
+                                   "(update the extension)")
+    while version < CONFIG_VERSION:
+        data = MIGRATIONS[version](dict(data))
+        version += 1
+        data["version"] = version
     return data
 
 
@@ -787,7 +803,8 @@ def _toml_value(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, (int, float)):
         return repr(value)
-    return json.dumps(str(value), ensure_ascii=False)
+    # a TOML basic string: JSON's escapes are TOML's, but TOML also wants DEL escaped
+    return json.dumps(str(value), ensure_ascii=False).replace("\x7f", "\\u007f")
 
 
 def _load_toml(text: str) -> dict[str, Any]:

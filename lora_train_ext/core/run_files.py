@@ -1,14 +1,19 @@
 """Where a run writes and what: NAME.safetensors (+ NAME.json), snapshots NAME-000002 (every N
-epochs) and NAME-step00000300 (every N steps) with only the last `keep_last` kept, and
-NAME.history.json. The adapter files themselves are written by lora_file.save_lora."""
+epochs) and NAME-step00000300 (every N steps) with only the last `keep_last` kept, the run's
+whole config as NAME.config.toml, its history as NAME.history.json and NAME.history.csv, and
+TensorBoard event files in NAME.tensorboard/ when the `tensorboard` package is installed. The
+adapter files themselves are written by lora_file.save_lora."""
 
 from __future__ import annotations
 
+import csv
+import glob
+import io
 import json
 import os
 from typing import Any
 
-from .config import SaveConfig
+from .config import RunConfig, SaveConfig
 from .errors import UserError
 from .fsio import atomic_write_text
 
@@ -55,8 +60,112 @@ def prune_snapshots(snapshots: list[str], keep_last: int) -> list[str]:
     return snapshots[-keep_last:]
 
 
-def write_history(s: SaveConfig, history: list[dict[str, Any]]) -> str:
-    """NAME.history.json: [{"step", "loss", "lr": {group: effective LR}}], written atomically."""
-    path = os.path.join(s.output_dir or ".", f"{s.output_name}.history.json")
-    atomic_write_text(path, json.dumps(history) + "\n")
+def run_file(s: SaveConfig, suffix: str) -> str:
+    """NAME<suffix> in the output folder: `.history.json`, `.config.toml`, `.tensorboard`."""
+    return os.path.join(s.output_dir or ".", f"{s.output_name}{suffix}")
+
+
+def write_config(cfg: RunConfig) -> str:
+    """NAME.config.toml: every setting of the run, with the config version; `demo --config` and
+    `RunConfig.read` take it back as it is."""
+    path = run_file(cfg.save, ".config.toml")
+    cfg.write(path)
     return path
+
+
+def write_history(s: SaveConfig, history: list[dict[str, Any]]) -> str:
+    """NAME.history.json: [{"step", "epoch", "loss", "lr": {group: effective LR}, "seconds"}]
+    and the same as NAME.history.csv, both written atomically; returns the JSON's path.
+
+    epoch: the epoch the step's first batch came from, counting from 1; seconds: since the run
+    started (a resumed run goes on from the saved run's time)."""
+    path = run_file(s, ".history.json")
+    atomic_write_text(path, json.dumps(history) + "\n")
+    atomic_write_text(run_file(s, ".history.csv"), history_csv(history))
+    return path
+
+
+def history_csv(history: list[dict[str, Any]]) -> str:
+    """One line per optimizer step: step, epoch, loss, lr_<group> (effective LR) for each param
+    group, seconds. Numbers are written as Python writes them, so they read back exactly; a
+    value an entry lacks (a run saved by an older version) is left empty."""
+    groups: list[str] = []
+    for entry in history:
+        for name in entry.get("lr") or {}:
+            if name not in groups:
+                groups.append(name)
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["step", "epoch", "loss", *(f"lr_{g}" for g in groups), "seconds"])
+    for entry in history:
+        lrs = entry.get("lr") or {}
+        writer.writerow([_cell(entry.get("step")), _cell(entry.get("epoch")),
+                         _cell(entry.get("loss")), *(_cell(lrs.get(g)) for g in groups),
+                         _cell(entry.get("seconds"))])
+    return out.getvalue()
+
+
+def _cell(value: Any) -> str:
+    return "" if value is None else repr(value) if isinstance(value, float) else str(value)
+
+
+class RunLog:
+    """The history files of one run: `write()` (NAME.history.json and .csv, at snapshots and at
+    the end) and `step()` (one TensorBoard point per step while the run goes).
+
+    TensorBoard is optional: without the `tensorboard` package (or when it fails to load) no
+    event file is written and nothing is said. A fresh run clears the event files an earlier run
+    of the same name left; a resumed one adds to them."""
+
+    def __init__(self, s: SaveConfig, fresh: bool = True):
+        self.save = s
+        self.fresh = fresh
+        self._writer = None
+        self._tried = False
+
+    @property
+    def tensorboard_dir(self) -> str:
+        return run_file(self.save, ".tensorboard")
+
+    def write(self, history: list[dict[str, Any]]) -> str:
+        path = write_history(self.save, history)
+        if self._writer is not None:
+            self._writer.flush()
+        return path
+
+    def step(self, entry: dict[str, Any]) -> None:
+        writer = self._tensorboard()
+        if writer is None:
+            return
+        step = int(entry["step"])
+        writer.add_scalar("loss", entry["loss"], step)
+        for group, lr in (entry.get("lr") or {}).items():
+            writer.add_scalar(f"lr/{group}", lr, step)
+        if entry.get("epoch") is not None:
+            writer.add_scalar("epoch", entry["epoch"], step)
+
+    def close(self) -> None:
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            try:
+                writer.close()
+            except Exception:  # noqa: BLE001 - logging never fails a run
+                pass
+
+    def _tensorboard(self):
+        if self._tried:
+            return self._writer
+        self._tried = True
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except Exception:  # noqa: BLE001 - not installed, or a broken install: no event files
+            return None
+        folder = self.tensorboard_dir
+        try:
+            if self.fresh:
+                for old in glob.glob(os.path.join(glob.escape(folder), "events.out.tfevents.*")):
+                    os.remove(old)
+            self._writer = SummaryWriter(log_dir=folder)
+        except Exception:  # noqa: BLE001
+            self._writer = None
+        return self._writer

@@ -64,7 +64,7 @@ class TrainResult:
     metadata: dict[str, str] = field(default_factory=dict)
     modules: dict[str, int] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)  # the guide's warnings, given before the run
-    history_path: str = ""  # NAME.history.json: [{step, loss, lr: {group: effective LR}}]
+    history_path: str = ""  # NAME.history.json: [{step, epoch, loss, lr: {group: LR}, seconds}]
     lrs: dict[str, float] = field(default_factory=dict)  # effective LR per group at the last step
 
 
@@ -108,6 +108,7 @@ class Trainer:
         self._epoch_iter = None
         self._yielded_in_epoch = 0
         self._pending_epoch_snapshot: int | None = None
+        self.log: F.RunLog | None = None
 
     # -- the run -----------------------------------------------------------------------------
     def run(self) -> TrainResult:
@@ -148,6 +149,8 @@ class Trainer:
             self.data = TrainData(cfg.data, batch_size=cfg.train.batch_size,
                                   seed=cfg.train.seed, arch=self.bundle.arch)
         F.check_writable(cfg.save)
+        F.write_config(cfg)
+        self.log = F.RunLog(cfg.save, fresh=not self.resume_dir)
         return state, existing
 
     def _set_up(self, state: dict | None, existing: ExistingLora | None) -> int:
@@ -197,12 +200,14 @@ class Trainer:
         amp_dtype = COMPUTE_DTYPES[cfg.train.dtype]
         use_amp = amp_dtype != torch.float32
         start_step = self.step
+        seconds_before = self.history[-1].get("seconds", 0.0) if self.history else 0.0
         control.emit(Progress("start", step=self.step, total=total))
         while self.step < total:
             control.wait_while_paused()
             if control.stop_requested:
                 return True
             step_loss = torch.zeros((), device=self.device)
+            epoch = self.epoch + 1  # of the step's first batch, from 1
             for _ in range(accum):
                 batch = self._next_batch()
                 with torch.autocast(self.device.type, dtype=amp_dtype, enabled=use_amp):
@@ -224,8 +229,10 @@ class Trainer:
                     f"(optim.lr), use train.dtype fp32/bf16, or set optim.max_grad_norm")
             self.step += 1
             self.losses.append(value)
-            self.history.append({"step": self.step, "loss": value, "lr": lrs})
             elapsed = time.time() - t0
+            self.history.append({"step": self.step, "epoch": epoch, "loss": value, "lr": lrs,
+                                 "seconds": round(seconds_before + elapsed, 3)})
+            self.log.step(self.history[-1])
             done = self.step - start_step
             eta = elapsed / done * (total - self.step) if done else None
             control.emit(Progress(
@@ -316,7 +323,7 @@ class Trainer:
         self.network.eval()
         path = F.output_path(cfg.save)
         meta = self.save(path)
-        history_path = F.write_history(cfg.save, self.history)
+        history_path = self.log.write(self.history)
         return TrainResult(
             path=path, steps=self.step, total_steps=total,
             first_loss=self.losses[0] if self.losses else float("nan"),
@@ -330,6 +337,8 @@ class Trainer:
     def _tear_down(self, guard: BaseGuard) -> None:
         """Detach everything and give the base model back, whatever happened."""
         self._close_epoch_iter()
+        if self.log is not None:
+            self.log.close()
         if self.checkpointing is not None:
             self.checkpointing.disable()
         if self.network is not None:
@@ -402,7 +411,7 @@ class Trainer:
         self.network.train()
         O.set_train_mode(self.optimizer, True)
         self.snapshots = [p for p in self.snapshots if p != path] + [path]
-        F.write_history(self.cfg.save, self.history)
+        self.log.write(self.history)
         self.control.emit(Progress("snapshot", step=self.step, total=total, path=path))
         self.snapshots = F.prune_snapshots(self.snapshots, self.cfg.save.keep_last)
 
