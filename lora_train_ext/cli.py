@@ -326,6 +326,9 @@ def build_parser() -> ArgumentParser:
     insp = sub.add_parser("inspect", help="describe a LoRA / LyCORIS file")
     insp.add_argument("file")
     insp.add_argument("--json", action="store_true", help="print one JSON object")
+
+    from .cli_configs import add_config_commands  # presets, import-config
+    COMMANDS.update(add_config_commands(sub))
     return parser
 
 

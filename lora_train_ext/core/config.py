@@ -722,40 +722,21 @@ def read_config_file(path: str) -> dict[str, Any]:
     return data
 
 
-# -- presets (the guide's "easy settings", seed 003) ------------------------------------------
-_EASY_COMMON: dict[str, dict[str, Any]] = {
-    "network": {"algo": "lora", "rank": 64, "alpha": 1.0},
-    "data": {"resolution": "512", "min_bucket_side": 320, "max_bucket_side": 1024,
-             "max_token_length": 225},
-    "loss": {"min_snr_gamma": 5.0},
-    "train": {"max_steps": 1000},
-}
-
-
-def _easy(optimizer: str, args: str) -> dict[str, dict[str, Any]]:
-    preset = {section: dict(values) for section, values in _EASY_COMMON.items()}
-    preset["optim"] = {"optimizer": optimizer, "optimizer_args": args, "lr": 1.0,
-                       "unet_lr": 1.0, "te_lr": 1.0, "scheduler": "constant",
-                       "warmup_steps": 0, "warmup_ratio": 0.0}
-    return preset
-
-
-PRESETS: dict[str, dict[str, dict[str, Any]]] = {
-    # The guide's table: DAdaptAdam, LR 1.0 for both, constant, alpha 1, dim 64, ~1000 steps,
-    # buckets 320..768-1024, min_snr_gamma 5, 225 tokens.
-    "easy-dadaptadam": _easy("DAdaptAdam", "decouple=True weight_decay=0.01 betas=0.9,0.999"),
-    # "The same settings with Prodigy (only the optimizer args changed)", args from its section.
-    "easy-prodigy": _easy("Prodigy", "decouple=True weight_decay=0.01 d_coef=2 "
-                                     "use_bias_correction=True safeguard_warmup=False "
-                                     "betas=0.9,0.999"),
-}
-
-
+# -- presets: core/presets.py (built-in and the user's own) -----------------------------------------
 def preset(name: str) -> RunConfig:
-    """A preset's settings over the defaults; UserError for an unknown name."""
-    if name not in PRESETS:
-        raise UserError("preset", f"{name!r} is not a preset; choose one of {', '.join(PRESETS)}")
-    return RunConfig.from_dict(PRESETS[name])
+    """A built-in preset's settings over the defaults; UserError for an unknown name."""
+    from .presets import builtin_preset
+
+    return builtin_preset(name)
+
+
+def __getattr__(name: str) -> Any:
+    """`PRESETS` (the built-in presets) lives in core/presets.py and is importable from here."""
+    if name == "PRESETS":
+        from .presets import PRESETS
+
+        return PRESETS
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # -- the settings table in words (README, `settings` command) ------------------------------------
