@@ -327,6 +327,8 @@ def build_parser() -> ArgumentParser:
     insp.add_argument("file")
     insp.add_argument("--json", action="store_true", help="print one JSON object")
 
+    from .cli_files import add_file_commands  # merge, merge-loras, extract, resize
+    COMMANDS.update(add_file_commands(sub))
     from .cli_configs import add_config_commands  # presets, import-config
     COMMANDS.update(add_config_commands(sub))
     return parser

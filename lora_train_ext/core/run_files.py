@@ -1,8 +1,10 @@
-"""Where a run writes and what: NAME.safetensors (+ NAME.json), snapshots NAME-000002 (every N
-epochs) and NAME-step00000300 (every N steps) with only the last `keep_last` kept, the run's
-whole config as NAME.config.toml, its history as NAME.history.json and NAME.history.csv, and
-TensorBoard event files in NAME.tensorboard/ when the `tensorboard` package is installed. The
-adapter files themselves are written by lora_file.save_lora."""
+"""Where a run writes and what. The output folder (the Lora folder in the WebUI) gets what the
+Lora cards show: NAME.safetensors (+ NAME.json, NAME.preview.png) and the snapshots NAME-000002
+(every N epochs) and NAME-step00000300 (every N steps, or a pause), only the last `keep_last`
+kept. The run folder (`save.run_dir`, default the output folder) gets the run's own files:
+NAME.config.toml (every setting of the run), NAME.history.json and NAME.history.csv,
+NAME.tensorboard/ (when the `tensorboard` package is installed), NAME-state/, samples/, the
+latent cache. The adapter files themselves are written by lora_file.save_lora."""
 
 from __future__ import annotations
 
@@ -21,6 +23,15 @@ from .fsio import atomic_write_text
 def output_path(s: SaveConfig, name: str = "") -> str:
     """The file NAME (default: the run's output name) in the output folder."""
     return os.path.join(s.output_dir or ".", f"{name or s.output_name}.safetensors")
+
+
+def run_folder(s: SaveConfig) -> str:
+    return s.run_dir or s.output_dir or "."
+
+
+def run_path(s: SaveConfig, name: str) -> str:
+    """A file or folder of the run's own (state, history, samples, cache)."""
+    return os.path.join(run_folder(s), name)
 
 
 def check_writable(s: SaveConfig) -> None:
@@ -44,8 +55,13 @@ def snapshot_name(s: SaveConfig, step: int, total: int, epoch_due: int | None) -
     if epoch_due is not None:
         return f"{s.output_name}-{epoch_due:06d}"
     if s.save_every_steps and step % s.save_every_steps == 0:
-        return f"{s.output_name}-step{step:08d}"
+        return step_snapshot_name(s, step)
     return None
+
+
+def step_snapshot_name(s: SaveConfig, step: int) -> str:
+    """NAME-step00000300: the snapshot of a step (every N steps, or a pause)."""
+    return f"{s.output_name}-step{step:08d}"
 
 
 def prune_snapshots(snapshots: list[str], keep_last: int) -> list[str]:
@@ -61,8 +77,8 @@ def prune_snapshots(snapshots: list[str], keep_last: int) -> list[str]:
 
 
 def run_file(s: SaveConfig, suffix: str) -> str:
-    """NAME<suffix> in the output folder: `.history.json`, `.config.toml`, `.tensorboard`."""
-    return os.path.join(s.output_dir or ".", f"{s.output_name}{suffix}")
+    """NAME<suffix> in the run folder: `.history.json`, `.config.toml`, `.tensorboard`."""
+    return run_path(s, f"{s.output_name}{suffix}")
 
 
 def write_config(cfg: RunConfig) -> str:
