@@ -75,12 +75,16 @@ def test_gui_json_values():
         "data.resolution"
     assert mapped["epoch"] == "train.epochs" and mapped["lr_warmup"] == "optim.warmup_ratio"
     # what we have no setting for is listed, set or not
-    for key in ("clip_skip", "xformers", "sample_prompts", "pretrained_model_name_or_path",
+    for key in ("clip_skip", "xformers", "pretrained_model_name_or_path",
                 "full_fp16", "weighted_captions", "stop_text_encoder_training"):
         assert key in unsupported, key
     assert unsupported["clip_skip"] == "2" and not is_inert(unsupported["clip_skip"])
     assert is_inert(unsupported["full_fp16"])
     assert result.given["max_resolution"] == "768,512"
+    # samples: the GUI holds the prompt lines; kohya's sampler name as the WebUI's
+    assert cfg.sample.prompts == "photo of sks woman, smiling --n lowres --w 512 --h 768"
+    assert (cfg.sample.every_epochs, cfg.sample.every_steps, cfg.sample.sampler) == \
+        (1, 0, "Euler a")
 
 
 def _gui(tmp_path, **changes) -> tuple:
@@ -196,8 +200,13 @@ def test_sd_scripts_toml_with_its_dataset_config():
     assert (d.resolution, d.min_bucket_side, d.max_bucket_side, d.bucket_step) == \
         ("1024", 512, 2048, 64)
     assert d.caption_extension == ".txt"  # given by the dataset config, not kohya's .caption
-    for key in ("xformers", "sample_prompts", "no_half_vae", "pretrained_model_name_or_path"):
+    for key in ("xformers", "no_half_vae", "pretrained_model_name_or_path"):
         assert key in unsupported, key
+    # sample_prompts names a file of prompt lines beside the config
+    assert cfg.sample.prompts.splitlines() == [
+        "painterly style, a lighthouse at dusk --n blurry, lowres --w 1024 --h 1024 --d 1 --l 7 "
+        "--s 28", "painterly style, portrait of an old sailor --d 2"]
+    assert (cfg.sample.every_steps, cfg.sample.sampler) == (250, "Euler a")
 
 
 def test_dataset_toml_alone():

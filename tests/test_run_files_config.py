@@ -141,6 +141,19 @@ def test_a_run_writes_its_whole_config_as_versioned_toml(bundle, images, tmp_pat
         assert f.read() == to_toml(cfg.to_dict())
 
 
+def test_the_saved_config_is_the_one_given_and_goes_to_the_run_folder(bundle, images, tmp_path):
+    """The run fills in the disk cache's folder for itself; the saved config keeps it empty, so
+    it runs again anywhere. Run files go to save.run_dir, the LoRA to the output folder."""
+    cfg = small_run_config(tmp_path / "lora", images, steps=1, lr=1e-3, batch_size=1,
+                           data__cache_to_disk=True, save__run_dir=str(tmp_path / "run"))
+    given = RunConfig.from_dict(cfg.to_dict())
+    train(bundle, cfg)
+    saved = RunConfig.read(str(tmp_path / "run" / "demo_lora.config.toml"))
+    assert saved == given and saved.data.cache_dir == ""
+    assert (tmp_path / "run" / "demo_lora.history.csv").is_file()
+    assert sorted(os.listdir(tmp_path / "lora")) == ["demo_lora.json", "demo_lora.safetensors"]
+
+
 def _odd_config() -> RunConfig:
     cfg = RunConfig.from_dict(PRESETS["easy-prodigy"])
     cfg.data.dataset_dir = "C:\\data\\10_ä \"quoted\" \t tab"

@@ -49,6 +49,11 @@ SCHEDULERS = {"constant", "constant_with_warmup", "linear", "cosine", "cosine_wi
 LOSSES = {"l2": "mse", "mse": "mse", "l1": "l1", "huber": "huber", "smooth_l1": "smooth_l1"}
 MIXED_PRECISION = {"no": "fp32", "fp32": "fp32", "float": "fp32", "fp16": "fp16", "bf16": "bf16"}
 SAVE_PRECISION = {"float": "fp32", "fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}
+# sd-scripts' sample_sampler names -> the WebUI's sampler names
+SAMPLERS = {"ddim": "DDIM", "pndm": "PLMS", "lms": "LMS", "k_lms": "LMS", "euler": "Euler",
+            "k_euler": "Euler", "euler_a": "Euler a", "k_euler_a": "Euler a", "heun": "Heun",
+            "dpm_2": "DPM2", "k_dpm_2": "DPM2", "dpm_2_a": "DPM2 a", "k_dpm_2_a": "DPM2 a",
+            "dpmsolver++": "DPM++ 2M"}
 
 # sd-scripts' defaults where they differ from ours: an sd-scripts config that leaves one of these
 # out trains with kohya's value (train_util.py / train_network.py argument defaults)
@@ -1052,6 +1057,34 @@ def _noise_type(imp: _Import, key: str, value: Any) -> None:
     imp.map(key, "loss.noise_offset, loss.multires_noise_iterations")
 
 
+def _sample_prompts(imp: _Import, key: str, value: Any) -> None:
+    """The GUI keeps the prompt lines themselves; sd-scripts a file of them (.txt: one prompt a
+    line, kohya's --n --w --h --d --l --s options as ours; '#' lines are comments)."""
+    if _blank(value):
+        imp.map(key, "sample.prompts")
+        return
+    text = str(value)
+    if imp.kind != GUI:
+        path = next((p for p in (text, os.path.join(imp.folder, text)) if os.path.isfile(p)), "")
+        if not path:
+            raise _Bad(f"the prompt file {text!r} is not found; give the prompts as "
+                       "sample.prompts")
+        if not path.lower().endswith(".txt"):
+            raise _Bad("only .txt prompt files are read here")
+        with open(path, encoding="utf-8") as f:
+            lines = [ln.strip() for ln in f if ln.strip() and not ln.lstrip().startswith("#")]
+        text = "\n".join(lines)
+        imp.notes.append(f"{key}: {len(lines)} prompts read from {path}")
+    imp.set(key, "sample.prompts", text, value)
+
+
+def _sampler(imp: _Import, key: str, value: Any) -> None:
+    name = str(value).strip().lower()
+    if name not in SAMPLERS:
+        raise _Bad(f"no sampler {value!r} here; samplers: {', '.join(SAMPLERS)}")
+    imp.set(key, "sample.sampler", SAMPLERS[name], value)
+
+
 def _train_only(part: str):
     def handle(imp: _Import, key: str, value: Any) -> None:
         if _bool(value):
@@ -1200,6 +1233,12 @@ _FLAT: dict[str, Callable[[_Import, str, Any], None]] = {
     "huber_scale": _huber_scale,
     "min_timestep": _direct("loss.timestep_min", _int0),
     "max_timestep": _max_timestep,
+    # samples
+    "sample_prompts": _sample_prompts,
+    "sample_every_n_steps": _direct("sample.every_steps", _int0),
+    "sample_every_n_epochs": _direct("sample.every_epochs", _int0),
+    "sample_at_first": _direct("sample.at_start", _bool),
+    "sample_sampler": _sampler,
     # model
     "v2": _arch("sd2"),
     "sdxl": _arch("sdxl"),

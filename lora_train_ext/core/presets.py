@@ -4,7 +4,7 @@ Built-in presets (`PRESETS`, also importable from core/config.py) are dicts of s
 config file holds; they cannot be overwritten or deleted. A user's own presets are TOML files in a
 presets folder, `NAME.toml`, holding only the settings that differ from the defaults (and the
 config version), without the settings that belong to one run (dataset and output folders, output
-name, a file to continue): a preset chosen for a new run keeps that run's own.
+name, run folder, a file to continue): a preset chosen for a new run keeps that run's own.
 
 The folder is `--dir` on the command line, else $LORA_TRAIN_PRESETS_DIR, else `presets/` in the
 extension's folder (`default_presets_dir()`).
@@ -24,7 +24,8 @@ PRESETS_DIR_ENV = "LORA_TRAIN_PRESETS_DIR"
 PRESET_EXT = ".toml"
 # Settings of one run, not of a way to train: never saved into a preset.
 PER_RUN = ("data.dataset_dir", "data.reg_dir", "data.mask_dir", "data.cache_dir",
-           "save.output_dir", "save.output_name", "network.existing_lora", "model.checkpoint")
+           "save.output_dir", "save.run_dir", "save.output_name", "network.existing_lora",
+           "model.checkpoint")
 
 
 # -- built-in presets ------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import json
 import os
 from typing import Any
 
-from .config import RunConfig, SaveConfig
+from .config import SaveConfig, to_toml
 from .errors import UserError
 from .fsio import atomic_write_text
 
@@ -81,11 +81,11 @@ def run_file(s: SaveConfig, suffix: str) -> str:
     return run_path(s, f"{s.output_name}{suffix}")
 
 
-def write_config(cfg: RunConfig) -> str:
-    """NAME.config.toml: every setting of the run, with the config version; `demo --config` and
-    `RunConfig.read` take it back as it is."""
-    path = run_file(cfg.save, ".config.toml")
-    cfg.write(path)
+def write_config(s: SaveConfig, config: dict[str, Any]) -> str:
+    """NAME.config.toml: every setting of the run (`RunConfig.to_dict()`), with the config
+    version; `demo --config` and `RunConfig.read` take it back as it is."""
+    path = run_file(s, ".config.toml")
+    atomic_write_text(path, to_toml(config))
     return path
 
 

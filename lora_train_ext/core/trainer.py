@@ -143,6 +143,7 @@ class Trainer:
     def _check(self) -> tuple[dict | None, ExistingLora | None]:
         """Settings, saved state, a file to continue, dataset, output folder: before model work."""
         cfg = self.cfg
+        as_given = cfg.to_dict()  # NAME.config.toml: the settings before the run fills any in
         # the same check as the tab, the API and the command line: every problem at once
         checked = preflight(cfg, arch=self.bundle.arch, device=self.device,
                             dataset=self.data is None, scan=False).raise_if_failed()
@@ -160,7 +161,7 @@ class Trainer:
             self.data = TrainData(cfg.data, batch_size=cfg.train.batch_size,
                                   seed=cfg.train.seed, arch=self.bundle.arch)
         F.check_writable(cfg.save)
-        F.write_config(cfg)
+        F.write_config(cfg.save, as_given)
         self.log = F.RunLog(cfg.save, fresh=not self.resume_dir)
         return state, existing
 
