@@ -4,7 +4,8 @@ Routes: GET /settings (the settings table); POST /runs (a RunConfig as JSON, par
 -> {id, position in the queue}, or 422 with every problem found by the preflight check;
 GET /runs; GET /runs/{id}; GET /queue; POST /runs/{id}/stop, /pause, /resume, /cancel,
 /move {"by": N};
-GET /model; GET /loras; POST /test (a TE x UNet grid, PNG as base64).
+GET /model; GET /loras; POST /test (a TE x UNet grid, PNG as base64); GET/POST /merge,
+POST /merge/revert, /merge/compare, /merge/save (LoRAs merged into the loaded model).
 When the WebUI has `--api-auth`, every route needs the same HTTP basic credentials.
 """
 
@@ -176,6 +177,60 @@ def add_routes(app, host, manager: RunManager, credentials: dict[str, str] | Non
         grid.save(buf, format="PNG")
         return {"grid_png_base64": base64.b64encode(buf.getvalue()).decode("ascii"),
                 "tags": tags, "path": path}
+
+    # -- merging into the loaded model ---------------------------------------------------------
+    def png64(image) -> str:
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        return base64.b64encode(buf.getvalue()).decode("ascii")
+
+    def merge_call(fn):
+        try:
+            with (exclusive or host.exclusive)("lora-train merge"):
+                return fn()
+        except UserError as e:
+            return user_error(e)
+        except (TypeError, ValueError) as e:
+            return JSONResponse(status_code=422, content={"error": str(e), "field": "body"})
+
+    @app.get(PREFIX + "/merge", dependencies=deps)
+    def merge_state():
+        return manager.merger.state.to_json()
+
+    @app.post(PREFIX + "/merge", dependencies=deps)
+    def merge_in_memory(body: dict[str, Any]):
+        """{"loras": "NAME:0.8\nOTHER:1:0.5:1 blocks=IN:0,OUT:1"} (or a list of such lines):
+        merged into the loaded model; what was merged before is reverted first."""
+        from .merging import parse_merge_lines
+
+        loras = body.get("loras", "")
+        text = "\n".join(loras) if isinstance(loras, list) else str(loras)
+        return merge_call(lambda: manager.merger.merge(
+            parse_merge_lines(text, host.find_lora)).to_json())
+
+    @app.post(PREFIX + "/merge/revert", dependencies=deps)
+    def merge_revert():
+        return merge_call(lambda: {"reverted": manager.merger.revert(),
+                                   **manager.merger.state.to_json()})
+
+    @app.post(PREFIX + "/merge/compare", dependencies=deps)
+    def merge_compare(body: dict[str, Any]):
+        """A (original weights) and B (merged) at the same prompt and seed, PNG as base64."""
+        def run():
+            a, b = manager.merger.compare(
+                str(body.get("prompt", "")), str(body.get("negative_prompt", "")),
+                int(body.get("seed", 1234)), int(body.get("steps", 20)),
+                int(body.get("size", host.model_info().default_resolution)))
+            return {"a_png_base64": png64(a), "b_png_base64": png64(b)}
+        return merge_call(run)
+
+    @app.post(PREFIX + "/merge/save", dependencies=deps)
+    def merge_save(body: dict[str, Any]):
+        """{"name": "my_merged", "precision": "fp16", "vae": ""}: a checkpoint in the WebUI's
+        checkpoint folder, listed at once."""
+        return merge_call(lambda: {"path": manager.merger.save_checkpoint(
+            str(body.get("name", "")), str(body.get("precision", "fp16")),
+            str(body.get("vae", "")))})
 
     @app.post(PREFIX + "/test", dependencies=deps)
     def test(body: dict[str, Any]):

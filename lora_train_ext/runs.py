@@ -73,6 +73,9 @@ class RunManager:
         self._queue: list[str] = []  # ids of queued runs, in the order they will run
         self._queue_changed = threading.Condition(self._lock)
         self._worker: threading.Thread | None = None
+        from .merging import ModelMerger
+
+        self.merger = ModelMerger(host)  # LoRAs merged into the loaded model (tab and API)
 
     # -- settings (what the tab and the API offer) --------------------------------------------
     def presets(self) -> list[str]:

@@ -226,7 +226,9 @@ class ModelConfig:
 class NetworkConfig:
     algo: str = setting(
         "lora", "lora: attention and feed-forward layers; locon: also the 3x3 convs; loha, lokr, "
-        "ia3, dora, full: the LyCORIS kinds", "Algorithm", "Network", choices=ALGOS)
+        "ia3, dora, full: the LyCORIS kinds. ia3 files load in the WebUI, not in ComfyUI, Forge "
+        "or diffusers; diffusers misreads dora's magnitude", "Algorithm", "Network",
+        choices=ALGOS)
     rank: int = setting(8, "Size of the adapter (dim); 8-32 for a character or style, 64-128 "
                            "for more detail", "Rank (dim)", "Network", low=1, high=MAX_RANK)
     alpha: float = setting(1.0, "Scale = alpha / rank; 1 with adaptive optimizers, rank/2 or "

@@ -29,8 +29,8 @@ from typing import Callable
 
 import torch
 
-from .dtypes import TORCH_DTYPES
 from . import keys
+from .dtypes import TORCH_DTYPES
 from .errors import UserError
 from .fsio import atomic_write
 from .inspect import arch_from_version, arch_of
@@ -99,13 +99,28 @@ class LoraSpec:
     strength: float = 1.0
     te: float = 1.0
     unet: float = 1.0
+    blocks: dict[str, float] = field(default_factory=dict)  # UNet block weights (IN, OUT04, ...)
 
     def multiplier(self, part: str) -> float:
         return self.strength * (self.unet if part == "unet" else self.te)
 
+    def module_multiplier(self, name: str, key: str) -> float:
+        """The strength for one module: its part's, times its UNet block's weight."""
+        part = keys.split_kohya_name(name)[0]
+        value = self.multiplier(part)
+        if part == "unet" and self.blocks:
+            from .networks.targets import block_id, block_value
+
+            ldm = key.split("model.diffusion_model.", 1)[-1]
+            value *= block_value(block_id(ldm), self.blocks, 1.0)
+        return value
+
     def to_dict(self) -> dict:
-        return {"file": os.path.basename(self.path), "strength": self.strength,
-                "te": self.te, "unet": self.unet}
+        out = {"file": os.path.basename(self.path), "strength": self.strength,
+               "te": self.te, "unet": self.unet}
+        if self.blocks:
+            out["blocks"] = dict(self.blocks)
+        return out
 
 
 def parse_lora_spec(text: str, field_name: str = "--lora", per_part: bool = True) -> LoraSpec:
@@ -340,7 +355,7 @@ def _plan(loras: list[LoraSpec], lazies: list[_LazyLora], src: CheckpointSource,
         count = 0
         for name in modules:
             key, rows = _module_targets(name, arch, src.specs)
-            strength = spec.multiplier(keys.split_kohya_name(name)[0])
+            strength = spec.module_multiplier(name, key)
             if strength == 0:
                 continue
             full = src.specs[key].shape
@@ -549,6 +564,58 @@ def _merge_tensor(t: torch.Tensor, contributions, biases, out_dtype: torch.dtype
         merged = (w + acc).to(out_dtype)
     del acc, w
     return merged, not torch.equal(merged, t.to(out_dtype))
+
+
+class _StateSource:
+    """An in-memory state dict as the merge plan's source (names, shapes, dtypes)."""
+
+    def __init__(self, state: dict[str, torch.Tensor]):
+        self.specs = {k: TensorSpec(t.dtype, tuple(t.shape)) for k, t in state.items()}
+
+
+def merge_into_state(state: dict[str, torch.Tensor], loras: list[LoraSpec], arch: str,
+                     field_name: str = "loras") -> tuple[dict[str, torch.Tensor], dict]:
+    """Merge LoRA files into a model's own tensors, in place, with the same math as a
+    checkpoint merge. `state`: checkpoint key -> the model's tensor (views of its parameters).
+    Returns (backups, report): a copy of exactly the tensors changed (so `restore_state`
+    gives the model back bit for bit, never by subtracting) and what was merged. Nothing is
+    changed when any file does not fit (MergeMismatch with the module list)."""
+    if not loras:
+        raise UserError(field_name, "choose at least one LoRA file to merge")
+    lazies = [_LazyLora(spec.path, field_name) for spec in loras]
+    try:
+        src = _StateSource(state)
+        contributions, biases, per_file, sources = _plan(loras, lazies, src, arch, False,
+                                                         field_name)
+        merged: dict[str, torch.Tensor] = {}
+        with torch.no_grad():
+            for key in list(contributions) + [k for k in biases if k not in contributions]:
+                t = state[key]
+                new, changed = _merge_tensor(t.detach().cpu(), contributions.get(key, ()),
+                                             biases.get(key, ()), t.dtype)
+                if changed:
+                    merged[key] = new
+        if not merged:
+            raise UserError(field_name, "the merge changes no weight of the model (strengths "
+                                        "0, or deltas that round away)")
+        backups = {}
+        with torch.no_grad():
+            for key, new in merged.items():
+                backups[key] = state[key].detach().clone()
+                state[key].copy_(new.to(state[key].device))
+    finally:
+        for lazy in lazies:
+            lazy.close()
+    report = {"arch": arch, "changed_tensors": len(backups), "modules": per_file,
+              "sources": sources}
+    return backups, report
+
+
+def restore_state(state: dict[str, torch.Tensor], backups: dict[str, torch.Tensor]) -> None:
+    """Put the backed-up tensors back (exact copies)."""
+    with torch.no_grad():
+        for key, saved in backups.items():
+            state[key].copy_(saved)
 
 
 def merge_lora_into_checkpoint(checkpoint: str, loras: list[tuple[str, float]], out_path: str,

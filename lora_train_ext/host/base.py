@@ -132,6 +132,31 @@ class Host:
                     out.append(os.path.join(root, f))
         return sorted(out, key=lambda p: os.path.getmtime(p), reverse=True)
 
+    # -- merging into the loaded model ----------------------------------------------------------
+    def find_lora(self, name: str) -> str:
+        for path in self.list_loras():
+            if os.path.splitext(os.path.basename(path))[0] == name:
+                return path
+        raise FileNotFoundError(f"LoRA {name!r} not found in {self.output_dir()}")
+
+    def checkpoint_state(self) -> dict:
+        """The resident model's tensors under checkpoint key names, as views: writing into
+        them writes into the model."""
+        raise NotImplementedError
+
+    def release_networks(self) -> None:
+        """Before weights are changed or restored in place: undo and forget what the host's
+        own LoRA loader baked in (its backups would otherwise bring old weights back)."""
+
+    def model_changed(self) -> None:
+        """After weights changed in place: drop caches computed from the old ones."""
+
+    def checkpoint_dir(self) -> str:
+        raise NotImplementedError
+
+    def refresh_checkpoints(self) -> None:
+        """List a new checkpoint file without a restart."""
+
     # -- generation (test panel) ------------------------------------------------------------
     def generate(self, prompts: list[str], negative: str, seed: int, steps: int, width: int,
                  height: int, cfg_scale: float, sampler_name: str = "") -> list:

@@ -101,10 +101,17 @@ class StandaloneHost(Host):
         """Nothing is cached: every generation reads the file afresh, like a refreshed WebUI."""
 
     def _find_lora(self, name: str) -> str:
-        for path in self.list_loras():
-            if os.path.splitext(os.path.basename(path))[0] == name:
-                return path
-        raise FileNotFoundError(f"LoRA {name!r} not found in {self.lora_dir()}")
+        return self.find_lora(name)
+
+    def checkpoint_state(self) -> dict:
+        from ..core.models.tiny import checkpoint_state_dict
+
+        return checkpoint_state_dict(self.bundle)  # views of the CPU model's tensors
+
+    def checkpoint_dir(self) -> str:
+        folder = os.path.join(self.out_dir, "Stable-diffusion")
+        os.makedirs(folder, exist_ok=True)
+        return folder
 
     @torch.no_grad()
     def generate(self, prompts, negative, seed, steps, width, height, cfg_scale,

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import sys
 from typing import Iterator
 
@@ -329,6 +330,40 @@ class WebUIHost(Host):
         processing.StableDiffusionProcessing.cached_uc = [None, None]
         processing.StableDiffusionProcessingTxt2Img.cached_hr_c = [None, None]
         processing.StableDiffusionProcessingTxt2Img.cached_hr_uc = [None, None]
+
+    # -- merging into the loaded model ----------------------------------------------------------
+    def checkpoint_state(self) -> dict:
+        """shared.sd_model's tensors under checkpoint names: the WebUI's hijack wraps the text
+        encoders (`cond_stage_model.wrapped.transformer`, `...token_embedding.wrapped`), which
+        checkpoints do not name."""
+        from modules import shared
+
+        return {re.sub(r"\.wrapped(?=\.)", "", k): v
+                for k, v in shared.sd_model.state_dict().items()}
+
+    def release_networks(self) -> None:
+        """Restore what the Lora extension baked in, then drop its backups: after an in-memory
+        merge (or revert) they hold weights the model no longer has."""
+        from modules import shared
+
+        self.unload_baked_networks()
+        for module in shared.sd_model.modules():
+            for name in ("network_weights_backup", "network_bias_backup"):
+                if getattr(module, name, None) is not None:
+                    setattr(module, name, None)
+
+    def model_changed(self) -> None:
+        self.hot_load([])  # the conditioning caches and the Lora extension's state
+
+    def checkpoint_dir(self) -> str:
+        from modules import sd_models, shared
+
+        return getattr(shared.cmd_opts, "ckpt_dir", None) or sd_models.model_path
+
+    def refresh_checkpoints(self) -> None:
+        from modules import sd_models
+
+        sd_models.list_models()
 
     # -- attention ------------------------------------------------------------------------------
     def _use_training_attention(self) -> None:

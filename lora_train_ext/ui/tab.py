@@ -112,6 +112,15 @@ def tag_table_html(names: list[str], strengths: list[float], tags: list[str], pa
             f"</div><table class='lora-train-tags'><tr><th></th>{head}</tr>{''.join(rows)}</table>")
 
 
+def merge_state_html(merger) -> str:
+    state = merger.state
+    if not state.backups:
+        return "<div class='lora-train-message'>Nothing is merged: the model has its own weights.</div>"
+    rows = ", ".join(html.escape(f"{os.path.basename(s.path)}:{s.strength:g}") for s in state.specs)
+    return (f"<div class='lora-train-message'>Merged into {html.escape(state.model)}: {rows} "
+            f"({len(state.backups)} tensors; Revert restores them exactly)</div>")
+
+
 def queue_choices(manager: RunManager) -> list[str]:
     return [f"{r.id} {r.config.save.output_name}" for r in manager.queued()]
 
@@ -264,6 +273,35 @@ def build_tab(host, manager: RunManager, wrap_gpu: Callable[[Callable], Callable
                         grid_strengths = gr.Textbox(value="0.5, 0.75, 1", label="Strengths (columns)",
                                                     elem_id="lora_train_snapshot_strengths")
                         snap_button = gr.Button("Snapshot grid", elem_id="lora_train_snapshot_run")
+                    with gr.Accordion("Merge into the loaded model (A/B, revert, save)",
+                                      open=False):
+                        merge_pick = gr.Dropdown(choices=_lora_names(host), label="Add a LoRA",
+                                                 elem_id="lora_train_merge_pick",
+                                                 info="Adds NAME:1 to the list below")
+                        merge_lines = gr.Textbox(label="LoRAs to merge", lines=3,
+                                                 elem_id="lora_train_merge_lines",
+                                                 info="NAME[:STRENGTH[:TE:UNET]] [blocks=IN:0.5,OUT:1], "
+                                                      "one per line")
+                        with gr.Row():
+                            merge_button = gr.Button("Merge", variant="primary",
+                                                     elem_id="lora_train_merge_run")
+                            compare_button = gr.Button("A/B", elem_id="lora_train_merge_ab")
+                            revert_button = gr.Button("Revert", elem_id="lora_train_merge_revert")
+                        with gr.Row():
+                            save_name = gr.Textbox(label="Checkpoint name", elem_id="lora_train_merge_name")
+                            save_precision = gr.Dropdown(choices=["fp16", "bf16", "fp32"], value="fp16",
+                                                         label="Checkpoint precision",
+                                                         elem_id="lora_train_merge_precision")
+                            save_vae = gr.Textbox(label="Bake VAE file (optional)",
+                                                  elem_id="lora_train_merge_vae")
+                            save_button = gr.Button("Save as checkpoint",
+                                                    elem_id="lora_train_merge_save")
+                        merge_info = gr.HTML(elem_id="lora_train_merge_info")
+                        with gr.Row():
+                            image_a = gr.Image(label="A: original weights", type="pil",
+                                               interactive=False, elem_id="lora_train_merge_a")
+                            image_b = gr.Image(label="B: merged", type="pil", interactive=False,
+                                               elem_id="lora_train_merge_b")
                     test_image = gr.Image(label="Grid", type="pil", interactive=False,
                                           elem_id="lora_train_test_grid")
                     test_info = gr.HTML(elem_id="lora_train_test_info")
@@ -341,6 +379,28 @@ def build_tab(host, manager: RunManager, wrap_gpu: Callable[[Callable], Callable
                 run.control.pause_requested else "Pause and test"
             return [status_html(manager), gr.update(value=label)]
 
+        def on_merge(task, action, lines, name, precision, vae, prompt_, negative_, seed_, steps_,
+                     size_):
+            from ..merging import parse_merge_lines
+
+            merger = manager.merger
+            a = b = None
+            try:
+                if action == "merge":
+                    merger.merge(parse_merge_lines(lines or "", host.find_lora))
+                elif action == "revert":
+                    merger.revert()
+                elif action == "compare":
+                    a, b = merger.compare(prompt_, negative_, int(seed_ or 0),
+                                          int(steps_ or 20), int(size_ or 512))
+                elif action == "save":
+                    path = merger.save_checkpoint(name or "", precision or "fp16", vae or "")
+                    return [None, None, f"<div class='lora-train-message'>saved "
+                                        f"{html.escape(path)}; it is in the checkpoint list</div>"]
+            except (UserError, FileNotFoundError) as e:
+                return [None, None, error_html(str(e))]
+            return [a, b, merge_state_html(merger)]
+
         def on_stop():
             run = manager.current()
             if run is not None and run.state in ("queued", "running"):
@@ -374,6 +434,16 @@ def build_tab(host, manager: RunManager, wrap_gpu: Callable[[Callable], Callable
                     **train_kw)
         check.click(on_check, inputs=[preset, *form], outputs=[dataset_report, dataset_preview])
         stop.click(on_stop, inputs=[], outputs=[status])
+        merge_pick.change(lambda name, text: ((text or "").rstrip("\n") + "\n" + f"{name}:1").strip()
+                          if name else text, inputs=[merge_pick, merge_lines], outputs=[merge_lines])
+        merge_inputs = [task_id, merge_lines, save_name, save_precision, save_vae, prompt,
+                        negative, seed, steps, size]
+        for button, action in ((merge_button, "merge"), (revert_button, "revert"),
+                               (compare_button, "compare"), (save_button, "save")):
+            button.click(wrap_gpu(lambda task, *args, a=action: on_merge(task, a, *args),
+                                  [None, None]),
+                         inputs=merge_inputs, outputs=[image_a, image_b, merge_info],
+                         **{js_kw: _submit_js("loraTrainTestSubmit")})
         pause.click(on_pause, inputs=[], outputs=[status, pause])
         enqueue.click(on_enqueue, inputs=[preset, *form], outputs=[status, queue_html, queue_pick])
         for button, action in ((up, "up"), (down, "down"), (cancel, "cancel")):
