@@ -1,6 +1,7 @@
 """Command line: presets and importing kohya configs.
 
-    python -m lora_train_ext presets [list|show NAME|save NAME --config FILE|delete NAME] [--dir DIR]
+    python -m lora_train_ext presets [list|show NAME|save NAME --config FILE|delete NAME]
+            [--dir DIR]
     python -m lora_train_ext import-config FILE [--out config.toml] [--force] [--json]
 
 `add_config_commands(sub)` adds the subcommands to the main parser's subparsers and returns
@@ -9,7 +10,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from typing import Any, Callable
@@ -46,7 +46,7 @@ def add_config_commands(sub) -> dict[str, Callable[[Any], int]]:
     return {"presets": cmd_presets, "import-config": cmd_import_config}
 
 
-# -- presets ----------------------------------------------------------------------------------------
+# -- presets ---------------------------------------------------------------------------------------
 def cmd_presets(args) -> int:
     from .core import presets as P
 
@@ -91,7 +91,7 @@ def cmd_presets(args) -> int:
     return 0
 
 
-# -- import-config -------------------------------------------------------------------------------------
+# -- import-config ---------------------------------------------------------------------------------
 def cmd_import_config(args) -> int:
     from .core.config import to_toml
     from .core.fsio import atomic_write_text

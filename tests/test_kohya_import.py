@@ -5,7 +5,6 @@ Every key lands in `mapped` or `unsupported`; values are converted; the config i
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -13,8 +12,7 @@ import pytest
 from lora_train_ext import cli
 from lora_train_ext.core.config import SETTINGS, RunConfig, read_config_file
 from lora_train_ext.core.errors import UserError
-from lora_train_ext.core.kohya_import import (DATASET, GUI, SD_SCRIPTS, import_kohya, is_inert)
-from lora_train_ext.core.optim import available_optimizers
+from lora_train_ext.core.kohya_import import DATASET, GUI, SD_SCRIPTS, import_kohya, is_inert
 
 DATA = Path(__file__).resolve().parent / "data"
 GUI_FILE, SD_FILE, DATASET_FILE = (str(DATA / n) for n in (
@@ -168,7 +166,7 @@ def test_gui_values_we_cannot_take_are_unsupported_and_the_rest_kept(tmp_path):
     assert cfg.network.alpha == 16.0  # the rest is imported
 
 
-# -- sd-scripts config + dataset config ---------------------------------------------------------------
+# -- sd-scripts config + dataset config ------------------------------------------------------------
 def test_sd_scripts_toml_with_its_dataset_config():
     cfg, mapped, unsupported = result = import_kohya(SD_FILE)
     assert result.kind == SD_SCRIPTS
@@ -265,7 +263,7 @@ def test_broken_or_empty_files(text, message, tmp_path):
         import_kohya(str(tmp_path / "missing.json"))
 
 
-# -- the command ------------------------------------------------------------------------------------
+# -- the command -----------------------------------------------------------------------------------
 def test_import_config_command_prints_the_mapping_and_writes_our_toml(tmp_path, capsys):
     out = tmp_path / "config.toml"
     assert cli.main(["import-config", GUI_FILE, "--out", str(out)]) == 0

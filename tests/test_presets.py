@@ -113,7 +113,7 @@ def test_the_presets_folder_comes_from_the_environment(tmp_path, monkeypatch):
     assert os.path.basename(P.default_presets_dir()) == "presets"
 
 
-# -- the command ------------------------------------------------------------------------------------
+# -- the command -----------------------------------------------------------------------------------
 def test_presets_command_save_list_show_delete(tmp_path, capsys):
     config = tmp_path / "run.config.toml"
     cfg = preset("lowvram-sd15")

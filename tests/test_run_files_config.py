@@ -128,7 +128,7 @@ def test_tensorboard_events_hold_loss_and_lr_per_step(bundle, images, tmp_path):
     assert [e.step for e in acc.Scalars("loss")] == [1, 2, 3, 4]
 
 
-# -- the run's config as TOML -----------------------------------------------------------------------
+# -- the run's config as TOML ----------------------------------------------------------------------
 def test_a_run_writes_its_whole_config_as_versioned_toml(bundle, images, tmp_path):
     cfg = small_run_config(tmp_path, images, steps=2, lr=1e-3, batch_size=1,
                            optim__te_lr=5e-5, data__caption_prefix='say "hi" \\ ')
@@ -192,7 +192,7 @@ def test_toml_reads_the_same_with_the_toml_package_python_3_10_has():
     assert toml.loads(text) == tomllib.loads(text)
 
 
-# -- config versions ----------------------------------------------------------------------------------
+# -- config versions -------------------------------------------------------------------------------
 VERSION_1_FILE = """\
 version = 1
 
@@ -248,7 +248,7 @@ def test_a_future_version_given_to_the_demo_exits_2_with_one_line(tmp_path, caps
     assert "newer" in err
 
 
-# -- the saved config trains the same weights again ------------------------------------------------------
+# -- the saved config trains the same weights again ------------------------------------------------
 def test_rerunning_the_demo_from_its_saved_toml_gives_bit_identical_weights(tmp_path, capsys):
     first, second = tmp_path / "first", tmp_path / "second"
     assert cli.main(["demo", "--out", str(first), "--steps", "3", "--rank", "2",

@@ -25,8 +25,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
-from .config import MAX_RANK, RunConfig, SETTINGS, _load_toml
-from .errors import UserError, UserErrors
+from .config import SETTINGS, RunConfig, _load_toml
+from .errors import UserError
 
 GUI = "kohya_ss GUI config"
 SD_SCRIPTS = "sd-scripts config"
@@ -241,7 +241,8 @@ def _choice(table: dict[str, str], what: str) -> Callable[[Any], str]:
     def convert(v: Any) -> str:
         key = str(v).strip().lower() if not _blank(v) else ""
         if key not in table:
-            raise _Bad(f"no {what} {v!r} here; choose one of {', '.join(sorted(set(table.values())))}")
+            valid = ", ".join(sorted(set(table.values())))
+            raise _Bad(f"no {what} {v!r} here; choose one of {valid}")
         return table[key]
     return convert
 
@@ -410,8 +411,8 @@ class _Import:
             name = args.get("algo", "lora").strip().lower()
             algo = LYCORIS_ALGOS.get(name)
             if algo is None:
-                self.bad("network_args.algo", args.get("algo"), f"no LyCORIS algo {name!r} "
-                                                                 f"here; algos: {', '.join(LYCORIS_ALGOS)}")
+                self.bad("network_args.algo", args.get("algo"),
+                         f"no LyCORIS algo {name!r} here; algos: {', '.join(LYCORIS_ALGOS)}")
                 algo = "locon"
             elif "algo" in args:
                 self.map("network_args.algo", "network.algo")
@@ -772,7 +773,7 @@ class _Import:
                            given)
 
 
-# -- helpers for the tables ---------------------------------------------------------------------------
+# -- helpers for the tables ------------------------------------------------------------------------
 def _float0(v: Any) -> float:
     return 0.0 if _blank(v) else _float(v)
 
@@ -855,10 +856,10 @@ def _mapped_only(path: str):
 
 
 def _handled_later(path: str):
-    """Keys read by a later step (network, steps, LRs, keep_last) from the whole file."""
+    """Keys read by a later step (network, steps, LRs, keep_last) from the whole file; `path`
+    names where they go, for the reader."""
     def handle(imp: _Import, key: str, value: Any) -> None:
         pass
-    handle.later = path  # type: ignore[attr-defined]
     return handle
 
 
@@ -937,7 +938,8 @@ def _gui_warmup_percent(imp: _Import, key: str, value: Any) -> None:
         raise _Bad(f"{value!r} is not a percentage")
     imp.set(key, "optim.warmup_ratio", pct / 100, value)
     if pct:
-        imp.notes.append(f"lr_warmup = {value!r} (% of the run): optim.warmup_ratio = {pct / 100!r}")
+        imp.notes.append(f"lr_warmup = {value!r} (% of the run): "
+                         f"optim.warmup_ratio = {pct / 100!r}")
 
 
 def _cycles(imp: _Import, key: str, value: Any) -> None:
@@ -1163,7 +1165,8 @@ _FLAT: dict[str, Callable[[_Import, str, Any], None]] = {
     "lr_warmup_steps": _warmup_steps,
     "lr_warmup": _gui_warmup_percent,
     "lr_scheduler_num_cycles": _cycles,
-    "lr_scheduler_power": _direct("optim.scheduler_power", lambda v: 1.0 if _blank(v) else _float(v)),
+    "lr_scheduler_power": _direct("optim.scheduler_power",
+                                  lambda v: 1.0 if _blank(v) else _float(v)),
     "max_grad_norm": _direct("optim.max_grad_norm", _float0),
     # training
     "max_train_steps": _handled_later("train.max_steps"),

@@ -108,7 +108,7 @@ def builtin_preset(name: str) -> RunConfig:
     return RunConfig.from_dict(PRESETS[name])
 
 
-# -- the user's presets -------------------------------------------------------------------------------
+# -- the user's presets ----------------------------------------------------------------------------
 def default_presets_dir() -> str:
     """$LORA_TRAIN_PRESETS_DIR, else `presets/` in the extension's folder."""
     env = os.environ.get(PRESETS_DIR_ENV, "").strip()
