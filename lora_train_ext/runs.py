@@ -79,17 +79,58 @@ class RunManager:
 
     # -- settings (what the tab and the API offer) --------------------------------------------
     def presets(self) -> list[str]:
-        return list(PRESETS)
+        """The built-in presets, then the user's saved ones."""
+        from .core.presets import list_presets
+
+        try:
+            return list_presets()
+        except OSError:
+            return list(PRESETS)
 
     def preset_config(self, name: str) -> RunConfig:
         """A preset's settings (or the defaults for any other name) with what suits the loaded
         model: its resolution (unless the preset sets one) and a precision its device runs."""
-        cfg = config_preset(name) if name in PRESETS else RunConfig()
-        info = self.host.model_info()
-        if name not in PRESETS or "resolution" not in PRESETS[name].get("data", {}):
+        from .core.presets import load_preset, user_presets
+
+        known = name in PRESETS or name in user_presets()
+        cfg = load_preset(name) if known else RunConfig()
+        default, info = RunConfig(), self.host.model_info()
+        # what the preset leaves at the defaults follows the model and its device
+        if cfg.data.resolution == default.data.resolution:
             cfg.data.resolution = str(info.default_resolution)
-        cfg.train.dtype = info.default_dtype
+        if cfg.train.dtype == default.train.dtype:
+            cfg.train.dtype = info.default_dtype
         return cfg
+
+    def save_preset(self, name: str, cfg: RunConfig) -> str:
+        from .core.presets import save_preset
+
+        return save_preset(name, cfg)
+
+    def delete_preset(self, name: str) -> str:
+        from .core.presets import delete_preset
+
+        return delete_preset(name)
+
+    def load_config_file(self, path: str):
+        """(RunConfig, notes) from our config file (JSON/TOML) or a kohya_ss / sd-scripts one."""
+        from .core.config import read_config_file
+
+        if not path or not os.path.isfile(path):
+            raise UserError("config file", f"file not found: {path}")
+        try:
+            raw = read_config_file(path)
+            if set(raw) - {"version"} <= set(RunConfig().to_dict()):
+                return RunConfig.from_dict(raw, validate=True), []
+        except UserError:
+            pass  # not ours: try kohya's formats
+        from .core.kohya_import import import_kohya
+
+        imported = import_kohya(path)
+        notes = [f"{len(imported.mapped)} kohya settings taken"]
+        if imported.unsupported:
+            notes.append("not supported (left out): " + ", ".join(sorted(imported.unsupported)))
+        return imported.config, notes + list(imported.notes)
 
     def optimizer_choices(self) -> list[str]:
         from .core.optim import available_optimizers
