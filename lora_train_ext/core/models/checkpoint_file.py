@@ -425,9 +425,11 @@ class CheckpointCheck:
     vae: CheckpointFile | None = None
 
 
-def inspect_checkpoint(path: str, vae_path: str = "", allow_pickle: bool = False) -> CheckpointCheck:
+def inspect_checkpoint(path: str, vae_path: str = "", allow_pickle: bool = False,
+                       tokenizer: bool = True) -> CheckpointCheck:
     """Everything that can be told before building anything: readable, arch, widths, VAE file,
-    tokenizer vocabulary. UserError (model.checkpoint or model.vae) on the first problem."""
+    tokenizer vocabulary (unless `tokenizer` is False). UserError (model.checkpoint or
+    model.vae) on the first problem."""
     ck = CheckpointFile.open(path, allow_pickle)
     name = os.path.basename(path)
     arch = detect_arch(ck.shapes, name)
@@ -435,7 +437,7 @@ def inspect_checkpoint(path: str, vae_path: str = "", allow_pickle: bool = False
     size = match_size(arch, ck.shapes, name, vae_given=vae is not None)
     if vae is not None:
         check_vae(vae, arch, size)
-    if needs_real_tokenizer(ck.shapes):
+    if tokenizer and needs_real_tokenizer(ck.shapes):
         clip_bpe_tokenizer()  # raises UserError when CLIP's vocabulary is not installed
     return CheckpointCheck(arch, size, ck, vae)
 
@@ -524,7 +526,7 @@ def load_checkpoint(path: str, *, vae_path: str = "", device: str | torch.device
     import time
 
     t0 = time.time()
-    check = checked or inspect_checkpoint(path, vae_path, allow_pickle)
+    check = checked or inspect_checkpoint(path, vae_path, allow_pickle, tokenizer == "auto")
     arch, size, ck = check.arch, check.size, check.file
     device = torch.device(device)
     dtype = BASE_DTYPES[base_dtype]
