@@ -233,27 +233,18 @@ def demo_run_config(args) -> tuple[Any, set[str], bool]:
 
 def train_run_config(args) -> tuple[Any, set[str], bool]:
     """(RunConfig, settings and flags given, whether settings came from a file) for `train`:
-    the settings' defaults, then --config FILE, then the flags given; model.arch is read from
-    the checkpoint unless given. With --resume the saved run's config.json as it is."""
+    the settings' defaults, then --config FILE, then the flags given; model.arch is the
+    checkpoint's unless --arch is given (then the preflight checks that they agree). With
+    --resume the saved run's config.json as it is."""
     from .core.config import RunConfig
 
     cfg, given, from_file = run_config(args, RunConfig(), demo=False)
     if args.resume or not cfg.model.checkpoint:
         return cfg, given, from_file
     arch = _checkpoint_arch(cfg.model.checkpoint, args.allow_ckpt)
-    if arch and "model.arch" not in given and not _file_sets(args, "model.arch"):
+    if arch and "model.arch" not in given:
         cfg.model.arch = arch
     return cfg, given, from_file
-
-
-def _file_sets(args, path: str) -> bool:
-    from .core.config import read_config_file
-
-    if not args.config:
-        return False
-    section, key = path.split(".")
-    raw = read_config_file(args.config)
-    return isinstance(raw.get(section), dict) and key in raw[section]
 
 
 def _checkpoint_arch(path: str, allow_pickle: bool) -> str:

@@ -558,6 +558,9 @@ def load_checkpoint(path: str, *, vae_path: str = "", device: str | torch.device
         vae_filled = {k if k.startswith(VAE_PREFIX) else VAE_PREFIX + k
                       for k in check.vae.stream(by_file_key, vae_hasher)}
         filled |= vae_filled
+    if ck.kind == "pickle" or (check.vae is not None and check.vae.kind == "pickle"):
+        _open_pickle.cache_clear()  # let the unpickled tensors go
+        ck._tensors = None
     missing = [k for k in (targets if check.vae is None else {**targets, **vae_targets})
                if k not in filled]
     if missing:
