@@ -278,7 +278,11 @@ def run_config(args, base, demo: bool) -> tuple[Any, set[str], bool]:
             raise UserError("--resume", f"{args.resume} holds no saved run (expected config.json "
                                         f"and {STATE_FILE}, written by --save-state or --stop-after)")
         cfg = _named(lambda: RunConfig.read(config_path), "--resume")
-        cfg.save.output_dir = os.path.dirname(os.path.abspath(args.resume))
+        parent = os.path.dirname(os.path.abspath(args.resume))  # the run folder, wherever it is now
+        if cfg.save.run_dir:
+            cfg.save.run_dir = parent
+        else:
+            cfg.save.output_dir = parent
         if flags.get("save.save_state"):
             cfg.save.save_state = True
         return cfg, given, True
@@ -392,6 +396,9 @@ def build_parser() -> ArgumentParser:
     insp = sub.add_parser("inspect", help="describe a LoRA / LyCORIS file")
     insp.add_argument("file")
     insp.add_argument("--json", action="store_true", help="print one JSON object")
+
+    from .cli_files import add_file_commands  # merge, merge-loras, extract, resize
+    COMMANDS.update(add_file_commands(sub))
     return parser
 
 

@@ -2,8 +2,8 @@
 
 `train_on_checkpoint(cfg)` checks the run (the one preflight, with the checkpoint's header), loads
 `cfg.model.checkpoint` (streamed into models built in place, `core/models/checkpoint_file.py`),
-writes the run's whole config beside the output (`NAME.config.json`: `--config` with it runs the
-same training again) and trains with the same trainer as the tab, writing the same files.
+writes the run's whole config into the run folder (`NAME.config.json`, beside the output unless
+save.run_dir says otherwise: `--config` with it runs the same training again) and trains with the same trainer as the tab, writing the same files.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ from .core.trainer import TrainResult, train
 
 # settings holding paths: written absolute into NAME.config.json, so it works from any folder
 PATH_SETTINGS = ("model.checkpoint", "model.vae", "data.dataset_dir", "data.reg_dir",
-                 "data.mask_dir", "data.cache_dir", "network.existing_lora", "save.output_dir")
+                 "data.mask_dir", "data.cache_dir", "network.existing_lora", "save.output_dir",
+                 "save.run_dir")
 
 
 @dataclass
@@ -52,7 +53,10 @@ def pick_device(name: str = "auto") -> torch.device:
 
 
 def config_path(cfg: RunConfig) -> str:
-    return os.path.join(cfg.save.output_dir or ".", f"{cfg.save.output_name}.config.json")
+    """NAME.config.json in the run folder (save.run_dir; default the output folder)."""
+    from .core.run_files import run_path
+
+    return run_path(cfg.save, f"{cfg.save.output_name}.config.json")
 
 
 def write_run_config(cfg: RunConfig) -> str:
@@ -63,6 +67,7 @@ def write_run_config(cfg: RunConfig) -> str:
         if value:
             out.set(path, os.path.abspath(value))
     target = config_path(cfg)
+    os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
     out.write(target)
     return target
 
@@ -98,6 +103,14 @@ def train_on_checkpoint(cfg: RunConfig, *, progress: Callable | None = None,
         log(info.line())
     written = write_run_config(cfg)
     control = control or TrainControl(progress)
+    if cfg.sample.prompts.strip() and getattr(control, "sampler", None) is None:
+        # sample images with the adapter as it trains, from the loaded model
+        from .core.sampling import sampler_for
+        from .host.standalone import sample_image
+
+        control.sampler = sampler_for(
+            lambda p: sample_image(bundle, p.prompt, p.negative, p.seed, p.steps, p.width,
+                                   p.height, p.cfg_scale), cfg.save)
     if stop_after:
         def stop_when_due(event) -> None:
             if event.kind == "step" and event.step >= stop_after and not control.stop_requested:

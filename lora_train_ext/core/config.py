@@ -52,7 +52,7 @@ RESERVED_NAMES = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(1, 10))
 
 # tab groups, in the order the accordions appear; "" = the simple fields shown at the top
 GROUPS = ("", "Network", "Optimizer and learning rate", "Training", "Dataset", "Captions",
-          "Loss and noise", "Saving")
+          "Loss and noise", "Samples", "Saving")
 
 
 @dataclass(frozen=True)
@@ -235,7 +235,9 @@ class ModelConfig:
 class NetworkConfig:
     algo: str = setting(
         "lora", "lora: attention and feed-forward layers; locon: also the 3x3 convs; loha, lokr, "
-        "ia3, dora, full: the LyCORIS kinds", "Algorithm", "Network", choices=ALGOS)
+        "ia3, dora, full: the LyCORIS kinds. ia3 files load in the WebUI, not in ComfyUI, Forge "
+        "or diffusers; diffusers misreads dora's magnitude", "Algorithm", "Network",
+        choices=ALGOS)
     rank: int = setting(8, "Size of the adapter (dim); 8-32 for a character or style, 64-128 "
                            "for more detail", "Rank (dim)", "Network", low=1, high=MAX_RANK)
     alpha: float = setting(1.0, "Scale = alpha / rank; 1 with adaptive optimizers, rank/2 or "
@@ -342,7 +344,7 @@ class DataConfig:
                                   "Dataset")
     cache_to_disk: bool = setting(False, "Keep cached latents on disk between runs",
                                   "Cache to disk", "Dataset")
-    cache_dir: str = setting("", "Folder for the disk cache (empty = .latent_cache in the dataset folder)",
+    cache_dir: str = setting("", "Folder for the disk cache (empty = latent_cache in the run folder)",
                              "Cache folder", "Dataset")
     cache_text: bool = setting(True, "Encode each caption once while the text encoder is not "
                                      "trained", "Cache text conditioning", "Dataset")
@@ -436,7 +438,8 @@ class TrainConfig:
     grad_accum: int = setting(1, "Steps of gradients summed before one update (a larger batch "
                                  "without the VRAM)", "Gradient accumulation", "Training",
                               low=1, high=1024)
-    seed: int = setting(0, "Same seed + same data = same weights on the same device", "Seed",
+    seed: int = setting(0, "Same seed + same data = same weights on the same device",
+                        "Training seed",
                         "Training", low=0, high=2**63 - 1)
     dtype: str = setting("bf16", "Compute precision: bf16 on recent GPUs, fp16 on older ones, "
                                  "fp32 on CPUs (the adapter's weights stay fp32)",
@@ -455,6 +458,11 @@ class TrainConfig:
 class SaveConfig:
     output_dir: str = setting("", "Where files go; empty = the WebUI's Lora folder",
                               "Output folder", "Saving", flag="--out")
+    run_dir: str = setting(
+        "", "Folder for the run's own files: training state, history, samples, run config, "
+            "latent cache (empty = the output folder on the command line; in the WebUI the "
+            "extension's runs folder, so the Lora folder holds only what the Lora cards show)",
+        "Run folder", "Saving")
     output_name: str = setting("my_lora", "File name of the LoRA (no extension); it appears "
                                           "under this name in the Lora tab", "Output name", "",
                                check=check_output_name)
@@ -473,13 +481,59 @@ class SaveConfig:
     comment: str = setting("", "Stored in the file's metadata", "Comment", "Saving")
 
 
+def _ok_sample_prompts(v: str) -> None:
+    from .sampling import SamplePrompt, parse_sample_prompts
+
+    parse_sample_prompts(v, SamplePrompt(prompt=""), field="value")
+
+
+def _multiple_of_8(v: int) -> None:
+    _raise_if(v % 8, "must be a multiple of 8")
+
+
+@dataclass
+class SampleConfig:
+    prompts: str = setting(
+        "", "Sample prompts, one per line; options as kohya takes them: --n negative --w width "
+            "--h height --d seed --l CFG --s steps --ss sampler (empty = no samples)",
+        "Sample prompts", "Samples", check=_ok_sample_prompts, flag="--sample-prompts",
+        aliases=("--sample-prompt",))
+    every_steps: int = setting(0, "Samples every N steps (0 = only at the start and the end)",
+                               "Sample every N steps", "Samples", low=0, high=10**7,
+                               unit="steps", flag="--sample-every-steps",
+                               aliases=("--sample-every",))
+    every_epochs: int = setting(0, "Samples every N epochs (0 = off)", "Sample every N epochs",
+                                "Samples", low=0, high=10**6, unit="epochs",
+                                flag="--sample-every-epochs")
+    at_start: bool = setting(True, "A set before the first step: the baseline to compare with",
+                             "Sample at the start", "Samples", flag="--sample-at-start")
+    negative_prompt: str = setting("", "Negative prompt for lines without --n",
+                                   "Sample negative prompt", "Samples", flag="--sample-negative")
+    width: int = setting(0, "Sample width (0 = the training resolution's)", "Sample width",
+                         "Samples", low=0, high=4096, unit="px", check=_multiple_of_8,
+                         flag="--sample-width")
+    height: int = setting(0, "Sample height (0 = the training resolution's)", "Sample height",
+                          "Samples", low=0, high=4096, unit="px", check=_multiple_of_8,
+                          flag="--sample-height")
+    steps: int = setting(20, "Sampling steps", "Sample steps", "Samples", low=1, high=1000,
+                         flag="--sample-steps")
+    cfg_scale: float = setting(7.0, "Classifier-free guidance scale", "Sample CFG scale",
+                               "Samples", low=1, high=30, flag="--sample-cfg")
+    seed: int = setting(1234, "Seed of every sample (the same each time, so samples compare)",
+                        "Sample seed", "Samples", low=0, high=2**32 - 1, flag="--sample-seed")
+    sampler: str = setting("Euler a", "The WebUI's sampler for samples (the standalone host "
+                                      "always uses DDIM)", "Sampler", "Samples",
+                           flag="--sample-sampler")
+
+
 def _raise_if(bad: Any, message: str) -> None:
     if bad:
         raise UserError("value", message)
 
 
 SECTIONS = {"model": ModelConfig, "network": NetworkConfig, "data": DataConfig,
-            "optim": OptimConfig, "loss": LossConfig, "train": TrainConfig, "save": SaveConfig}
+            "optim": OptimConfig, "loss": LossConfig, "train": TrainConfig, "save": SaveConfig,
+            "sample": SampleConfig}
 
 
 def _specs() -> dict[str, Spec]:
@@ -530,6 +584,7 @@ class RunConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     save: SaveConfig = field(default_factory=SaveConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
 
     # -- values by path ----------------------------------------------------------------------
     def get(self, path: str) -> Any:

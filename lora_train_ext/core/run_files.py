@@ -1,6 +1,9 @@
-"""Where a run writes and what: NAME.safetensors (+ NAME.json), snapshots NAME-000002 (every N
-epochs) and NAME-step00000300 (every N steps) with only the last `keep_last` kept, and
-NAME.history.json. The adapter files themselves are written by lora_file.save_lora."""
+"""Where a run writes and what. The output folder (the Lora folder in the WebUI) gets what the
+Lora cards show: NAME.safetensors (+ NAME.json, NAME.preview.png) and the snapshots NAME-000002
+(every N epochs) and NAME-step00000300 (every N steps, or a pause), only the last `keep_last`
+kept. The run folder (`save.run_dir`, default the output folder) gets the run's own files:
+NAME.history.json, NAME-state/, samples/, the latent cache. The adapter files themselves are
+written by lora_file.save_lora."""
 
 from __future__ import annotations
 
@@ -16,6 +19,15 @@ from .fsio import atomic_write_text
 def output_path(s: SaveConfig, name: str = "") -> str:
     """The file NAME (default: the run's output name) in the output folder."""
     return os.path.join(s.output_dir or ".", f"{name or s.output_name}.safetensors")
+
+
+def run_folder(s: SaveConfig) -> str:
+    return s.run_dir or s.output_dir or "."
+
+
+def run_path(s: SaveConfig, name: str) -> str:
+    """A file or folder of the run's own (state, history, samples, cache)."""
+    return os.path.join(run_folder(s), name)
 
 
 def check_writable(s: SaveConfig) -> None:
@@ -39,8 +51,13 @@ def snapshot_name(s: SaveConfig, step: int, total: int, epoch_due: int | None) -
     if epoch_due is not None:
         return f"{s.output_name}-{epoch_due:06d}"
     if s.save_every_steps and step % s.save_every_steps == 0:
-        return f"{s.output_name}-step{step:08d}"
+        return step_snapshot_name(s, step)
     return None
+
+
+def step_snapshot_name(s: SaveConfig, step: int) -> str:
+    """NAME-step00000300: the snapshot of a step (every N steps, or a pause)."""
+    return f"{s.output_name}-step{step:08d}"
 
 
 def prune_snapshots(snapshots: list[str], keep_last: int) -> list[str]:
@@ -57,6 +74,6 @@ def prune_snapshots(snapshots: list[str], keep_last: int) -> list[str]:
 
 def write_history(s: SaveConfig, history: list[dict[str, Any]]) -> str:
     """NAME.history.json: [{"step", "loss", "lr": {group: effective LR}}], written atomically."""
-    path = os.path.join(s.output_dir or ".", f"{s.output_name}.history.json")
+    path = run_path(s, f"{s.output_name}.history.json")
     atomic_write_text(path, json.dumps(history) + "\n")
     return path

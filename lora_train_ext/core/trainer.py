@@ -15,6 +15,7 @@ snapshots, history).
 from __future__ import annotations
 
 import math
+import os
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -38,8 +39,9 @@ from .networks import AdapterNetwork, build_network, part_of
 from .networks.targets import block_value, parse_block_values
 from .preflight import preflight
 from .run_metadata import now_iso, run_info
-from .run_state import (process_rngs_kept, read_state, restore_state, save_state,
-                        seed_process_rngs, set_rng_states)
+from .sampling import prompts_for, sample_due
+from .run_state import (process_rng_states, process_rngs_kept, read_state, restore_state,
+                        save_state, seed_process_rngs, set_process_rng_states, set_rng_states)
 
 # importable from here as before the split (the command line reads STATE_FILE from here)
 from .run_metadata import optimizer_label  # noqa: F401
@@ -66,6 +68,8 @@ class TrainResult:
     warnings: list[str] = field(default_factory=list)  # the guide's warnings, given before the run
     history_path: str = ""  # NAME.history.json: [{step, loss, lr: {group: effective LR}}]
     lrs: dict[str, float] = field(default_factory=dict)  # effective LR per group at the last step
+    samples: list[str] = field(default_factory=list)  # sample images made during the run
+    sample_seconds: float = 0.0  # time spent making them (not in `seconds` per step / ETA)
 
 
 class Trainer:
@@ -107,6 +111,10 @@ class Trainer:
         self._text_cache: dict[tuple, Any] = {}
         self._epoch_iter = None
         self._yielded_in_epoch = 0
+        self.guard: BaseGuard | None = None
+        self.model_gone = False  # the host switched models during a pause
+        self.samples: list[str] = []
+        self.sample_seconds = 0.0
         self._pending_epoch_snapshot: int | None = None
 
     # -- the run -----------------------------------------------------------------------------
@@ -114,7 +122,7 @@ class Trainer:
         t0 = time.time()
         with process_rngs_kept():  # the run seeds them for itself; the host's stay its own
             state, existing = self._check()
-            guard = BaseGuard(self.bundle.base_modules())
+            self.guard = guard = BaseGuard(self.bundle.base_modules())
             guard.freeze()
             try:
                 with torch.inference_mode(False), torch.enable_grad():
@@ -123,7 +131,8 @@ class Trainer:
                     result = self._finish(stopped, total, t0)
             finally:
                 self._tear_down(guard)
-            guard.verify()
+            if not self.model_gone:
+                guard.verify()
         self.control.emit(Progress("end", step=self.step, total=result.total_steps,
                                    loss=result.final_loss, elapsed=result.seconds,
                                    path=result.path,
@@ -143,6 +152,8 @@ class Trainer:
         existing = None
         if cfg.network.existing_lora and state is None:
             existing = read_existing(cfg.network.existing_lora, self.bundle.arch, cfg.network)
+        if cfg.data.cache_to_disk and not cfg.data.cache_dir:
+            cfg.data.cache_dir = F.run_path(cfg.save, "latent_cache")  # never the dataset folder
         if self.data is None:
             from .data import TrainData
 
@@ -199,17 +210,24 @@ class Trainer:
         use_amp = amp_dtype != torch.float32
         start_step = self.step
         control.emit(Progress("start", step=self.step, total=total))
+        if self.step == 0:
+            self._maybe_sample(total)  # the baseline
         while self.step < total:
-            control.wait_while_paused()
+            self._pause_if_requested(total)
             if control.stop_requested:
                 return True
             step_loss = torch.zeros((), device=self.device)
+            epoch_before = self.epoch
+            mark = self._step_mark()
             for _ in range(accum):
                 batch = self._next_batch()
                 with torch.autocast(self.device.type, dtype=amp_dtype, enabled=use_amp):
                     loss = self._micro_step(batch)
                 (loss / accum).backward()
                 step_loss += loss.detach() / accum
+                if control.stop_requested:  # asked during this step: it is not taken
+                    self._rewind(mark)
+                    return True
             if cfg.optim.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm)
             self.optimizer.step()
@@ -226,14 +244,53 @@ class Trainer:
             self.step += 1
             self.losses.append(value)
             self.history.append({"step": self.step, "loss": value, "lr": lrs})
-            elapsed = time.time() - t0
+            elapsed = time.time() - t0 - self.sample_seconds  # training time alone
             done = self.step - start_step
             eta = elapsed / done * (total - self.step) if done else None
             control.emit(Progress(
                 "step", step=self.step, total=total, loss=value, loss_avg=_tail_mean(self.losses),
                 lr=dict(lrs), epoch=self.epoch, elapsed=elapsed, eta=eta))
             self._maybe_snapshot(total)
+            self._maybe_sample(total, self.epoch if self.epoch != epoch_before else None)
         return False
+
+    def _step_mark(self) -> tuple:
+        """Where the run stands before a step: data position and every RNG it draws from."""
+        return (self.epoch, self.batch_in_epoch, self._pending_epoch_snapshot,
+                self.generator.get_state(), process_rng_states())
+
+    def _rewind(self, mark: tuple) -> None:
+        """Undo a step begun but not taken (a stop asked mid-step), so the saved state is the
+        one after the last step taken and a resume goes on exactly as if never stopped."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self._close_epoch_iter()
+        (self.epoch, self.batch_in_epoch, self._pending_epoch_snapshot, generator,
+         rngs) = mark
+        self.generator.set_state(generator)
+        set_process_rng_states(rngs)
+        # the dataset's own position too (no fingerprint given: a position, not a new dataset)
+        self.data.load_state_dict({"epoch": self.epoch, "batch_index": self.batch_in_epoch})
+
+    def _maybe_sample(self, total: int, epoch_ended: int | None = None) -> None:
+        """Ask the host for sample images when they are due, with the adapter as it is now
+        (eval mode, no gradients); the process RNGs are given back so the run goes on exactly
+        as it would without samples."""
+        sampler = self.control.sampler
+        if sampler is None or not sample_due(self.cfg, self.step, epoch_ended, total):
+            return
+        started = time.time()
+        O.set_train_mode(self.optimizer, False)
+        self.network.eval()
+        try:
+            with process_rngs_kept(), torch.no_grad():
+                paths = list(sampler(self.step, prompts_for(self.cfg)))
+        finally:
+            self.network.train()
+            O.set_train_mode(self.optimizer, True)
+            self.sample_seconds += time.time() - started
+        self.samples += paths
+        for path in paths:
+            self.control.emit(Progress("sample", step=self.step, total=total, path=path))
 
     def _micro_step(self, batch) -> torch.Tensor:
         cfg, bundle = self.cfg, self.bundle
@@ -326,7 +383,8 @@ class Trainer:
             stop_reason=self.control.stop_reason if stopped else "", state_dir=state_dir,
             metadata=meta, modules=self.network.parts(), warnings=list(self.warnings),
             history_path=history_path,
-            lrs=dict(self.history[-1]["lr"]) if self.history else self.current_lrs())
+            lrs=dict(self.history[-1]["lr"]) if self.history else self.current_lrs(),
+            samples=list(self.samples), sample_seconds=self.sample_seconds)
 
     def _tear_down(self, guard: BaseGuard) -> None:
         """Detach everything and give the base model back, whatever happened."""
@@ -394,8 +452,10 @@ class Trainer:
     def _maybe_snapshot(self, total: int) -> None:
         epoch_due, self._pending_epoch_snapshot = self._pending_epoch_snapshot, None
         name = F.snapshot_name(self.cfg.save, self.step, total, epoch_due)
-        if name is None:
-            return
+        if name is not None:
+            self._write_snapshot(name, total)
+
+    def _write_snapshot(self, name: str, total: int) -> str:
         O.set_train_mode(self.optimizer, False)
         self.network.eval()
         path = F.output_path(self.cfg.save, name)
@@ -406,6 +466,51 @@ class Trainer:
         F.write_history(self.cfg.save, self.history)
         self.control.emit(Progress("snapshot", step=self.step, total=total, path=path))
         self.snapshots = F.prune_snapshots(self.snapshots, self.cfg.save.keep_last)
+        return path
+
+    # -- pause and test ----------------------------------------------------------------------
+    def _pause_if_requested(self, total: int) -> None:
+        """At a step boundary: write NAME-stepN, take the adapter out of the model and hand the
+        model to the host (`control.on_pause(path)`: release the lock, hot-load the file) until
+        resumed; then take it back (`control.on_resume()`, which may refuse: the model was
+        switched) and go on exactly where the run was (process RNGs kept, the base weights
+        checked to hold the same values)."""
+        control = self.control
+        if not control.pause_requested or control.stop_requested:
+            return
+        path = self._write_snapshot(F.step_snapshot_name(self.cfg.save, self.step), total)
+        if self.checkpointing is not None:
+            self.checkpointing.disable()
+        self.network.detach()
+        with process_rngs_kept():
+            control.emit(Progress("paused", step=self.step, total=total, path=path,
+                                  message=f"paused at step {self.step}: test "
+                                          f"{os.path.splitext(os.path.basename(path))[0]}"))
+            try:
+                if control.on_pause is not None:
+                    control.on_pause(path)
+                control.wait_while_paused()
+            finally:
+                try:
+                    if control.on_resume is not None:
+                        control.on_resume()
+                except Exception as e:  # the model was switched or unloaded while paused
+                    self.model_gone = True
+                    control.request_stop(f"the run ended while paused: {e}")
+        if self.model_gone:
+            return
+        try:
+            self.guard.accept_same_values()  # the host's generations wrote and restored them
+        except TrainingError:
+            self.model_gone = True
+            control.request_stop("the base weights hold other values after the pause "
+                                 "(another model, or a network left baked in)")
+            raise
+        self.network.attach()
+        if self.checkpointing is not None:
+            self.checkpointing.enable()
+        control.emit(Progress("resumed", step=self.step, total=total,
+                              message=f"resumed at step {self.step}"))
 
 
 def train(bundle: ModelBundle, cfg: RunConfig, control: TrainControl | None = None,
