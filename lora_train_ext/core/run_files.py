@@ -1,6 +1,7 @@
 """Where a run writes and what: NAME.safetensors (+ NAME.json), snapshots NAME-000002 (every N
-epochs) and NAME-step00000300 (every N steps) with only the last `keep_last` kept, and
-NAME.history.json. The adapter files themselves are written by lora_file.save_lora."""
+epochs) and NAME-step00000300 (every N steps) with only the last `keep_last` kept, each with its
+EMA twin NAME-ema / NAME-step00000300-ema when train.ema is on, and NAME.history.json. The
+adapter files themselves are written by lora_file.save_lora."""
 
 from __future__ import annotations
 
@@ -16,6 +17,12 @@ from .fsio import atomic_write_text
 def output_path(s: SaveConfig, name: str = "") -> str:
     """The file NAME (default: the run's output name) in the output folder."""
     return os.path.join(s.output_dir or ".", f"{name or s.output_name}.safetensors")
+
+
+def ema_path(path: str) -> str:
+    """The EMA twin of an adapter file: NAME.safetensors -> NAME-ema.safetensors."""
+    stem, ext = os.path.splitext(path)
+    return f"{stem}-ema{ext}"
 
 
 def check_writable(s: SaveConfig) -> None:
@@ -49,14 +56,18 @@ def prune_snapshots(snapshots: list[str], keep_last: int) -> list[str]:
     if not keep_last or len(snapshots) <= keep_last:
         return snapshots
     for old in snapshots[:-keep_last]:
-        for p in (old, os.path.splitext(old)[0] + ".json"):
+        twin = ema_path(old)
+        for p in (old, os.path.splitext(old)[0] + ".json", twin,
+                  os.path.splitext(twin)[0] + ".json"):
             if os.path.exists(p):
                 os.remove(p)
     return snapshots[-keep_last:]
 
 
 def write_history(s: SaveConfig, history: list[dict[str, Any]]) -> str:
-    """NAME.history.json: [{"step", "loss", "lr": {group: effective LR}}], written atomically."""
+    """NAME.history.json, written atomically: one entry per step, {"step", "loss", "lr": {group:
+    effective LR}}, plus "val_loss" at the steps the validation loss was measured; the
+    measurement before the first step is an entry of its own, {"step": 0, "val_loss"}."""
     path = os.path.join(s.output_dir or ".", f"{s.output_name}.history.json")
     atomic_write_text(path, json.dumps(history) + "\n")
     return path
