@@ -140,7 +140,7 @@ def test_lr_zero_means_do_not_train_and_empty_means_inherit_everywhere():
 
 
 # -- settings that do nothing yet ----------------------------------------------------------------
-NOT_BUILT = [("train.ema", True), ("train.ema_decay", 0.9), ("model.checkpoint", "x.safetensors")]
+NOT_BUILT = [("model.checkpoint", "x.safetensors")]
 
 
 @pytest.mark.parametrize("path, value", NOT_BUILT)
@@ -234,7 +234,8 @@ def _bad_configs(tmp_path, dataset):
         ("save.output_name", with_("save.output_name", "x" * 300)),
         ("network.rank", with_("network.rank", 0)),
         ("optim.lr", with_("optim.lr", 0)),
-        ("train.ema", with_("train.ema", True)),
+        ("data.validation_count", with_("data.validation_count", 8)),  # all 8 demo images
+        ("data.validation_dir", with_("data.validation_dir", str(empty))),
     ]
 
 
@@ -330,7 +331,8 @@ def test_readme_settings_table_is_the_settings_table():
 def test_settings_json_and_command(capsys):
     rows = {r["key"]: r for r in settings_json()}
     assert rows["network.rank"]["low"] == 1 and rows["network.rank"]["high"] == 1024
-    assert rows["train.ema"]["available"] is False
+    assert rows["model.checkpoint"]["available"] is False
+    assert rows["train.ema"]["available"] is True
     assert cli.main(["settings"]) == 0
     assert capsys.readouterr().out == settings_markdown()
 
