@@ -193,7 +193,7 @@ def timestep_histogram(cfg: "RunConfig | LossConfig", bins: int = 20,
     """A preview of the timestep distribution a config trains with: `n` draws (a generator
     seeded with 0, so the preview is the same each time) counted in `bins` equal bins over
     [timestep_min, timestep_max)."""
-    lc = getattr(cfg, "loss", cfg)
+    lc = cfg if hasattr(cfg, "timestep_sampling") else cfg.loss
     if bins < 1 or n < 1:
         raise ValueError(f"need bins >= 1 and n >= 1, got {bins}, {n}")
     t_min, t_max = int(lc.timestep_min), int(lc.timestep_max)
