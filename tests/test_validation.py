@@ -173,3 +173,28 @@ def test_a_validation_folder_does_not_change_what_the_run_trains(optimizer, bund
     a, b = load_lora(plain.path)[0], load_lora(checked.path)[0]
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert plain.losses == checked.losses
+
+
+def test_validation_noise_follows_the_image_not_the_seed_or_order(bundle, demo_dataset, tmp_path):
+    """A LoRA starts as no change at all (up weights 0), so the loss before training depends only
+    on the validation images, timesteps and noise: the same under another training seed, which
+    orders the images differently."""
+    folder = tmp_path / "valdir"
+    folder.mkdir()
+    for stem in ("01_blue_square", "02_green_triangle", "06_green_circle"):
+        for ext in (".png", ".txt"):
+            shutil.copy(os.path.join(demo_dataset, SHAPES, stem + ext), folder / (stem + ext))
+    plans = []
+    for seed in (0, 3):
+        data = TrainData(_data_cfg(demo_dataset, validation_dir=str(folder)).data, batch_size=2,
+                         seed=seed, split="validation")
+        plans.append([sorted(os.path.basename(data.items[i].path) for i in b)
+                      for b in data.epoch_plan(0)])
+    assert plans[0] != plans[1]  # other batches, in another order
+    first = {}
+    for seed in (0, 3):
+        cfg = small_run_config(tmp_path / f"s{seed}", demo_dataset, 1, lr=1e-2, batch_size=2,
+                               data__validation_dir=str(folder), train__seed=seed)
+        first[seed] = train(bundle, cfg).val_losses[0]
+    assert first[0][0] == first[3][0] == 0
+    assert first[0][1] == pytest.approx(first[3][1], rel=1e-6)

@@ -5,8 +5,9 @@ The images are the ones `data.validation_count` holds out of the dataset (picked
 those of `data.validation_dir`, read once each without any random augmentation
 (`data.split.validation_view`) and encoded once. Each image is measured at
 `train.validation_timesteps` fixed timesteps spread evenly over [timestep_min, timestep_max),
-each with its own noise drawn once from a generator seeded with NOISE_SEED (not the run's seed:
-runs with other seeds are measured with the same noise). The loss is the run's loss
+each with its own noise drawn once from a generator seeded with NOISE_SEED and the image's file
+name (not the run's seed, nor the image's place in the batch order: runs with other seeds
+measure the same image with the same noise). The loss is the run's loss
 (`loss.loss`, min-SNR / debiased weights, masks) on plain Gaussian noise: no noise offset,
 pyramid noise or input perturbation.
 
@@ -19,6 +20,8 @@ stopped early). A resumed run does not measure its start again.
 
 from __future__ import annotations
 
+import hashlib
+import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -84,12 +87,13 @@ class Validation:
         started = time.time()
         with process_rngs_kept(), torch.no_grad():
             self.data.cache_latents(encode, vae_id)
-            generator = torch.Generator().manual_seed(NOISE_SEED)
             self.batches = []
             for batch in self.data.batches(0):
                 latents = batch.latents.float().cpu()
-                noise = [torch.randn(latents.shape, generator=generator)
-                         for _ in self.timesteps]
+                per_image = [_noise(key, latents.shape[1:], len(self.timesteps))
+                             for key in batch.keys]
+                noise = [torch.stack([n[k] for n in per_image])
+                         for k in range(len(self.timesteps))]
                 self.batches.append(_Batch(latents, list(batch.captions), list(batch.sizes),
                                            batch.mask, noise))
         self.seconds += time.time() - started
@@ -121,6 +125,14 @@ class Validation:
                     count += latents.shape[0]
         self.seconds += time.time() - started
         return total / max(1, count)
+
+
+def _noise(key: str, shape: torch.Size, count: int) -> list[torch.Tensor]:
+    """An image's noise, one tensor per fixed timestep: from a generator seeded with NOISE_SEED
+    and the image's file name, so it does not depend on the order or batch the image is in."""
+    digest = hashlib.sha256(f"{NOISE_SEED}|{os.path.basename(key)}".encode("utf-8")).digest()
+    generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+    return [torch.randn(tuple(shape), generator=generator) for _ in range(count)]
 
 
 @contextmanager
