@@ -198,3 +198,22 @@ def test_validation_noise_follows_the_image_not_the_seed_or_order(bundle, demo_d
         first[seed] = train(bundle, cfg).val_losses[0]
     assert first[0][0] == first[3][0] == 0
     assert first[0][1] == pytest.approx(first[3][1], rel=1e-6)
+
+
+def test_run_manager_keeps_the_validation_losses(demo_dataset, tmp_path):
+    from lora_train_ext.host.standalone import StandaloneHost
+    from lora_train_ext.runs import RunManager
+
+    manager = RunManager(StandaloneHost(str(tmp_path)))
+    cfg = RunConfig.from_dict({
+        "data": {"dataset_dir": demo_dataset, "resolution": "64", "enable_buckets": False,
+                 "validation_count": 1},
+        "train": {"max_steps": 2, "dtype": "fp32", "batch_size": 2, "ema": True},
+        "optim": {"lr": 0.01}, "network": {"rank": 2}, "save": {"output_name": "validated"}})
+    record = manager.execute(manager.create(cfg))
+    assert record.state == "finished", record.error
+    assert [s for s, _ in record.val_history] == [0, 2]
+    data = record.to_json()
+    assert data["val_loss"] == record.val_history[-1][1] and len(data["val_history"]) == 2
+    assert [os.path.basename(p) for p in record.files] == ["validated.safetensors",
+                                                           "validated-ema.safetensors"]
