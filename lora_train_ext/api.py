@@ -2,7 +2,8 @@
 
 Routes: GET /settings (the settings table); POST /runs (a RunConfig as JSON, partial allowed)
 -> {id, position in the queue}, or 422 with every problem found by the preflight check;
-GET /runs; GET /runs/{id}; GET /queue; POST /runs/{id}/stop, /cancel, /move {"by": N};
+GET /runs; GET /runs/{id}; GET /queue; POST /runs/{id}/stop, /pause, /resume, /cancel,
+/move {"by": N};
 GET /model; GET /loras; POST /test (a TE x UNet grid, PNG as base64).
 When the WebUI has `--api-auth`, every route needs the same HTTP basic credentials.
 """
@@ -104,6 +105,19 @@ def add_routes(app, host, manager: RunManager, credentials: dict[str, str] | Non
     @app.post(PREFIX + "/runs/{run_id}/stop", dependencies=deps)
     def stop_run(run_id: str):
         return manager.stop(known_run(run_id).id).to_json()
+
+    @app.post(PREFIX + "/runs/{run_id}/pause", dependencies=deps)
+    def pause_run(run_id: str):
+        """Pause at the next step: NAME-stepN is written and hot-loaded, the model free for
+        txt2img and /test until /resume."""
+        try:
+            return manager.pause(known_run(run_id).id).to_json()
+        except UserError as e:
+            return JSONResponse(status_code=409, content={"error": str(e), "field": "run_id"})
+
+    @app.post(PREFIX + "/runs/{run_id}/resume", dependencies=deps)
+    def resume_run(run_id: str):
+        return manager.resume(known_run(run_id).id).to_json()
 
     @app.post(PREFIX + "/runs/{run_id}/cancel", dependencies=deps)
     def cancel_run(run_id: str):

@@ -330,6 +330,9 @@ def build_parser() -> ArgumentParser:
     insp = sub.add_parser("inspect", help="describe a LoRA / LyCORIS file")
     insp.add_argument("file")
     insp.add_argument("--json", action="store_true", help="print one JSON object")
+
+    from .cli_files import add_file_commands  # merge, merge-loras, extract, resize
+    COMMANDS.update(add_file_commands(sub))
     return parser
 
 

@@ -125,7 +125,7 @@ def _run(cfg: RunConfig, out_dir: str, progress, t0: float, stop_after: int,
 
         control.sampler = sampler_for(
             lambda p: sample_image(bundle, p.prompt, p.negative, p.seed, p.steps, p.width,
-                                   p.height, p.cfg_scale), out_dir, cfg.save.output_name)
+                                   p.height, p.cfg_scale), cfg.save)
     if stop_after:
         def stop_when_due(event) -> None:
             if event.kind == "step" and event.step >= stop_after and not control.stop_requested:

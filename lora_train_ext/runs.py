@@ -50,6 +50,7 @@ class RunRecord:
     images_per_s: float | None = None
     samples: list[tuple[int, str]] = field(default_factory=list)  # (step, image path)
     val_history: list[tuple[int, float]] = field(default_factory=list)  # (step, validation loss)
+    paused_snapshot: str = ""  # the file written when the run last paused
     last_elapsed: float = field(default=0.0, repr=False)  # seconds into the run at the last step
     control: TrainControl = field(default_factory=TrainControl, repr=False)
 
@@ -120,6 +121,8 @@ class RunManager:
             raise UserError("model", info.problem)
         if not cfg.save.output_dir:
             cfg.save.output_dir = self.host.output_dir()
+        if not cfg.save.run_dir:
+            cfg.save.run_dir = self.host.run_dir()
         cfg.model.arch = info.arch
         result = preflight(cfg, arch=info.arch, device=self.host.device(),
                            host_check=self.host.check_config).raise_if_failed()
@@ -142,7 +145,21 @@ class RunManager:
         control.add_listener(lambda e: self._on_event(record, e))
         s = record.config.save
         if record.config.sample.prompts.strip():
-            control.sampler = self.host.sampler(s.output_dir or ".", s.output_name)
+            control.sampler = self.host.sampler(s)
+        lent: dict = {}
+
+        def on_pause(path: str) -> None:
+            lent.update(self.host.lend_model(path))
+            record.state, record.paused_snapshot = "paused", path
+
+        def on_resume() -> None:
+            try:
+                self.host.take_model_back(lent)
+            finally:
+                record.state = "running"
+
+        control.on_pause, control.on_resume = on_pause, on_resume
+        control.poll_stop = self.host.interrupt_requested
         try:
             with self.host.prepared_model() as bundle:
                 result = train(bundle, record.config, control)
@@ -151,8 +168,9 @@ class RunManager:
             record.loss_avg = result.final_loss
             self.host.hot_load(record.files)
             # the final state only once the files are usable in prompts
-            record.message = (f"stopped at step {result.steps}" if result.stopped
-                              else f"finished {result.steps} steps")
+            record.message = (f"stopped at step {result.steps}"
+                              + (f" ({result.stop_reason})" if result.stop_reason else "")
+                              if result.stopped else f"finished {result.steps} steps")
             record.finished = time.time()
             record.state = "stopped" if result.stopped else "finished"
         except UserError as e:
@@ -278,7 +296,7 @@ class RunManager:
     def current(self) -> RunRecord | None:
         """The run to show: the one training, else the next queued, else the newest."""
         runs = self.list()
-        for state in ("running", "queued"):
+        for state in ("paused", "running", "queued"):
             active = [r for r in runs if r.state == state]
             if active:
                 return active[-1]  # the oldest of them: the first to start
@@ -287,6 +305,22 @@ class RunManager:
     def stop(self, run_id: str) -> RunRecord:
         record = self.get(run_id)
         record.control.request_stop("stopped by user")
+        return record
+
+    def pause(self, run_id: str) -> RunRecord:
+        """Pause at the next step boundary: NAME-stepN is written and hot-loaded, the lock let
+        go, so txt2img and the test grid can use it; `resume` goes on with the same run."""
+        record = self.get(run_id)
+        if record.state not in ("running", "queued"):
+            raise UserError("run", f"run {run_id} is {record.state}; only a running run pauses")
+        record.control.request_pause()
+        if record.state == "running":
+            record.message = "pausing at the next step"
+        return record
+
+    def resume(self, run_id: str) -> RunRecord:
+        record = self.get(run_id)
+        record.control.request_resume()
         return record
 
 

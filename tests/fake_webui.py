@@ -22,7 +22,9 @@ Each fact below was checked in the WebUI's source (paths relative to its root):
 
 from __future__ import annotations
 
+import os
 import sys
+import tempfile
 import threading
 import types
 from contextlib import contextmanager
@@ -96,8 +98,12 @@ def install(bundle, monkeypatch):
     shared.state = State()
     shared.cmd_opts = types.SimpleNamespace(lora_dir="", medvram=False, lowvram=False,
                                             medvram_sdxl=False, api_auth=None)
-    shared.opts = types.SimpleNamespace(lora_train_output_dir="", outdir_grids="",
-                                        outdir_txt2img_grids="", grid_format="png")
+    shared.opts = types.SimpleNamespace(lora_train_output_dir="", lora_train_run_dir="",
+                                        outdir_grids="", outdir_txt2img_grids="",
+                                        grid_format="png")
+    # modules/paths_internal.py: data_path, the folder of the WebUI's user data (--data-dir)
+    paths_internal = types.ModuleType("modules.paths_internal")
+    paths_internal.data_path = os.path.join(tempfile.mkdtemp(prefix="fake-webui-"), "data")
     call_queue = types.ModuleType("modules.call_queue")
     call_queue.queue_lock = threading.Lock()
     devices = types.ModuleType("modules.devices")
@@ -144,7 +150,8 @@ def install(bundle, monkeypatch):
     for name, mod in (("modules", modules), ("modules.shared", shared),
                       ("modules.call_queue", call_queue), ("modules.devices", devices),
                       ("modules.processing", processing), ("modules.sd_hijack", sd_hijack),
-                      ("modules.sd_vae", sd_vae), ("networks", networks)):
+                      ("modules.sd_vae", sd_vae), ("modules.paths_internal", paths_internal),
+                      ("networks", networks)):
         monkeypatch.setitem(sys.modules, name, mod)
         if "." in name:
             setattr(modules, name.split(".", 1)[1], mod)

@@ -95,6 +95,12 @@ class TrainControl:
         self.paused_at: float | None = None
         # the host's sample maker: (step, prompts) -> paths of the images written; None = none
         self.sampler: Callable[[int, list], list[str]] | None = None
+        # pause and test: the host takes the model (its lock, the paused snapshot hot-loaded)
+        # and gives it back; on_resume raises when the run cannot go on (model switched)
+        self.on_pause: Callable[[str], None] | None = None
+        self.on_resume: Callable[[], None] | None = None
+        # the host's stop button, read whenever the trainer asks whether to stop (mid-step too)
+        self.poll_stop: Callable[[], bool] | None = None
 
     # requests (from the UI / API thread)
     def request_stop(self, reason: str = "stopped by user") -> None:
@@ -111,6 +117,9 @@ class TrainControl:
     # queries (from the training thread)
     @property
     def stop_requested(self) -> bool:
+        """A stop was asked here, or the host's own stop (the WebUI's Interrupt) is set."""
+        if not self._stop.is_set() and self.poll_stop is not None and self.poll_stop():
+            self.request_stop("interrupted")
         return self._stop.is_set()
 
     @property

@@ -334,7 +334,7 @@ class DataConfig:
                                   "Dataset")
     cache_to_disk: bool = setting(False, "Keep cached latents on disk between runs",
                                   "Cache to disk", "Dataset")
-    cache_dir: str = setting("", "Folder for the disk cache (empty = .latent_cache in the dataset folder)",
+    cache_dir: str = setting("", "Folder for the disk cache (empty = latent_cache in the run folder)",
                              "Cache folder", "Dataset")
     cache_text: bool = setting(True, "Encode each caption once while the text encoder is not "
                                      "trained", "Cache text conditioning", "Dataset")
@@ -478,6 +478,11 @@ class TrainConfig:
 class SaveConfig:
     output_dir: str = setting("", "Where files go; empty = the WebUI's Lora folder",
                               "Output folder", "Saving", flag="--out")
+    run_dir: str = setting(
+        "", "Folder for the run's own files: training state, history, samples, run config, "
+            "latent cache (empty = the output folder on the command line; in the WebUI the "
+            "extension's runs folder, so the Lora folder holds only what the Lora cards show)",
+        "Run folder", "Saving")
     output_name: str = setting("my_lora", "File name of the LoRA (no extension); it appears "
                                           "under this name in the Lora tab", "Output name", "",
                                check=check_output_name)

@@ -1,7 +1,10 @@
-"""Where a run writes and what: NAME.safetensors (+ NAME.json), snapshots NAME-000002 (every N
-epochs) and NAME-step00000300 (every N steps) with only the last `keep_last` kept, each with its
-EMA twin NAME-ema / NAME-step00000300-ema when train.ema is on, and NAME.history.json. The
-adapter files themselves are written by lora_file.save_lora."""
+"""Where a run writes and what. The output folder (the Lora folder in the WebUI) gets what the
+Lora cards show: NAME.safetensors (+ NAME.json, NAME.preview.png) and the snapshots NAME-000002
+(every N epochs) and NAME-step00000300 (every N steps, or a pause), only the last `keep_last`
+kept; with train.ema each has its EMA twin beside it (NAME-ema, NAME-step00000300-ema). The run
+folder (`save.run_dir`, default the output folder) gets the run's own files: NAME.history.json,
+NAME-state/, samples/, the latent cache. The adapter files themselves are written by
+lora_file.save_lora."""
 
 from __future__ import annotations
 
@@ -25,6 +28,15 @@ def ema_path(path: str) -> str:
     return f"{stem}-ema{ext}"
 
 
+def run_folder(s: SaveConfig) -> str:
+    return s.run_dir or s.output_dir or "."
+
+
+def run_path(s: SaveConfig, name: str) -> str:
+    """A file or folder of the run's own (state, history, samples, cache)."""
+    return os.path.join(run_folder(s), name)
+
+
 def check_writable(s: SaveConfig) -> None:
     """Make the output folder; raise UserError when a file cannot be written there."""
     folder = s.output_dir or "."
@@ -46,8 +58,13 @@ def snapshot_name(s: SaveConfig, step: int, total: int, epoch_due: int | None) -
     if epoch_due is not None:
         return f"{s.output_name}-{epoch_due:06d}"
     if s.save_every_steps and step % s.save_every_steps == 0:
-        return f"{s.output_name}-step{step:08d}"
+        return step_snapshot_name(s, step)
     return None
+
+
+def step_snapshot_name(s: SaveConfig, step: int) -> str:
+    """NAME-step00000300: the snapshot of a step (every N steps, or a pause)."""
+    return f"{s.output_name}-step{step:08d}"
 
 
 def prune_snapshots(snapshots: list[str], keep_last: int) -> list[str]:
@@ -68,6 +85,6 @@ def write_history(s: SaveConfig, history: list[dict[str, Any]]) -> str:
     """NAME.history.json, written atomically: one entry per step, {"step", "loss", "lr": {group:
     effective LR}}, plus "val_loss" at the steps the validation loss was measured; the
     measurement before the first step is an entry of its own, {"step": 0, "val_loss"}."""
-    path = os.path.join(s.output_dir or ".", f"{s.output_name}.history.json")
+    path = run_path(s, f"{s.output_name}.history.json")
     atomic_write_text(path, json.dumps(history) + "\n")
     return path

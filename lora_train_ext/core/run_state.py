@@ -35,14 +35,16 @@ STATE_FILE = "training_state.pth"
 STATE_FORMAT = 2
 # Settings a resumed run may change without changing its result (where files go and in what
 # precision, how many snapshots are kept, whether the end state is saved).
-_RESUME_FREE = ("save.output_dir", "save.output_name", "save.save_dtype", "save.keep_last",
+_RESUME_FREE = ("save.output_dir", "save.run_dir", "save.output_name", "save.save_dtype", "save.keep_last",
                 "save.save_state", "save.comment", "network.existing_lora", "data.cache_dir",
                 "data.cache_to_disk", "data.validation_dir", "train.validate_every_steps",
                 "train.validation_timesteps", "train.ema_on_cpu", "version")
 
 
 def state_dir(cfg: RunConfig) -> str:
-    return os.path.join(cfg.save.output_dir or ".", f"{cfg.save.output_name}-state")
+    from .run_files import run_path
+
+    return run_path(cfg.save, f"{cfg.save.output_name}-state")
 
 
 def save_state(run: Trainer) -> str:

@@ -107,23 +107,27 @@ def sample_due(cfg, step: int, epoch_ended: int | None, total: int) -> bool:
     return bool(s.every_epochs and epoch_ended and epoch_ended % s.every_epochs == 0)
 
 
-def sample_path(out_dir: str, name: str, step: int, index: int) -> str:
-    """OUT/samples/NAME-step00000100-00.png"""
-    return os.path.join(out_dir, "samples", f"{name}-step{step:08d}-{index:02d}.png")
+def sample_path(run_dir: str, name: str, step: int, index: int) -> str:
+    """RUN/samples/NAME-step00000100-00.png"""
+    return os.path.join(run_dir, "samples", f"{name}-step{step:08d}-{index:02d}.png")
 
 
 
-def sampler_for(generate, out_dir: str, name: str):
+def sampler_for(generate, save):
     """A `TrainControl.sampler`: `generate(SamplePrompt) -> PIL image` for each prompt, saved
-    as OUT/samples/NAME-stepN-I.png (atomically); the first one also becomes NAME.preview.png,
-    the Lora card's picture. Returns the paths written."""
+    as RUN/samples/NAME-stepN-I.png (atomically); the first one also becomes NAME.preview.png
+    beside the LoRA, the Lora card's picture. `save`: the run's SaveConfig. Returns the paths
+    written."""
+    from .run_files import run_folder
+
+    run_dir, out_dir, name = run_folder(save), save.output_dir or ".", save.output_name
     from .fsio import atomic_write
 
     def sample(step: int, prompts: list[SamplePrompt]) -> list[str]:
         paths = []
         for index, prompt in enumerate(prompts):
             image = generate(prompt)
-            path = sample_path(out_dir, name, step, index)
+            path = sample_path(run_dir, name, step, index)
             atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
             if index == 0:
                 atomic_write(os.path.join(out_dir, f"{name}.preview.png"),

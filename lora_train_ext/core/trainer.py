@@ -16,6 +16,7 @@ average of the adapter's weights).
 from __future__ import annotations
 
 import math
+import os
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -42,8 +43,8 @@ from .networks.targets import block_value, parse_block_values
 from .preflight import preflight
 from .run_metadata import now_iso, run_info
 from .sampling import prompts_for, sample_due
-from .run_state import (process_rngs_kept, read_state, restore_state, save_state,
-                        seed_process_rngs, set_rng_states)
+from .run_state import (process_rng_states, process_rngs_kept, read_state, restore_state,
+                        save_state, seed_process_rngs, set_process_rng_states, set_rng_states)
 
 # importable from here as before the split (the command line reads STATE_FILE from here)
 from .run_metadata import optimizer_label  # noqa: F401
@@ -116,6 +117,8 @@ class Trainer:
         self._text_cache: dict[tuple, Any] = {}
         self._epoch_iter = None
         self._yielded_in_epoch = 0
+        self.guard: BaseGuard | None = None
+        self.model_gone = False  # the host switched models during a pause
         self.samples: list[str] = []
         self.sample_seconds = 0.0
         self._pending_epoch_snapshot: int | None = None
@@ -127,7 +130,7 @@ class Trainer:
         t0 = time.time()
         with process_rngs_kept():  # the run seeds them for itself; the host's stay its own
             state, existing = self._check()
-            guard = BaseGuard(self.bundle.base_modules())
+            self.guard = guard = BaseGuard(self.bundle.base_modules())
             guard.freeze()
             try:
                 with torch.inference_mode(False), torch.enable_grad():
@@ -136,7 +139,8 @@ class Trainer:
                     result = self._finish(stopped, total, t0)
             finally:
                 self._tear_down(guard)
-            guard.verify()
+            if not self.model_gone:
+                guard.verify()
         self.control.emit(Progress("end", step=self.step, total=result.total_steps,
                                    loss=result.final_loss, elapsed=result.seconds,
                                    path=result.path,
@@ -155,6 +159,8 @@ class Trainer:
         existing = None
         if cfg.network.existing_lora and state is None:
             existing = read_existing(cfg.network.existing_lora, self.bundle.arch, cfg.network)
+        if cfg.data.cache_to_disk and not cfg.data.cache_dir:
+            cfg.data.cache_dir = F.run_path(cfg.save, "latent_cache")  # never the dataset folder
         if self.data is None:
             from .data import TrainData
 
@@ -221,17 +227,21 @@ class Trainer:
         if not self.resume_dir:
             self._validate(total)  # the baseline
         while self.step < total:
-            control.wait_while_paused()
+            self._pause_if_requested(total)
             if control.stop_requested:
                 return True
             step_loss = torch.zeros((), device=self.device)
             epoch_before = self.epoch
+            mark = self._step_mark()
             for _ in range(accum):
                 batch = self._next_batch()
                 with torch.autocast(self.device.type, dtype=amp_dtype, enabled=use_amp):
                     loss = self._micro_step(batch)
                 (loss / accum).backward()
                 step_loss += loss.detach() / accum
+                if control.stop_requested:  # asked during this step: it is not taken
+                    self._rewind(mark)
+                    return True
             if cfg.optim.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm)
             self.optimizer.step()
@@ -261,6 +271,23 @@ class Trainer:
             self._maybe_snapshot(total)
             self._maybe_sample(total, self.epoch if self.epoch != epoch_before else None)
         return False
+
+    def _step_mark(self) -> tuple:
+        """Where the run stands before a step: data position and every RNG it draws from."""
+        return (self.epoch, self.batch_in_epoch, self._pending_epoch_snapshot,
+                self.generator.get_state(), process_rng_states())
+
+    def _rewind(self, mark: tuple) -> None:
+        """Undo a step begun but not taken (a stop asked mid-step), so the saved state is the
+        one after the last step taken and a resume goes on exactly as if never stopped."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self._close_epoch_iter()
+        (self.epoch, self.batch_in_epoch, self._pending_epoch_snapshot, generator,
+         rngs) = mark
+        self.generator.set_state(generator)
+        set_process_rng_states(rngs)
+        # the dataset's own position too (no fingerprint given: a position, not a new dataset)
+        self.data.load_state_dict({"epoch": self.epoch, "batch_index": self.batch_in_epoch})
 
     def _maybe_sample(self, total: int, epoch_ended: int | None = None) -> None:
         """Ask the host for sample images when they are due, with the adapter as it is now
@@ -469,8 +496,10 @@ class Trainer:
     def _maybe_snapshot(self, total: int) -> None:
         epoch_due, self._pending_epoch_snapshot = self._pending_epoch_snapshot, None
         name = F.snapshot_name(self.cfg.save, self.step, total, epoch_due)
-        if name is None:
-            return
+        if name is not None:
+            self._write_snapshot(name, total)
+
+    def _write_snapshot(self, name: str, total: int) -> str:
         O.set_train_mode(self.optimizer, False)
         self.network.eval()
         path = F.output_path(self.cfg.save, name)
@@ -481,6 +510,51 @@ class Trainer:
         F.write_history(self.cfg.save, self.history)
         self.control.emit(Progress("snapshot", step=self.step, total=total, path=path))
         self.snapshots = F.prune_snapshots(self.snapshots, self.cfg.save.keep_last)
+        return path
+
+    # -- pause and test ----------------------------------------------------------------------
+    def _pause_if_requested(self, total: int) -> None:
+        """At a step boundary: write NAME-stepN, take the adapter out of the model and hand the
+        model to the host (`control.on_pause(path)`: release the lock, hot-load the file) until
+        resumed; then take it back (`control.on_resume()`, which may refuse: the model was
+        switched) and go on exactly where the run was (process RNGs kept, the base weights
+        checked to hold the same values)."""
+        control = self.control
+        if not control.pause_requested or control.stop_requested:
+            return
+        path = self._write_snapshot(F.step_snapshot_name(self.cfg.save, self.step), total)
+        if self.checkpointing is not None:
+            self.checkpointing.disable()
+        self.network.detach()
+        with process_rngs_kept():
+            control.emit(Progress("paused", step=self.step, total=total, path=path,
+                                  message=f"paused at step {self.step}: test "
+                                          f"{os.path.splitext(os.path.basename(path))[0]}"))
+            try:
+                if control.on_pause is not None:
+                    control.on_pause(path)
+                control.wait_while_paused()
+            finally:
+                try:
+                    if control.on_resume is not None:
+                        control.on_resume()
+                except Exception as e:  # the model was switched or unloaded while paused
+                    self.model_gone = True
+                    control.request_stop(f"the run ended while paused: {e}")
+        if self.model_gone:
+            return
+        try:
+            self.guard.accept_same_values()  # the host's generations wrote and restored them
+        except TrainingError:
+            self.model_gone = True
+            control.request_stop("the base weights hold other values after the pause "
+                                 "(another model, or a network left baked in)")
+            raise
+        self.network.attach()
+        if self.checkpointing is not None:
+            self.checkpointing.enable()
+        control.emit(Progress("resumed", step=self.step, total=total,
+                              message=f"resumed at step {self.step}"))
 
 
 def train(bundle: ModelBundle, cfg: RunConfig, control: TrainControl | None = None,

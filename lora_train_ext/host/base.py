@@ -62,8 +62,34 @@ class Host:
     @contextlib.contextmanager
     def exclusive(self, job: str) -> Iterator[None]:
         """Hold the host's GPU lock for a job that did not come through a wrapped UI call."""
-        with self._lock:
+        with self.gpu_lock():
             yield
+
+    def gpu_lock(self):
+        """The lock every GPU job holds (a run holds it from start to end, except while paused)."""
+        return self._lock
+
+    # -- pause and test ---------------------------------------------------------------------
+    def lend_model(self, snapshot: str) -> dict:
+        """A paused run hands the model over: hot-load its snapshot and let generations run
+        (the run's thread holds the lock and lets go of it here). Returns what `take_model_back`
+        needs to tell the same model from another one."""
+        self.hot_load([snapshot])
+        token = {"model": self.model_info().hash or self.model_info().name}
+        self.gpu_lock().release()
+        return token
+
+    def take_model_back(self, token: dict) -> None:
+        """Wait for the lock (a generation in progress finishes first), then check the model is
+        still the run's; raise UserError when it was switched."""
+        self.gpu_lock().acquire()
+        now = self.model_info().hash or self.model_info().name
+        if now != token["model"]:
+            from ..core.errors import UserError
+
+            raise UserError("model", f"the model was switched to {now} while the run was "
+                                     f"paused; its state is saved: load {token['model']} again "
+                                     "and resume the run from its state folder")
 
     def free_memory(self) -> None:
         """Give back what a finished run held (between queued runs)."""
@@ -89,6 +115,11 @@ class Host:
     def output_dir(self) -> str:
         return self.lora_dir()
 
+    def run_dir(self) -> str:
+        """Where runs keep their own files (state, history, samples, caches): not the Lora
+        folder, which holds only what the Lora cards show."""
+        raise NotImplementedError
+
     def hot_load(self, paths: list[str]) -> None:
         """Make new or rewritten adapter files usable at once (no restart)."""
 
@@ -107,7 +138,7 @@ class Host:
         """One PIL image per prompt, same seed for each. Called with the lock held."""
         raise NotImplementedError
 
-    def sampler(self, out_dir: str, name: str):
+    def sampler(self, save):
         """A TrainControl.sampler that makes samples with this host's own generation, on the
         model as the run holds it (the adapter hooked in, at its current weights)."""
         from ..core.sampling import sampler_for
@@ -115,7 +146,7 @@ class Host:
         def one(p):
             return self.generate([p.prompt], p.negative, p.seed, p.steps, p.width, p.height,
                                  p.cfg_scale, sampler_name=p.sampler)[0]
-        return sampler_for(one, out_dir, name)
+        return sampler_for(one, save)
 
     def save_grid(self, image, prompt: str) -> str:
         """Save a grid image where the host saves grids; return its path."""

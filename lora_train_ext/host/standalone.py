@@ -94,6 +94,9 @@ class StandaloneHost(Host):
     def lora_dir(self) -> str:
         return os.path.join(self.out_dir, "Lora")
 
+    def run_dir(self) -> str:
+        return os.path.join(self.out_dir, "runs")
+
     def hot_load(self, paths: list[str]) -> None:
         """Nothing is cached: every generation reads the file afresh, like a refreshed WebUI."""
 

@@ -386,6 +386,38 @@ class WebUIHost(Host):
         elif event.message:
             state.textinfo = event.message
 
+    def gpu_lock(self):
+        from modules import call_queue
+
+        return call_queue.queue_lock
+
+    def lend_model(self, snapshot: str) -> dict:
+        """Paused: the WebUI's own attention back for generations, the snapshot hot-loaded, the
+        queue lock let go (txt2img, the test grid and other extensions' jobs run)."""
+        from modules import shared
+
+        self._restore_attention()
+        token = super().lend_model(snapshot)  # hot-load, remember the model, release the lock
+        token["model_object"] = id(shared.sd_model)
+        shared.state.textinfo = f"Training LoRA: paused; test <lora:{os.path.splitext(os.path.basename(snapshot))[0]}>"
+        return token
+
+    def take_model_back(self, token: dict) -> None:
+        """Retake the queue lock (after a generation in progress), refuse another model, undo
+        what generations baked into the weights, and go back to training attention."""
+        from modules import shared
+
+        super().take_model_back(token)
+        if id(shared.sd_model) != token.get("model_object"):
+            from ..core.errors import UserError
+
+            raise UserError("model", "the WebUI loaded another model object while the run was "
+                                     "paused; its state is saved: resume it from its state folder")
+        self.unload_baked_networks()
+        self._use_training_attention()
+        shared.state.interrupted = False  # an Interrupt of a generation during the pause
+        shared.state.skipped = False
+
     def interrupt_requested(self) -> bool:
         from modules import shared
 
@@ -401,6 +433,14 @@ class WebUIHost(Host):
         from modules import shared
 
         return getattr(shared.opts, "lora_train_output_dir", "") or self.lora_dir()
+
+    def run_dir(self) -> str:
+        """Settings -> Train LoRA, else outputs/lora-train in the WebUI's data folder (where
+        its other outputs go): state, history, samples and caches, never the Lora folder."""
+        from modules import paths_internal, shared
+
+        return getattr(shared.opts, "lora_train_run_dir", "") or \
+            os.path.join(paths_internal.data_path, "outputs", "lora-train")
 
     # -- generation -----------------------------------------------------------------------------
     def generate(self, prompts, negative, seed, steps, width, height, cfg_scale,

@@ -81,6 +81,11 @@ def status_html(manager: RunManager) -> str:
     if queued:
         parts.append(f"{len(queued)} more queued")
     body = " · ".join(parts)
+    if run.state == "paused" and run.paused_snapshot:
+        name = os.path.splitext(os.path.basename(run.paused_snapshot))[0]
+        body += (f"<div class='lora-train-message'>Paused: the model is free. Test "
+                 f"<code>&lt;lora:{html.escape(name)}:1&gt;</code> in txt2img or the test grid, "
+                 "then press Resume.</div>")
     if run.error:
         body += f"<div class='lora-train-error'>{html.escape(run.error)}</div>"
     elif run.message:
@@ -206,6 +211,7 @@ def build_tab(host, manager: RunManager, wrap_gpu: Callable[[Callable], Callable
                     check = gr.Button("Check dataset", elem_id="lora_train_check")
                     train = gr.Button("Train", variant="primary", elem_id="lora_train_start")
                     enqueue = gr.Button("Add to queue", elem_id="lora_train_enqueue")
+                    pause = gr.Button("Pause and test", elem_id="lora_train_pause")
                     stop = gr.Button("Stop", elem_id="lora_train_stop")
                 task_id = gr.Textbox(visible=False, elem_id="lora_train_task_id")
                 gr.HTML("<div id='lora_train_progress_anchor'></div>")
@@ -321,6 +327,20 @@ def build_tab(host, manager: RunManager, wrap_gpu: Callable[[Callable], Callable
                 return [None, error_html(str(e))]
             return [grid, tag_table_html(names, strengths, tags, path)]
 
+        def on_pause():
+            """Pause (a running run) or resume (a paused one): one button."""
+            run = manager.current()
+            try:
+                if run is not None and run.state == "paused":
+                    manager.resume(run.id)
+                elif run is not None and run.state == "running":
+                    manager.pause(run.id)
+            except UserError as e:
+                return [error_html(str(e)), gr.update()]
+            label = "Resume" if run is not None and run.state in ("running", "paused") and \
+                run.control.pause_requested else "Pause and test"
+            return [status_html(manager), gr.update(value=label)]
+
         def on_stop():
             run = manager.current()
             if run is not None and run.state in ("queued", "running"):
@@ -354,6 +374,7 @@ def build_tab(host, manager: RunManager, wrap_gpu: Callable[[Callable], Callable
                     **train_kw)
         check.click(on_check, inputs=[preset, *form], outputs=[dataset_report, dataset_preview])
         stop.click(on_stop, inputs=[], outputs=[status])
+        pause.click(on_pause, inputs=[], outputs=[status, pause])
         enqueue.click(on_enqueue, inputs=[preset, *form], outputs=[status, queue_html, queue_pick])
         for button, action in ((up, "up"), (down, "down"), (cancel, "cancel")):
             button.click(lambda pick, a=action: on_queue(a, pick), inputs=[queue_pick],
