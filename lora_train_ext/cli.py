@@ -80,6 +80,10 @@ class StderrProgress:
                 if self.is_tty and event.step == event.total:
                     self.stream.write("\n")
                 self.stream.flush()
+        elif event.kind == "validation" and event.loss is not None:
+            lead = "\n" if self.is_tty and 0 < event.step < event.total else ""
+            self.stream.write(f"{lead}validation loss at step {event.step}: {event.loss:.5f}\n")
+            self.stream.flush()
         elif event.kind in ("log", "snapshot") and (event.message or event.path):
             self.stream.write(f"{event.message or 'snapshot: ' + event.path}\n")
             self.stream.flush()

@@ -20,6 +20,7 @@ from .core.bundle import Progress, TrainControl
 from .core.config import PRESETS, RunConfig, preset as config_preset
 from .core.errors import TrainingError, UserError, UserErrors
 from .core.preflight import preflight
+from .core.run_files import ema_path
 from .core.trainer import train
 
 STATES = ("queued", "running", "finished", "stopped", "failed", "cancelled")
@@ -48,6 +49,7 @@ class RunRecord:
     memory_history: list[tuple[int, float]] = field(default_factory=list)  # (step, MiB)
     images_per_s: float | None = None
     samples: list[tuple[int, str]] = field(default_factory=list)  # (step, image path)
+    val_history: list[tuple[int, float]] = field(default_factory=list)  # (step, validation loss)
     paused_snapshot: str = ""  # the file written when the run last paused
     last_elapsed: float = field(default=0.0, repr=False)  # seconds into the run at the last step
     control: TrainControl = field(default_factory=TrainControl, repr=False)
@@ -61,6 +63,8 @@ class RunRecord:
             "output_name": self.config.save.output_name, "images_per_s": self.images_per_s,
             "memory_mib": self.memory_history[-1][1] if self.memory_history else None,
             "samples": [{"step": s, "path": p} for s, p in self.samples],
+            "val_loss": self.val_history[-1][1] if self.val_history else None,
+            "val_history": [{"step": s, "val_loss": v} for s, v in self.val_history],
         }
 
 
@@ -203,7 +207,8 @@ class RunManager:
         try:
             with self.host.prepared_model() as bundle:
                 result = train(bundle, record.config, control)
-            record.files = [result.path, *result.snapshots]
+            record.files = [result.path, *([result.ema_path] if result.ema_path else []),
+                            *result.snapshots]
             record.loss_avg = result.final_loss
             self.host.hot_load(record.files)
             # the final state only once the files are usable in prompts
@@ -306,9 +311,12 @@ class RunManager:
             record.step, record.total = event.step, event.total
         elif event.kind == "sample" and event.path:
             record.samples.append((event.step, event.path))
+        elif event.kind == "validation" and event.loss is not None:
+            record.val_history.append((event.step, float(event.loss)))
         elif event.kind == "snapshot" and event.path:
             record.files.append(event.path)
-            self.host.hot_load([event.path])
+            twin = ema_path(event.path)
+            self.host.hot_load([event.path, *([twin] if record.config.train.ema else [])])
         if event.message:
             record.message = event.message
         self.host.on_progress(event)

@@ -41,11 +41,12 @@ SCHEDULERS = (
 )
 RESIZE_MODES = ("crop", "stretch", "pad", "none")
 CROP_MODES = ("center", "random")
-TIMESTEP_SAMPLING = ("uniform", "logit_normal")
+TIMESTEP_SAMPLING = ("uniform", "logit_normal", "mode", "cosmap")
 TOKEN_LENGTHS = (75, 150, 225)
 MAX_RANK = 1024
-# the longest suffix a run adds to the output name: "-step00001234.safetensors" / ".history.json"
-NAME_SUFFIX_MAX = len("-step00000000.safetensors")
+# the longest suffix a run adds to the output name: "-step00001234-ema.safetensors" (a snapshot's
+# EMA twin) / ".history.json"
+NAME_SUFFIX_MAX = len("-step00000000-ema.safetensors")
 MAX_NAME_BYTES = 255 - NAME_SUFFIX_MAX - 2  # most filesystems allow 255 bytes per name
 RESERVED_NAMES = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(1, 10)),
                   *(f"lpt{i}" for i in range(1, 10))}
@@ -352,6 +353,13 @@ class DataConfig:
                                        "else the image's alpha channel", "Masked loss", "Dataset")
     mask_dir: str = setting("", "Grey masks named like the images (white = train, black = "
                                 "ignore)", "Mask folder", "Dataset")
+    validation_count: int = setting(
+        0, "Hold this many training images out of training (picked by the seed) and measure the "
+           "validation loss on them (0 = none)", "Validation images held out", "Dataset",
+        low=0, high=10**6)
+    validation_dir: str = setting(
+        "", "A folder of validation images (same layout as the dataset) to measure the "
+            "validation loss on, instead of holding images out", "Validation folder", "Dataset")
 
 
 @dataclass
@@ -419,12 +427,22 @@ class LossConfig:
                                 "Loss and noise", low=0, high=999)
     timestep_max: int = setting(1000, "... up to this (exclusive)", "Max timestep",
                                 "Loss and noise", low=1, high=1000)
-    timestep_sampling: str = setting("uniform", "How timesteps are drawn", "Timestep sampling",
-                                     "Loss and noise", choices=TIMESTEP_SAMPLING)
+    timestep_sampling: str = setting(
+        "uniform", "How timesteps are drawn: uniform, every step alike; logit_normal, the middle "
+                   "favoured (logit mean / std); mode, SD3's mode sampling (mode scale); cosmap, "
+                   "SD3's CosMap (the middle favoured, long tails)", "Timestep sampling",
+        "Loss and noise", choices=TIMESTEP_SAMPLING)
     logit_mean: float = setting(0.0, "logit_normal: mean", "Logit mean", "Loss and noise",
                                 low=-10, high=10)
     logit_std: float = setting(1.0, "logit_normal: standard deviation", "Logit std",
                                "Loss and noise", low=0, low_open=True, high=10)
+    mode_scale: float = setting(
+        1.29, "mode: how strongly the middle steps are favoured (SD3's mode sampling; 0 = "
+              "uniform, negative favours both ends)", "Mode scale", "Loss and noise",
+        low=-1, high=1.75)
+    masked_loss_unmasked_weight: float = setting(
+        0.0, "Masked loss: weight of the area outside the mask (0 = ignored, 1 = as much as the "
+             "masked area)", "Unmasked area weight", "Loss and noise", low=0, high=1)
 
 
 @dataclass
@@ -448,10 +466,23 @@ class TrainConfig:
                                  "Adapter precision", "Training", choices=ADAPTER_DTYPES)
     gradient_checkpointing: bool = setting(False, "Less VRAM, about 20-30% slower",
                                            "Gradient checkpointing", "Training")
-    ema: bool = setting(False, "Keep an exponential moving average of the adapter's weights",
-                        "EMA", None, not_built="EMA of the adapter weights is not built yet")
-    ema_decay: float = setting(0.999, "EMA decay per step", "EMA decay", None, low=0, high=1,
-                               not_built="EMA of the adapter weights is not built yet")
+    ema: bool = setting(False, "Keep an exponential moving average of the adapter's weights, "
+                               "saved beside the file as NAME-ema.safetensors", "EMA", "Training")
+    ema_decay: float = setting(0.999, "EMA decay per step: 0.999 averages about the last 1000 "
+                                      "steps, 0.99 the last 100 (for short runs)", "EMA decay",
+                               "Training", low=0, high=1)
+    ema_start_step: int = setting(0, "The average starts after this many steps; until then the "
+                                     "EMA copy equals the weights", "EMA start step", "Training",
+                                  low=0, high=10**7, unit="steps")
+    ema_on_cpu: bool = setting(False, "Keep the EMA copy in CPU memory instead of the GPU's",
+                               "EMA on the CPU", "Training")
+    validate_every_steps: int = setting(
+        0, "Validation loss every N steps (0 = only at the start and the end); needs validation "
+           "images held out or a validation folder", "Validate every N steps", "Training",
+        low=0, high=10**7, unit="steps")
+    validation_timesteps: int = setting(
+        4, "Fixed timesteps, spread over the timestep range, each validation image is measured "
+           "at (more: steadier, slower)", "Validation timesteps", "Training", low=1, high=100)
 
 
 @dataclass
@@ -571,6 +602,10 @@ def _cross_field_problems(cfg: "RunConfig") -> list[UserError]:
                                                  f"precision {m.base_dtype} (train.dtype is "
                                                  f"{t.dtype}); use auto or fp32, or set "
                                                  f"train.dtype {m.base_dtype}"))
+    if d.validation_dir and isinstance(d.validation_count, int) and d.validation_count > 0:
+        out.append(UserError("data.validation_dir", "give a validation folder or a number of "
+                                                    "images held out (data.validation_count), "
+                                                    "not both"))
     return out
 
 

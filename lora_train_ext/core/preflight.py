@@ -170,6 +170,8 @@ def _dataset_folder_problems(cfg: RunConfig) -> list[UserError]:
         out.append(UserError("data.dataset_dir", f"folder not found: {d.dataset_dir}"))
     if d.reg_dir and not os.path.isdir(d.reg_dir):
         out.append(UserError("data.reg_dir", f"folder not found: {d.reg_dir}"))
+    if d.validation_dir and not os.path.isdir(d.validation_dir):
+        out.append(UserError("data.validation_dir", f"folder not found: {d.validation_dir}"))
     if d.masked_loss and d.mask_dir and not os.path.isdir(d.mask_dir):
         out.append(UserError("data.mask_dir", f"folder not found: {d.mask_dir}"))
     if d.cache_to_disk and d.cache_dir and os.path.exists(d.cache_dir) and \
@@ -189,6 +191,14 @@ def _dataset_problems(cfg: RunConfig, out: Preflight) -> list[UserError]:
     if not report.ok:
         return [UserError("data.dataset_dir", f"no usable image in {cfg.data.dataset_dir}: "
                                               + report.summary_text().replace("\n", "; "))]
+    if cfg.data.validation_dir:
+        from .data import TrainData
+
+        try:
+            TrainData(cfg.data, batch_size=cfg.train.batch_size, seed=cfg.train.seed,
+                      split="validation")
+        except UserError as e:
+            return [e]
     return []
 
 
@@ -229,7 +239,12 @@ def check_settings(cfg: RunConfig, te_parts: tuple[str, ...] = ("te",)) -> list[
             groups.append({"params": [torch.zeros(1, requires_grad=True)],
                            "lr": lr * n.loraplus_ratio, "name": f"{p}_up"})
     O.build_optimizer(o.optimizer, groups, o.optimizer_args)
-    return O.adaptive_warnings(
+    warnings = []
+    if cfg.train.ema and "schedulefree" in o.optimizer.lower():
+        warnings.append(f"train.ema with {o.optimizer}: the optimizer already averages its "
+                        "weights; the EMA file averages its training point, not the averaged "
+                        "weights it saves")
+    return warnings + O.adaptive_warnings(
         o.optimizer, cfg.unet_lr if "unet" in parts else None,
         cfg.te_lr if any(p != "unet" for p in parts) else None, o.scheduler,
         args_text=o.optimizer_args, warmup_steps=o.warmup_steps, warmup_ratio=o.warmup_ratio,

@@ -1,10 +1,11 @@
 """Where a run writes and what. The output folder (the Lora folder in the WebUI) gets what the
 Lora cards show: NAME.safetensors (+ NAME.json, NAME.preview.png) and the snapshots NAME-000002
 (every N epochs) and NAME-step00000300 (every N steps, or a pause), only the last `keep_last`
-kept. The run folder (`save.run_dir`, default the output folder) gets the run's own files:
-NAME.config.toml (every setting of the run), NAME.history.json and NAME.history.csv,
-NAME.tensorboard/ (when the `tensorboard` package is installed), NAME-state/, samples/, the
-latent cache. The adapter files themselves are written by lora_file.save_lora."""
+kept; with train.ema each has its EMA twin beside it (NAME-ema, NAME-step00000300-ema). The run
+folder (`save.run_dir`, default the output folder) gets the run's own files: NAME.config.toml
+(every setting of the run), NAME.history.json and NAME.history.csv, NAME.tensorboard/ (when the
+`tensorboard` package is installed), NAME-state/, samples/, the latent cache. The adapter files
+themselves are written by lora_file.save_lora."""
 
 from __future__ import annotations
 
@@ -23,6 +24,12 @@ from .fsio import atomic_write_text
 def output_path(s: SaveConfig, name: str = "") -> str:
     """The file NAME (default: the run's output name) in the output folder."""
     return os.path.join(s.output_dir or ".", f"{name or s.output_name}.safetensors")
+
+
+def ema_path(path: str) -> str:
+    """The EMA twin of an adapter file: NAME.safetensors -> NAME-ema.safetensors."""
+    stem, ext = os.path.splitext(path)
+    return f"{stem}-ema{ext}"
 
 
 def run_folder(s: SaveConfig) -> str:
@@ -70,7 +77,9 @@ def prune_snapshots(snapshots: list[str], keep_last: int) -> list[str]:
     if not keep_last or len(snapshots) <= keep_last:
         return snapshots
     for old in snapshots[:-keep_last]:
-        for p in (old, os.path.splitext(old)[0] + ".json"):
+        twin = ema_path(old)
+        for p in (old, os.path.splitext(old)[0] + ".json", twin,
+                  os.path.splitext(twin)[0] + ".json"):
             if os.path.exists(p):
                 os.remove(p)
     return snapshots[-keep_last:]
@@ -116,7 +125,7 @@ def write_history(s: SaveConfig, history: list[dict[str, Any]]) -> str:
 
 def history_csv(history: list[dict[str, Any]]) -> str:
     """One line per optimizer step: step, epoch, loss, lr_<group> (effective LR) for each param
-    group, seconds. Numbers are written as Python writes them, so they read back exactly; a
+    group, seconds, and val_loss when the run measured one (a line of its own at step 0). Numbers are written as Python writes them, so they read back exactly; a
     value an entry lacks (a run saved by an older version) is left empty."""
     groups: list[str] = []
     for entry in history:
@@ -125,12 +134,15 @@ def history_csv(history: list[dict[str, Any]]) -> str:
                 groups.append(name)
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["step", "epoch", "loss", *(f"lr_{g}" for g in groups), "seconds"])
+    val = any("val_loss" in entry for entry in history)
+    writer.writerow(["step", "epoch", "loss", *(f"lr_{g}" for g in groups), "seconds",
+                     *(["val_loss"] if val else [])])
     for entry in history:
         lrs = entry.get("lr") or {}
         writer.writerow([_cell(entry.get("step")), _cell(entry.get("epoch")),
                          _cell(entry.get("loss")), *(_cell(lrs.get(g)) for g in groups),
-                         _cell(entry.get("seconds"))])
+                         _cell(entry.get("seconds")),
+                         *([_cell(entry.get("val_loss"))] if val else [])])
     return out.getvalue()
 
 

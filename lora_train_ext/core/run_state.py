@@ -1,8 +1,9 @@
 """A run's full state, for exact resume: `NAME-state/training_state.pth` + `NAME-state/config.json`.
 
 The state holds everything the rest of a run depends on: adapter weights, optimizer and scheduler
-state, the python / numpy / torch / CUDA RNGs and the noise generator, the data position (epoch,
-batch in epoch), losses, history and the snapshot list. A run resumed from it takes the same steps
+state, the EMA of the weights (train.ema; `ema.ema_for_run` takes it over), the python / numpy /
+torch / CUDA RNGs and the noise generator, the data position (epoch, batch in epoch), losses,
+history (validation losses included) and the snapshot list. A run resumed from it takes the same steps
 as one that was never stopped. Everything else is recomputed deterministically: the data order
 follows from (seed, epoch), cached latents from the frozen VAE, cached text conditioning from the
 frozen text encoder.
@@ -36,7 +37,8 @@ STATE_FORMAT = 2
 # precision, how many snapshots are kept, whether the end state is saved).
 _RESUME_FREE = ("save.output_dir", "save.run_dir", "save.output_name", "save.save_dtype", "save.keep_last",
                 "save.save_state", "save.comment", "network.existing_lora", "data.cache_dir",
-                "data.cache_to_disk", "version")
+                "data.cache_to_disk", "data.validation_dir", "train.validate_every_steps",
+                "train.validation_timesteps", "train.ema_on_cpu", "version")
 
 
 def state_dir(cfg: RunConfig) -> str:
@@ -66,6 +68,7 @@ def save_state(run: Trainer) -> str:
         "network": {k: v.detach().cpu().clone() for k, v in run.network.state_dict().items()},
         "optimizer": run.optimizer.state_dict(),
         "scheduler": run.scheduler.state_dict(),
+        "ema": run.ema.state_dict() if getattr(run, "ema", None) is not None else None,
         "rng": rng_states(run.generator),
         "data": data,
         "config": run.cfg.to_dict(),

@@ -9,7 +9,8 @@ finishes, is stopped, or fails.
 
 Beside it: run_state (save / resume the full state, RNGs, data position), run_metadata (the
 file's `ss_*` keys), continue_from (continuing a plain LoRA file), run_files (output paths,
-snapshots, history).
+snapshots, history), validation (the validation loss on held-out images), ema (the moving
+average of the adapter's weights).
 """
 
 from __future__ import annotations
@@ -27,11 +28,13 @@ from . import loss as L
 from . import optim as O
 from . import run_files as F
 from . import sched as S
+from . import validation as V
 from .bundle import ModelBundle, Progress, TrainControl, TrainingData
 from .checkpointing import GradientCheckpointing
 from .config import RunConfig
 from .continue_from import ExistingLora, load_existing, read_existing
 from .dtypes import TORCH_DTYPES
+from .ema import AdapterEMA, ema_for_run
 from .errors import TrainingError, UserError
 from .guard import BaseGuard
 from .lora_file import save_lora
@@ -66,10 +69,13 @@ class TrainResult:
     metadata: dict[str, str] = field(default_factory=dict)
     modules: dict[str, int] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)  # the guide's warnings, given before the run
-    history_path: str = ""  # NAME.history.json: [{step, epoch, loss, lr: {group: LR}, seconds}]
+    history_path: str = ""  # NAME.history.json: [{step, epoch, loss, lr, seconds, val_loss}]
     lrs: dict[str, float] = field(default_factory=dict)  # effective LR per group at the last step
     samples: list[str] = field(default_factory=list)  # sample images made during the run
     sample_seconds: float = 0.0  # time spent making them (not in `seconds` per step / ETA)
+    val_losses: list[tuple[int, float]] = field(default_factory=list)  # (step, validation loss)
+    validation_seconds: float = 0.0  # time spent measuring it (not in the ETA either)
+    ema_path: str = ""  # NAME-ema.safetensors with train.ema
 
 
 class Trainer:
@@ -117,6 +123,8 @@ class Trainer:
         self.sample_seconds = 0.0
         self._pending_epoch_snapshot: int | None = None
         self.log: F.RunLog | None = None
+        self.validation: V.Validation | None = None
+        self.ema: AdapterEMA | None = None
 
     # -- the run -----------------------------------------------------------------------------
     def run(self) -> TrainResult:
@@ -161,6 +169,8 @@ class Trainer:
 
             self.data = TrainData(cfg.data, batch_size=cfg.train.batch_size,
                                   seed=cfg.train.seed, arch=self.bundle.arch)
+        if V.wanted(cfg):
+            self.validation = V.Validation(cfg, self.bundle.arch)
         F.check_writable(cfg.save)
         F.write_config(cfg.save, as_given)
         self.log = F.RunLog(cfg.save, fresh=not self.resume_dir)
@@ -195,9 +205,12 @@ class Trainer:
             power=cfg.optim.scheduler_power)
         if state is not None:
             restore_state(self, state, self._warn)
+        self.ema = ema_for_run(cfg.train, self.network, state, self._warn)
         if cfg.data.cache_latents:
             with torch.no_grad():
                 self.data.cache_latents(bundle.encode, bundle.vae_id, progress=self._cache_progress)
+        if self.validation is not None:
+            self.validation.prepare(bundle.encode, bundle.vae_id)
         if cfg.train.gradient_checkpointing:
             self.checkpointing = GradientCheckpointing([bundle.unet, *(
                 te for p, te in bundle.text_encoders.items() if self.te_trained)]).enable()
@@ -217,6 +230,8 @@ class Trainer:
         control.emit(Progress("start", step=self.step, total=total))
         if self.step == 0:
             self._maybe_sample(total)  # the baseline
+        if not self.resume_dir:
+            self._validate(total)  # the baseline
         while self.step < total:
             self._pause_if_requested(total)
             if control.stop_requested:
@@ -247,16 +262,20 @@ class Trainer:
                     f"loss became {value} at step {self.step + 1}; lower the learning rate "
                     f"(optim.lr), use train.dtype fp32/bf16, or set optim.max_grad_norm")
             self.step += 1
+            if self.ema is not None:
+                self.ema.update(self.step)
             self.losses.append(value)
             self.history.append({"step": self.step, "epoch": epoch_before + 1, "loss": value,
                                  "lr": lrs, "seconds": round(seconds_before + time.time() - t0, 3)})
             self.log.step(self.history[-1])
-            elapsed = time.time() - t0 - self.sample_seconds  # training time alone
+            elapsed = time.time() - t0 - self._aside_seconds()  # training time alone
             done = self.step - start_step
             eta = elapsed / done * (total - self.step) if done else None
             control.emit(Progress(
                 "step", step=self.step, total=total, loss=value, loss_avg=_tail_mean(self.losses),
                 lr=dict(lrs), epoch=self.epoch, elapsed=elapsed, eta=eta))
+            if self.validation is not None and self.validation.due(self.step, total):
+                self._validate(total)
             self._maybe_snapshot(total)
             self._maybe_sample(total, self.epoch if self.epoch != epoch_before else None)
         return False
@@ -299,6 +318,23 @@ class Trainer:
         for path in paths:
             self.control.emit(Progress("sample", step=self.step, total=total, path=path))
 
+    def _validate(self, total: int) -> None:
+        """Measure the validation loss now (when the run has validation images); keep it in the
+        history (the step's entry, or an entry of its own at the start) and tell the control."""
+        if self.validation is None:
+            return
+        value = self.validation.measure(self)
+        if self.history and self.history[-1].get("step") == self.step:
+            self.history[-1]["val_loss"] = value
+        else:
+            self.history.append({"step": self.step, "val_loss": value})
+        self.control.emit(Progress("validation", step=self.step, total=total, loss=value,
+                                   epoch=self.epoch))
+
+    def _aside_seconds(self) -> float:
+        """Time the run spent on samples and validation: not training, kept out of the ETA."""
+        return self.sample_seconds + (self.validation.seconds if self.validation else 0.0)
+
     def _micro_step(self, batch) -> torch.Tensor:
         cfg, bundle = self.cfg, self.bundle
         if batch.latents is not None:
@@ -311,9 +347,7 @@ class Trainer:
         noise = L.make_noise(latents, self.generator, lc.noise_offset,
                              lc.noise_offset_random_strength, lc.multires_noise_iterations,
                              lc.multires_noise_discount)
-        timesteps = L.sample_timesteps(latents.shape[0], self.generator, lc.timestep_min,
-                                       lc.timestep_max, lc.timestep_sampling, lc.logit_mean,
-                                       lc.logit_std).to(self.device)
+        timesteps = L.timesteps_for(latents.shape[0], self.generator, lc).to(self.device)
         input_noise = L.input_perturbation(noise, lc.input_perturbation, self.generator)
         noisy = L.noisy_latents(latents, input_noise, timesteps, self.alphas_cumprod)
         target = L.target_for(self.prediction, latents, noise, timesteps, self.alphas_cumprod)
@@ -382,6 +416,7 @@ class Trainer:
         path = F.output_path(cfg.save)
         meta = self.save(path)
         history_path = self.log.write(self.history)
+        validation_seconds = self.validation.seconds if self.validation else 0.0
         return TrainResult(
             path=path, steps=self.step, total_steps=total,
             first_loss=self.losses[0] if self.losses else float("nan"),
@@ -390,8 +425,12 @@ class Trainer:
             stop_reason=self.control.stop_reason if stopped else "", state_dir=state_dir,
             metadata=meta, modules=self.network.parts(), warnings=list(self.warnings),
             history_path=history_path,
-            lrs=dict(self.history[-1]["lr"]) if self.history else self.current_lrs(),
-            samples=list(self.samples), sample_seconds=self.sample_seconds)
+            lrs=next((dict(h["lr"]) for h in reversed(self.history) if "lr" in h),
+                     self.current_lrs()),
+            samples=list(self.samples), sample_seconds=self.sample_seconds,
+            val_losses=[(h["step"], h["val_loss"]) for h in self.history if "val_loss" in h],
+            validation_seconds=validation_seconds,
+            ema_path=F.ema_path(path) if self.ema is not None else "")
 
     def _tear_down(self, guard: BaseGuard) -> None:
         """Detach everything and give the base model back, whatever happened."""
@@ -450,13 +489,19 @@ class Trainer:
 
     # -- files -------------------------------------------------------------------------------
     def save(self, path: str) -> dict[str, str]:
-        """Write the adapter as it is now (schedule-free optimizers in eval mode)."""
+        """Write the adapter as it is now (schedule-free optimizers in eval mode), and with EMA
+        its average beside it (`run_files.ema_path`); return the adapter file's metadata."""
         info = run_info(self.cfg, self.bundle, self.data, prediction=self.prediction,
                         steps=self.step, epoch=self.epoch, planned_steps=self.total_steps(),
                         step_offset=self.step_offset, session_id=self.session_id,
                         started_at=self.started_at)
-        return save_lora(self.network.kohya_state_dict(), info, path,
+        meta = save_lora(self.network.kohya_state_dict(), info, path,
                          save_dtype=self.cfg.save.save_dtype)
+        if self.ema is not None:
+            with self.ema.applied():
+                save_lora(self.network.kohya_state_dict(), self.ema.info(info), F.ema_path(path),
+                          save_dtype=self.cfg.save.save_dtype)
+        return meta
 
     def _maybe_snapshot(self, total: int) -> None:
         epoch_due, self._pending_epoch_snapshot = self._pending_epoch_snapshot, None

@@ -28,6 +28,7 @@ from .captions import (CaptionRules, CountTokens, approx_token_count, process_ca
 from .images import ImageReadError, file_sha256, load_image, load_mask, parse_color
 from .report import DatasetReport
 from .scan import ImageItem, Problem, ScanResult, scan_dataset
+from .split import split_scan
 
 TOO_SMALL_UPSCALE = 2.0  # images enlarged more than this to fill their bucket are reported
 
@@ -91,13 +92,24 @@ class TrainData:
         CLIP's tokenizer, see captions.approx_token_count).
     workers: threads that decode and resize images (default min(4, CPUs)).
     require_images: False only for check_dataset, which reports an empty dataset instead.
+    split: "train", the images trained on (without the ones `validation_count` holds out);
+        "validation", the validation images: the held-out ones or those of `validation_dir`,
+        each once, without random caption rules, flips, random crops or colour changes
+        (`validation.validation_view`).
     """
 
     def __init__(self, cfg: DataConfig, *, batch_size: int, seed: int, arch: str = "sd1",
                  count_tokens: CountTokens | None = None, workers: int | None = None,
-                 require_images: bool = True):
+                 require_images: bool = True, split: str = "train"):
         if not isinstance(batch_size, int) or batch_size < 1:
             raise UserError("train.batch_size", f"{batch_size!r} is not valid; give 1 or more")
+        if split not in ("train", "validation"):
+            raise ValueError(f"split {split!r}: expected 'train' or 'validation'")
+        self.split = split
+        if split == "validation":
+            from .split import validation_view
+
+            cfg = validation_view(cfg)
         self.cfg = cfg
         self.batch_size = batch_size
         self.seed = int(seed)
@@ -147,8 +159,9 @@ class TrainData:
         common = dict(caption_extension=cfg.caption_extension,
                       default_caption=cfg.default_caption, trigger_word=cfg.trigger_word,
                       mask_dir=cfg.mask_dir, want_masks=cfg.masked_loss, workers=self.workers)
-        self.train_scan: ScanResult = scan_dataset(cfg.dataset_dir, repeats=cfg.repeats,
-                                                   **common)
+        self.train_scan: ScanResult = split_scan(
+            scan_dataset(cfg.dataset_dir, repeats=cfg.repeats, **common), cfg, self.seed,
+            self.split, require_images)
         self.reg_scan: ScanResult | None = None
         if cfg.reg_dir:
             self.reg_scan = scan_dataset(cfg.reg_dir, repeats=1, is_reg=True, **common)
@@ -159,6 +172,9 @@ class TrainData:
             self._notes += self.reg_scan.notes
         self.items: list[ImageItem] = self.train_scan.items + (
             self.reg_scan.items if self.reg_scan else [])
+        if require_images and not self.train_scan.items and self.split == "validation":
+            raise UserError("data.validation_dir", f"no readable images (png, jpg, jpeg, webp, "
+                                                   f"bmp) in {cfg.dataset_dir}")
         if require_images and not self.train_scan.items:
             hint = ""
             bad = [p for p in self.train_scan.problems
