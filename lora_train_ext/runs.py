@@ -226,6 +226,7 @@ class RunManager:
             traceback.print_exc()
         finally:
             record.finished = record.finished or time.time()
+            self.host.clear_conditioning_cache()  # failed runs too: samples cached their prompts
         return record
 
     # -- the queue: runs one after another in a worker thread that takes the host's lock ------

@@ -218,3 +218,41 @@ def test_run_leaves_the_global_rngs_as_they_were(webui, demo_dataset):
     after = np.random.get_state()
     assert after[0] == nps[0] and np.array_equal(after[1], nps[1]) and after[2:] == nps[2:]
     assert torch.equal(torch.get_rng_state(), pt)
+
+
+def test_snapshots_after_a_lora_generation_do_not_fail_the_run(webui, demo_dataset):
+    """After a generation with a LoRA, the Lora extension keeps backups on every module it
+    touched (with no network applied any more). A snapshot's hot-load mid-run must not write
+    those weights again: that bumped their version counters and failed the run."""
+    fake, host = webui
+    model = fake.shared.sd_model
+    with fake_webui.baked_lora(model, fake.networks):
+        host.unload_baked_networks()  # the next plain generation: restored, backups kept
+    kept = [m for m in model.modules() if getattr(m, "network_weights_backup", None) is not None]
+    assert kept
+    versions = [m.weight._version for m in kept]
+    manager = RunManager(host)
+    cfg = _cfg(demo_dataset, steps=4, name="snap")
+    cfg.save.save_every_steps = 2
+    record = manager.create(cfg)
+    with host.exclusive("test"):
+        manager.execute(record)
+    assert record.state == "finished", record.error
+    assert [os.path.basename(p) for p in record.files] == ["snap.safetensors",
+                                                           "snap-step00000002.safetensors"]
+    assert [m.weight._version for m in kept] == versions  # nothing written again
+
+
+def test_the_prompt_cache_is_cleared_after_any_run(webui, demo_dataset):
+    fake, host = webui
+    processing = fake.processing
+    manager = RunManager(host)
+    cfg = _cfg(demo_dataset, steps=2, name="cache")
+    cfg.data.dataset_dir = demo_dataset
+    record = manager.create(cfg)
+    processing.StableDiffusionProcessing.cached_c = ["stale", "stale"]
+    record.config.data.dataset_dir = "/nonexistent/for/this/test"  # it fails at set-up
+    with host.exclusive("test"):
+        manager.execute(record)
+    assert record.state == "failed"
+    assert processing.StableDiffusionProcessing.cached_c == [None, None]

@@ -179,7 +179,7 @@ def run_settings(cfg: RunConfig, planned_steps: int, step_offset: int) -> dict[s
         "ss_block_ranks": cfg.network.block_ranks,
         "ss_block_lr_weights": cfg.network.block_lr_weights,
         "ss_mixed_precision": cfg.train.dtype,
-        "lora_train_ext.config": cfg.to_json(),
+        "lora_train_ext.config": shareable_config_json(cfg),
     }
 
 
@@ -193,3 +193,22 @@ def optimizer_label(name: str, args_text: str) -> str:
     if not args:
         return name
     return f"{name}({','.join(f'{k}={v}' for k, v in args.items())})"
+
+
+def shareable_config_json(cfg: RunConfig) -> str:
+    """The run's settings for a file that gets shared: paths of the user's machine are cut to
+    the last name (a dataset folder's name says what was trained, as kohya's ss_dataset_dirs
+    does; the folders above it are nobody's business), folders the run wrote to are left out."""
+    import os
+
+    from .run_files import PATH_SETTINGS
+
+    data = cfg.to_dict()
+    for setting in PATH_SETTINGS:
+        section, key = setting.split(".")
+        value = data.get(section, {}).get(key)
+        if value:
+            written = setting in ("save.output_dir", "save.run_dir", "data.cache_dir")
+            data[section][key] = "" if written else os.path.basename(os.path.normpath(value))
+    return json.dumps(data, indent=2)
+

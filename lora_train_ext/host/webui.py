@@ -307,18 +307,20 @@ class WebUIHost(Host):
         restored = 0
         with torch.no_grad():
             for module in shared.sd_model.modules():
+                # only what holds a network now: a module whose current names are empty has
+                # its own weights already (the backups stay, as the Lora extension keeps them),
+                # and writing them again would change nothing but the tensors' version counters
+                if not getattr(module, "network_current_names", ()):
+                    continue
                 if getattr(module, "network_weights_backup", None) is not None or \
                         getattr(module, "network_bias_backup", None) is not None:
                     networks.network_restore_weights_from_backup(module)
                     restored += 1
-                if hasattr(module, "network_current_names"):
-                    module.network_current_names = ()
+                module.network_current_names = ()
         return restored
 
     def hot_load(self, paths: list[str]) -> None:
         """New files are listed at once; rewritten ones are re-read and re-applied."""
-        from modules import processing
-
         networks = _lora_networks_module()
         if networks is not None:
             networks.list_available_networks()
@@ -326,6 +328,13 @@ class WebUIHost(Host):
                 name = os.path.splitext(os.path.basename(path))[0]
                 networks.networks_in_memory.pop(name, None)
             self.unload_baked_networks()
+        self.clear_conditioning_cache()
+
+    def clear_conditioning_cache(self) -> None:
+        """The WebUI keeps the last prompt's conditioning across generations (class attributes):
+        stale once a run changed the text encoder's output, or an adapter was taken out."""
+        from modules import processing
+
         processing.StableDiffusionProcessing.cached_c = [None, None]
         processing.StableDiffusionProcessing.cached_uc = [None, None]
         processing.StableDiffusionProcessingTxt2Img.cached_hr_c = [None, None]
@@ -484,6 +493,7 @@ class WebUIHost(Host):
 
         images = []
         for prompt in prompts:
+            self.clear_conditioning_cache()  # the text encoder may have changed since (training)
             p = processing.StableDiffusionProcessingTxt2Img(
                 sd_model=shared.sd_model, prompt=prompt, negative_prompt=negative, seed=int(seed),
                 steps=int(steps), width=int(width), height=int(height), cfg_scale=float(cfg_scale),
