@@ -4,11 +4,17 @@ Routes: GET /settings (the settings table); POST /runs (a RunConfig as JSON, par
 -> {id}, or 422 with every problem found by the preflight check; GET /runs; GET /runs/{id};
 POST /runs/{id}/stop; GET /model; GET /loras; POST /test (a TE x UNet grid, PNG as base64).
 When the WebUI has `--api-auth`, every route needs the same HTTP basic credentials.
+The routes exist only when asked for: the WebUI started with `--api` (or `--nowebui`), or the
+setting "Train LoRA > HTTP API" on (host/webui.py `api_requested`).
+
+POST bodies are JSON objects of at most MAX_BODY_BYTES: a bigger one gets 413, anything else
+(invalid JSON, an array, a number) 422, both as {"error", "field": "body"}.
 """
 
 
 import base64
 import io
+import json
 import secrets
 from typing import Any, Callable
 
@@ -17,6 +23,56 @@ from .core.errors import UserError
 from .runs import RunManager, parse_strengths, strength_grid
 
 PREFIX = "/lora-train/v1"
+MAX_BODY_BYTES = 1 << 20  # a run's settings are a few KiB; a grid request less
+
+
+class BodyError(Exception):
+    """A POST body the routes cannot take: too big (413) or not a JSON object (422)."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+    def response(self):
+        from fastapi.responses import JSONResponse
+
+        return JSONResponse(status_code=self.status,
+                            content={"error": self.message, "field": "body"})
+
+
+async def read_json_object(request, limit: int = MAX_BODY_BYTES) -> dict[str, Any]:
+    """The request's body as a JSON object, reading no more than `limit` bytes (a declared
+    Content-Length over it is refused before reading; a chunked body once it passes it)."""
+    too_big = BodyError(413, f"the body is larger than {limit} bytes")
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            if int(declared) > limit:
+                raise too_big
+        except ValueError:
+            raise BodyError(422, "Content-Length is not a number") from None
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_big
+        chunks.append(chunk)
+    raw = b"".join(chunks)
+    if not raw.strip():
+        raise BodyError(422, "the body is empty; send a JSON object")
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise BodyError(422, f"the body is not valid JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise BodyError(422, f"the body must be a JSON object, not {_json_kind(body)}")
+    return body
+
+
+def _json_kind(value: Any) -> str:
+    return {list: "an array", str: "a string", bool: "true/false", type(None): "null"}.get(
+        type(value), "a number")
 
 
 def check_credentials(credentials: dict[str, str], username: str | None, password: str | None) -> bool:
@@ -38,9 +94,10 @@ def parse_api_auth(text: str | None) -> dict[str, str]:
 
 def add_routes(app, host, manager: RunManager, credentials: dict[str, str] | None = None,
                exclusive: Callable | None = None) -> None:
-    from fastapi import Depends, HTTPException
+    from fastapi import Depends, HTTPException, Request
     from fastapi.responses import JSONResponse
     from fastapi.security import HTTPBasic, HTTPBasicCredentials
+    from starlette.concurrency import run_in_threadpool
 
     basic = HTTPBasic(auto_error=False)
 
@@ -70,7 +127,19 @@ def add_routes(app, host, manager: RunManager, credentials: dict[str, str] | Non
         """The settings table: what POST /runs accepts, with ranges, defaults and help."""
         return {"settings": settings_json()}
 
-    @app.post(PREFIX + "/runs", dependencies=deps)
+    def json_route(work: Callable[[dict[str, Any]], Any]):
+        """An async handler that reads the body within the limits, then does `work(body)` in a
+        worker thread (it may wait for the GPU lock or scan a dataset)."""
+        async def handler(request: Request):
+            try:
+                body = await read_json_object(request)
+            except BodyError as e:
+                return e.response()
+            return await run_in_threadpool(work, body)
+        handler.__name__ = work.__name__
+        handler.__doc__ = work.__doc__
+        return handler
+
     def start_run(body: dict[str, Any]):
         try:
             cfg = RunConfig.from_dict(body.get("config", body))
@@ -78,6 +147,8 @@ def add_routes(app, host, manager: RunManager, credentials: dict[str, str] | Non
         except UserError as e:
             return user_error(e)
         return {"id": record.id, "state": record.state}
+
+    app.post(PREFIX + "/runs", dependencies=deps)(json_route(start_run))
 
     @app.get(PREFIX + "/runs", dependencies=deps)
     def list_runs():
@@ -101,7 +172,6 @@ def add_routes(app, host, manager: RunManager, credentials: dict[str, str] | Non
     def loras():
         return {"loras": host.list_loras()}
 
-    @app.post(PREFIX + "/test", dependencies=deps)
     def test(body: dict[str, Any]):
         try:
             te = parse_strengths(str(body.get("te_strengths", "0, 1")), "te_strengths")
@@ -126,3 +196,5 @@ def add_routes(app, host, manager: RunManager, credentials: dict[str, str] | Non
         grid.save(buf, format="PNG")
         return {"grid_png_base64": base64.b64encode(buf.getvalue()).decode("ascii"),
                 "prompts": prompts, "path": path, "rows": te, "columns": unet}
+
+    app.post(PREFIX + "/test", dependencies=deps)(json_route(test))
