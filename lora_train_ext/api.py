@@ -1,8 +1,11 @@
 """HTTP API under /lora-train/v1/: the same operations as the tab, for scripts.
 
 Routes: GET /settings (the settings table); POST /runs (a RunConfig as JSON, partial allowed)
--> {id}, or 422 with every problem found by the preflight check; GET /runs; GET /runs/{id};
-POST /runs/{id}/stop; GET /model; GET /loras; POST /test (a TE x UNet grid, PNG as base64).
+-> {id, position in the queue}, or 422 with every problem found by the preflight check;
+GET /runs; GET /runs/{id}; GET /queue; POST /runs/{id}/stop, /pause, /resume, /cancel,
+/move {"by": N};
+GET /model; GET /loras; POST /test (a TE x UNet grid, PNG as base64); GET/POST /merge,
+POST /merge/revert, /merge/compare, /merge/save (LoRAs merged into the loaded model).
 When the WebUI has `--api-auth`, every route needs the same HTTP basic credentials.
 The routes exist only when asked for: the WebUI started with `--api` (or `--nowebui`), or the
 setting "Train LoRA > HTTP API" on (host/webui.py `api_requested`).
@@ -20,7 +23,7 @@ from typing import Any, Callable
 
 from .core.config import RunConfig, settings_json
 from .core.errors import UserError
-from .runs import RunManager, parse_strengths, strength_grid
+from .runs import RunManager, parse_strengths, snapshot_grid, snapshots_of, strength_grid
 
 PREFIX = "/lora-train/v1"
 MAX_BODY_BYTES = 1 << 20  # a run's settings are a few KiB; a grid request less
@@ -127,28 +130,38 @@ def add_routes(app, host, manager: RunManager, credentials: dict[str, str] | Non
         """The settings table: what POST /runs accepts, with ranges, defaults and help."""
         return {"settings": settings_json()}
 
-    def json_route(work: Callable[[dict[str, Any]], Any]):
-        """An async handler that reads the body within the limits, then does `work(body)` in a
-        worker thread (it may wait for the GPU lock or scan a dataset)."""
-        async def handler(request: Request):
-            try:
-                body = await read_json_object(request)
-            except BodyError as e:
-                return e.response()
-            return await run_in_threadpool(work, body)
-        handler.__name__ = work.__name__
-        handler.__doc__ = work.__doc__
-        return handler
+    def post_json(path: str):
+        """Register `work(body=..., **path parameters)` as POST PREFIX+path behind an async
+        handler that reads the body within the limits (413 / 422 otherwise), then runs the work
+        in a worker thread (it may wait for the GPU lock or scan a dataset)."""
+        def register(work: Callable[..., Any]):
+            async def handler(request: Request):
+                try:
+                    body = await read_json_object(request)
+                except BodyError as e:
+                    return e.response()
+                return await run_in_threadpool(lambda: work(body=body, **request.path_params))
+            handler.__name__ = work.__name__
+            handler.__doc__ = work.__doc__
+            app.post(PREFIX + path, dependencies=deps)(handler)
+            return work
+        return register
 
+    @post_json("/runs")
     def start_run(body: dict[str, Any]):
         try:
             cfg = RunConfig.from_dict(body.get("config", body))
-            record = manager.start_background(cfg)
+            record = manager.enqueue(cfg)
         except UserError as e:
             return user_error(e)
-        return {"id": record.id, "state": record.state}
+        return {"id": record.id, "state": record.state,
+                "position": manager.position(record.id)}
 
-    app.post(PREFIX + "/runs", dependencies=deps)(json_route(start_run))
+    @app.get(PREFIX + "/queue", dependencies=deps)
+    def queue():
+        """The queued runs in the order they will run (the running one is not in it)."""
+        return {"queue": [dict(r.to_json(), position=i + 1)
+                          for i, r in enumerate(manager.queued())]}
 
     @app.get(PREFIX + "/runs", dependencies=deps)
     def list_runs():
@@ -168,10 +181,132 @@ def add_routes(app, host, manager: RunManager, credentials: dict[str, str] | Non
     def stop_run(run_id: str):
         return manager.stop(known_run(run_id).id).to_json()
 
+    @app.post(PREFIX + "/runs/{run_id}/pause", dependencies=deps)
+    def pause_run(run_id: str):
+        """Pause at the next step: NAME-stepN is written and hot-loaded, the model free for
+        txt2img and /test until /resume."""
+        try:
+            return manager.pause(known_run(run_id).id).to_json()
+        except UserError as e:
+            return JSONResponse(status_code=409, content={"error": str(e), "field": "run_id"})
+
+    @app.post(PREFIX + "/runs/{run_id}/resume", dependencies=deps)
+    def resume_run(run_id: str):
+        return manager.resume(known_run(run_id).id).to_json()
+
+    @app.post(PREFIX + "/runs/{run_id}/cancel", dependencies=deps)
+    def cancel_run(run_id: str):
+        """A queued run leaves the queue; a running one stops (its state is saved)."""
+        return manager.cancel(known_run(run_id).id).to_json()
+
+    @post_json("/runs/{run_id}/move")
+    def move_run(run_id: str, body: dict[str, Any]):
+        """{"by": -1} moves a queued run one place earlier."""
+        known_run(run_id)
+        try:
+            by = int(body.get("by", 0))
+            queue = manager.move(run_id, by)
+        except (TypeError, ValueError):
+            return JSONResponse(status_code=422, content={"error": "by: give a whole number",
+                                                          "field": "by"})
+        except KeyError:
+            return JSONResponse(status_code=409, content={"error": f"run {run_id} is not queued",
+                                                          "field": "run_id"})
+        return {"queue": [r.id for r in queue]}
+
     @app.get(PREFIX + "/loras", dependencies=deps)
     def loras():
         return {"loras": host.list_loras()}
 
+    @app.get(PREFIX + "/runs/{run_id}/snapshots", dependencies=deps)
+    def run_snapshots(run_id: str):
+        record = known_run(run_id)
+        return {"snapshots": snapshots_of(host, record.config.save.output_name)}
+
+    @post_json("/snapshot-grid")
+    def best_snapshot_grid(body: dict[str, Any]):
+        """Snapshots (rows) x strengths (columns) through the host's txt2img; body: snapshots
+        (names) or run (id), strengths "0.5, 1", prompt, negative_prompt, seed, steps, size."""
+        try:
+            names = body.get("snapshots")
+            if not names and body.get("run"):
+                names = snapshots_of(host, known_run(str(body["run"])).config.save.output_name)
+            strengths = parse_strengths(str(body.get("strengths", "0.5, 0.75, 1")), "strengths")
+            size = int(body.get("size", host.model_info().default_resolution))
+            if size < 64 or size % 8:
+                raise UserError("size", "give a multiple of 8, at least 64")
+            with (exclusive or host.exclusive)("lora-train snapshot grid"):
+                grid, tags = snapshot_grid(
+                    host, [str(n) for n in names or []], strengths, str(body.get("prompt", "")),
+                    str(body.get("negative_prompt", "")), int(body.get("seed", 1234)),
+                    steps=int(body.get("steps", 20)), width=size, height=size)
+                path = host.save_grid(grid, str(body.get("prompt", "")))
+        except UserError as e:
+            return user_error(e)
+        except (TypeError, ValueError) as e:
+            return JSONResponse(status_code=422, content={"error": str(e), "field": "body"})
+        except FileNotFoundError as e:
+            return JSONResponse(status_code=404, content={"error": str(e), "field": "snapshots"})
+        buf = io.BytesIO()
+        grid.save(buf, format="PNG")
+        return {"grid_png_base64": base64.b64encode(buf.getvalue()).decode("ascii"),
+                "tags": tags, "path": path}
+
+    # -- merging into the loaded model ---------------------------------------------------------
+    def png64(image) -> str:
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        return base64.b64encode(buf.getvalue()).decode("ascii")
+
+    def merge_call(fn):
+        try:
+            with (exclusive or host.exclusive)("lora-train merge"):
+                return fn()
+        except UserError as e:
+            return user_error(e)
+        except (TypeError, ValueError) as e:
+            return JSONResponse(status_code=422, content={"error": str(e), "field": "body"})
+
+    @app.get(PREFIX + "/merge", dependencies=deps)
+    def merge_state():
+        return manager.merger.state.to_json()
+
+    @post_json("/merge")
+    def merge_in_memory(body: dict[str, Any]):
+        """{"loras": "NAME:0.8\nOTHER:1:0.5:1 blocks=IN:0,OUT:1"} (or a list of such lines):
+        merged into the loaded model; what was merged before is reverted first."""
+        from .merging import parse_merge_lines
+
+        loras = body.get("loras", "")
+        text = "\n".join(loras) if isinstance(loras, list) else str(loras)
+        return merge_call(lambda: manager.merger.merge(
+            parse_merge_lines(text, host.find_lora)).to_json())
+
+    @app.post(PREFIX + "/merge/revert", dependencies=deps)
+    def merge_revert():
+        return merge_call(lambda: {"reverted": manager.merger.revert(),
+                                   **manager.merger.state.to_json()})
+
+    @post_json("/merge/compare")
+    def merge_compare(body: dict[str, Any]):
+        """A (original weights) and B (merged) at the same prompt and seed, PNG as base64."""
+        def run():
+            a, b = manager.merger.compare(
+                str(body.get("prompt", "")), str(body.get("negative_prompt", "")),
+                int(body.get("seed", 1234)), int(body.get("steps", 20)),
+                int(body.get("size", host.model_info().default_resolution)))
+            return {"a_png_base64": png64(a), "b_png_base64": png64(b)}
+        return merge_call(run)
+
+    @post_json("/merge/save")
+    def merge_save(body: dict[str, Any]):
+        """{"name": "my_merged", "precision": "fp16", "vae": ""}: a checkpoint in the WebUI's
+        checkpoint folder, listed at once."""
+        return merge_call(lambda: {"path": manager.merger.save_checkpoint(
+            str(body.get("name", "")), str(body.get("precision", "fp16")),
+            str(body.get("vae", "")))})
+
+    @post_json("/test")
     def test(body: dict[str, Any]):
         try:
             te = parse_strengths(str(body.get("te_strengths", "0, 1")), "te_strengths")
@@ -196,5 +331,3 @@ def add_routes(app, host, manager: RunManager, credentials: dict[str, str] | Non
         grid.save(buf, format="PNG")
         return {"grid_png_base64": base64.b64encode(buf.getvalue()).decode("ascii"),
                 "prompts": prompts, "path": path, "rows": te, "columns": unet}
-
-    app.post(PREFIX + "/test", dependencies=deps)(json_route(test))

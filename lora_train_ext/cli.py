@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from typing import Any
@@ -22,6 +23,9 @@ class ArgumentParser(argparse.ArgumentParser):
     """argparse that reports bad arguments as a one-line user error (exit 2)."""
 
     def error(self, message: str) -> None:  # noqa: D401 - argparse API
+        m = re.match(r"argument ([^:]+): (.*)", message, re.S)
+        if m:  # "argument --stop-after/-x: what" -> the flag as the field
+            raise UserError(m.group(1).split("/")[0], m.group(2))
         raise UserError("arguments", message)
 
 
@@ -322,6 +326,11 @@ def build_parser() -> ArgumentParser:
     insp = sub.add_parser("inspect", help="describe a LoRA / LyCORIS file")
     insp.add_argument("file")
     insp.add_argument("--json", action="store_true", help="print one JSON object")
+
+    from .cli_files import add_file_commands  # merge, merge-loras, extract, resize
+    COMMANDS.update(add_file_commands(sub))
+    from .cli_configs import add_config_commands  # presets, import-config
+    COMMANDS.update(add_config_commands(sub))
     return parser
 
 

@@ -119,6 +119,13 @@ def _run(cfg: RunConfig, out_dir: str, progress, t0: float, stop_after: int,
     bundle = build_bundle(arch, "tiny", seed=seed, prediction=prediction)
     base_path = write_checkpoint(bundle, os.path.join(out_dir, "base.safetensors"))
     control = TrainControl(progress)
+    if cfg.sample.prompts.strip():  # samples from the tiny model, with the adapter as it trains
+        from .core.sampling import sampler_for
+        from .host.standalone import sample_image
+
+        control.sampler = sampler_for(
+            lambda p: sample_image(bundle, p.prompt, p.negative, p.seed, p.steps, p.width,
+                                   p.height, p.cfg_scale), cfg.save)
     if stop_after:
         def stop_when_due(event) -> None:
             if event.kind == "step" and event.step >= stop_after and not control.stop_requested:
@@ -153,6 +160,8 @@ def _run(cfg: RunConfig, out_dir: str, progress, t0: float, stop_after: int,
         "warnings": result.warnings,
         "snapshots": [os.path.abspath(p) for p in result.snapshots],
         "history_path": os.path.abspath(result.history_path) if result.history_path else "",
+        "samples": [os.path.abspath(p) for p in result.samples],
+        "sample_seconds": round(result.sample_seconds, 2),
         "modules": result.modules,
         "file_bytes": os.path.getsize(result.path),
         "roundtrip_exact": roundtrip_exact,

@@ -4,8 +4,8 @@ A run executes either in the caller's thread (the tab's Train button, which the 
 runs under its queue lock) or in a background thread that takes the host's lock itself (the API).
 Either way the same `execute()` does the work, so the tab and the API behave alike.
 
-Records of ended runs (finished, stopped, failed) are kept up to `keep_finished` (100): past that
-the oldest ended ones are dropped; queued and running runs are never dropped.
+Records of ended runs (finished, stopped, failed, cancelled) are kept up to `keep_finished`
+(100): past that the oldest ended ones are dropped; queued, running and paused runs never are.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from .core.errors import TrainingError, UserError, UserErrors
 from .core.preflight import preflight
 from .core.trainer import train
 
-STATES = ("queued", "running", "finished", "stopped", "failed")
-ENDED_STATES = ("finished", "stopped", "failed")
+STATES = ("queued", "running", "finished", "stopped", "failed", "cancelled")
+ENDED_STATES = ("finished", "stopped", "failed", "cancelled")
 KEEP_FINISHED_RUNS = 100
 
 
@@ -47,7 +47,14 @@ class RunRecord:
     error: str = ""
     message: str = ""
     files: list[str] = field(default_factory=list)
-    history: list[tuple[int, float]] = field(default_factory=list)
+    history: list[tuple[int, float]] = field(default_factory=list)  # (step, loss)
+    lr_history: list[tuple[int, dict[str, float]]] = field(default_factory=list)  # effective LR
+    speed_history: list[tuple[int, float]] = field(default_factory=list)  # (step, images/s)
+    memory_history: list[tuple[int, float]] = field(default_factory=list)  # (step, MiB)
+    images_per_s: float | None = None
+    samples: list[tuple[int, str]] = field(default_factory=list)  # (step, image path)
+    paused_snapshot: str = ""  # the file written when the run last paused
+    last_elapsed: float = field(default=0.0, repr=False)  # seconds into the run at the last step
     control: TrainControl = field(default_factory=TrainControl, repr=False)
 
     def to_json(self) -> dict[str, Any]:
@@ -56,7 +63,9 @@ class RunRecord:
             "loss": self.loss, "loss_avg": self.loss_avg, "lr": self.lr, "eta": self.eta,
             "created": self.created, "started": self.started, "finished": self.finished,
             "error": self.error, "message": self.message, "files": list(self.files),
-            "output_name": self.config.save.output_name,
+            "output_name": self.config.save.output_name, "images_per_s": self.images_per_s,
+            "memory_mib": self.memory_history[-1][1] if self.memory_history else None,
+            "samples": [{"step": s, "path": p} for s, p in self.samples],
         }
 
 
@@ -67,20 +76,67 @@ class RunManager:
         self.keep_finished = keep_finished
         self._lock = threading.Lock()
         self.last_warnings: list[str] = []
+        self._queue: list[str] = []  # ids of queued runs, in the order they will run
+        self._queue_changed = threading.Condition(self._lock)
+        self._worker: threading.Thread | None = None
+        from .merging import ModelMerger
+
+        self.merger = ModelMerger(host)  # LoRAs merged into the loaded model (tab and API)
 
     # -- settings (what the tab and the API offer) --------------------------------------------
     def presets(self) -> list[str]:
-        return list(PRESETS)
+        """The built-in presets, then the user's saved ones."""
+        from .core.presets import list_presets
+
+        try:
+            return list_presets()
+        except OSError:
+            return list(PRESETS)
 
     def preset_config(self, name: str) -> RunConfig:
         """A preset's settings (or the defaults for any other name) with what suits the loaded
         model: its resolution (unless the preset sets one) and a precision its device runs."""
-        cfg = config_preset(name) if name in PRESETS else RunConfig()
-        info = self.host.model_info()
-        if name not in PRESETS or "resolution" not in PRESETS[name].get("data", {}):
+        from .core.presets import load_preset, user_presets
+
+        known = name in PRESETS or name in user_presets()
+        cfg = load_preset(name) if known else RunConfig()
+        default, info = RunConfig(), self.host.model_info()
+        # what the preset leaves at the defaults follows the model and its device
+        if cfg.data.resolution == default.data.resolution:
             cfg.data.resolution = str(info.default_resolution)
-        cfg.train.dtype = info.default_dtype
+        if cfg.train.dtype == default.train.dtype:
+            cfg.train.dtype = info.default_dtype
         return cfg
+
+    def save_preset(self, name: str, cfg: RunConfig) -> str:
+        from .core.presets import save_preset
+
+        return save_preset(name, cfg)
+
+    def delete_preset(self, name: str) -> str:
+        from .core.presets import delete_preset
+
+        return delete_preset(name)
+
+    def load_config_file(self, path: str):
+        """(RunConfig, notes) from our config file (JSON/TOML) or a kohya_ss / sd-scripts one."""
+        from .core.config import read_config_file
+
+        if not path or not os.path.isfile(path):
+            raise UserError("config file", f"file not found: {path}")
+        try:
+            raw = read_config_file(path)
+            if set(raw) - {"version"} <= set(RunConfig().to_dict()):
+                return RunConfig.from_dict(raw, validate=True), []
+        except UserError:
+            pass  # not ours: try kohya's formats
+        from .core.kohya_import import import_kohya
+
+        imported = import_kohya(path)
+        notes = [f"{len(imported.mapped)} kohya settings taken"]
+        if imported.unsupported:
+            notes.append("not supported (left out): " + ", ".join(sorted(imported.unsupported)))
+        return imported.config, notes + list(imported.notes)
 
     def optimizer_choices(self) -> list[str]:
         from .core.optim import available_optimizers
@@ -111,6 +167,8 @@ class RunManager:
             raise UserError("model", info.problem)
         if not cfg.save.output_dir:
             cfg.save.output_dir = self.host.output_dir()
+        if not cfg.save.run_dir:
+            cfg.save.run_dir = self.host.run_dir()
         cfg.model.arch = info.arch
         result = preflight(cfg, arch=info.arch, device=self.host.device(),
                            host_check=self.host.check_config).raise_if_failed()
@@ -146,6 +204,23 @@ class RunManager:
         record.started = time.time()
         control = record.control
         control.add_listener(lambda e: self._on_event(record, e))
+        s = record.config.save
+        if record.config.sample.prompts.strip():
+            control.sampler = self.host.sampler(s)
+        lent: dict = {}
+
+        def on_pause(path: str) -> None:
+            lent.update(self.host.lend_model(path))
+            record.state, record.paused_snapshot = "paused", path
+
+        def on_resume() -> None:
+            try:
+                self.host.take_model_back(lent)
+            finally:
+                record.state = "running"
+
+        control.on_pause, control.on_resume = on_pause, on_resume
+        control.poll_stop = self.host.interrupt_requested
         try:
             with self.host.prepared_model() as bundle:
                 result = train(bundle, record.config, control)
@@ -153,8 +228,9 @@ class RunManager:
             record.loss_avg = result.final_loss
             self.host.hot_load(record.files)
             # the final state only once the files are usable in prompts
-            record.message = (f"stopped at step {result.steps}" if result.stopped
-                              else f"finished {result.steps} steps")
+            record.message = (f"stopped at step {result.steps}"
+                              + (f" ({result.stop_reason})" if result.stop_reason else "")
+                              if result.stopped else f"finished {result.steps} steps")
             record.finished = time.time()
             record.state = "stopped" if result.stopped else "finished"
         except UserError as e:
@@ -169,29 +245,90 @@ class RunManager:
             self._ended()
         return record
 
-    def start_background(self, cfg: RunConfig) -> RunRecord:
-        """Create a run and train it in a thread that takes the host's lock (the API)."""
+    # -- the queue: runs one after another in a worker thread that takes the host's lock ------
+    def enqueue(self, cfg: RunConfig) -> RunRecord:
+        """Check `cfg` (the preflight) and put the run at the end of the queue."""
         record = self.create(cfg)
+        with self._queue_changed:
+            self._queue.append(record.id)
+            self._queue_changed.notify_all()
+            if self._worker is None or not self._worker.is_alive():
+                self._worker = threading.Thread(target=self._work, name="lora-train-queue",
+                                                daemon=True)
+                self._worker.start()
+        return record
 
-        def worker():
+    start_background = enqueue  # the API's name for it
+
+    def queued(self) -> list[RunRecord]:
+        with self._lock:
+            return [self.runs[i] for i in self._queue]
+
+    def position(self, run_id: str) -> int | None:
+        """1 = next to run; None when not queued."""
+        with self._lock:
+            return self._queue.index(run_id) + 1 if run_id in self._queue else None
+
+    def move(self, run_id: str, by: int) -> list[RunRecord]:
+        """Move a queued run `by` places (negative: earlier); returns the queue."""
+        with self._lock:
+            if run_id not in self._queue:
+                raise KeyError(run_id)
+            i = self._queue.index(run_id)
+            j = max(0, min(len(self._queue) - 1, i + by))
+            self._queue.insert(j, self._queue.pop(i))
+        return self.queued()
+
+    def cancel(self, run_id: str) -> RunRecord:
+        """Take a queued run out of the queue, or stop a running one."""
+        record = self.get(run_id)
+        with self._lock:
+            if run_id in self._queue:
+                self._queue.remove(run_id)
+                record.state, record.finished = "cancelled", time.time()
+                record.message = "cancelled before it started"
+                return record
+        return self.stop(run_id)
+
+    def _work(self) -> None:
+        """Run queued runs in order; a failed run does not stop the ones after it. Each run
+        gives the model back and frees memory before the next one starts."""
+        while True:
+            with self._queue_changed:
+                if not self._queue:
+                    self._worker = None
+                    return
+                run_id = self._queue.pop(0)
+            record = self.runs[run_id]
             with self.host.exclusive(f"lora-train {record.id}"):
                 if record.control.stop_requested:
                     record.state, record.finished = "stopped", time.time()
-                    self._ended()
-                    return
-                self.execute(record)
-
-        threading.Thread(target=worker, name=f"lora-train-{record.id}", daemon=True).start()
-        return record
+                else:
+                    self.execute(record)
+            self._ended()
+            self.host.free_memory()
 
     def _on_event(self, record: RunRecord, event: Progress) -> None:
         if event.kind == "step":
+            last_step, last_elapsed = record.step, record.last_elapsed
             record.step, record.total = event.step, event.total
             record.loss, record.loss_avg, record.eta = event.loss, event.loss_avg, event.eta
             record.lr = dict(event.lr)
             record.history.append((event.step, float(event.loss)))
+            record.lr_history.append((event.step, dict(event.lr)))
+            t = record.config.train
+            if event.elapsed > last_elapsed and event.step > last_step:
+                record.images_per_s = (t.batch_size * t.grad_accum * (event.step - last_step)
+                                       / (event.elapsed - last_elapsed))
+                record.speed_history.append((event.step, record.images_per_s))
+            record.last_elapsed = event.elapsed
+            record.memory_history.append((event.step, memory_mib()))
+            if not event.message:
+                record.message = "training"  # not the caching message of before the loop
         elif event.kind == "start":
             record.step, record.total = event.step, event.total
+        elif event.kind == "sample" and event.path:
+            record.samples.append((event.step, event.path))
         elif event.kind == "snapshot" and event.path:
             record.files.append(event.path)
             self.host.hot_load([event.path])
@@ -217,10 +354,51 @@ class RunManager:
         runs = self.list()
         return runs[0] if runs else None
 
+    def current(self) -> RunRecord | None:
+        """The run to show: the one training, else the next queued, else the newest."""
+        runs = self.list()
+        for state in ("paused", "running", "queued"):
+            active = [r for r in runs if r.state == state]
+            if active:
+                return active[-1]  # the oldest of them: the first to start
+        return runs[0] if runs else None
+
     def stop(self, run_id: str) -> RunRecord:
         record = self.get(run_id)
         record.control.request_stop("stopped by user")
         return record
+
+    def pause(self, run_id: str) -> RunRecord:
+        """Pause at the next step boundary: NAME-stepN is written and hot-loaded, the lock let
+        go, so txt2img and the test grid can use it; `resume` goes on with the same run."""
+        record = self.get(run_id)
+        if record.state not in ("running", "queued"):
+            raise UserError("run", f"run {run_id} is {record.state}; only a running run pauses")
+        record.control.request_pause()
+        if record.state == "running":
+            record.message = "pausing at the next step"
+        return record
+
+    def resume(self, run_id: str) -> RunRecord:
+        record = self.get(run_id)
+        record.control.request_resume()
+        return record
+
+
+def memory_mib() -> float:
+    """Memory in use now: the GPU's peak allocated where training runs on CUDA, else the
+    process's resident set."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.max_memory_allocated() / 2**20
+    try:
+        with open("/proc/self/statm", encoding="ascii") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError, AttributeError):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
 def describe_failure(error: BaseException) -> str:
@@ -271,3 +449,43 @@ def strength_grid(host, lora_name: str, prompt: str, negative: str, seed: int, t
     grid = labelled_grid(images, rows=[f"TE {t:g}" for t in te_strengths],
                          cols=[f"UNet {u:g}" for u in unet_strengths])
     return grid, images, prompts
+
+
+def lora_tag(name: str, strength: float, te: float | None = None, unet: float | None = None) -> str:
+    """`<lora:NAME:s>`, or the named TE / UNet form when a split is asked for."""
+    if te is None and unet is None:
+        return f"<lora:{name}:{strength:g}>"
+    return lora_prompt(name, strength * (1.0 if te is None else te),
+                       strength * (1.0 if unet is None else unet))
+
+
+def snapshots_of(host, name: str) -> list[str]:
+    """The run's files: its snapshots (`NAME-stepN`, `NAME-N` per epoch) oldest first, then
+    the final `NAME`."""
+    import re
+
+    names = [os.path.splitext(os.path.basename(p))[0] for p in host.list_loras()]
+    own = [n for n in names if re.fullmatch(re.escape(name) + r"-(step)?\d+", n)]
+    own.sort(key=lambda n: int(re.search(r"(\d+)$", n).group(1)))
+    return own + ([name] if name in names else [])
+
+
+def snapshot_grid(host, snapshots: list[str], strengths: list[float], prompt: str, negative: str,
+                  seed: int, steps: int = 20, width: int = 512, height: int = 512,
+                  cfg_scale: float = 7.0, split: tuple[float, float] | None = None):
+    """Rows: snapshots; columns: strengths (x the TE/UNet split when given). Returns (grid,
+    tags in row-major order)."""
+    from .grid import labelled_grid
+
+    if not snapshots:
+        raise UserError("snapshots", "choose at least one snapshot of the run")
+    if len(snapshots) > 16:
+        raise UserError("snapshots", "at most 16 snapshots in one grid")
+    if not prompt.strip():
+        raise UserError("prompt", "write a prompt to compare the snapshots with")
+    te, unet = split if split else (None, None)
+    tags = [lora_tag(n, s, te, unet) for n in snapshots for s in strengths]
+    images = host.generate([f"{prompt}, {t}" for t in tags], negative, seed, steps, width,
+                           height, cfg_scale)
+    grid = labelled_grid(images, rows=list(snapshots), cols=[f"strength {s:g}" for s in strengths])
+    return grid, tags

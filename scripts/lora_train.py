@@ -28,6 +28,9 @@ def on_ui_settings():
     shared.opts.add_option("lora_train_output_dir", shared.OptionInfo(
         "", "Folder for trained LoRA files (empty: the WebUI's Lora folder)",
         section=SETTINGS_SECTION))
+    shared.opts.add_option("lora_train_run_dir", shared.OptionInfo(
+        "", "Folder for runs' own files: state, history, samples, latent cache "
+            "(empty: outputs/lora-train)", section=SETTINGS_SECTION))
     info = shared.OptionInfo(
         False, "HTTP API under /lora-train/v1/ without --api (honours --api-auth)",
         section=SETTINGS_SECTION)

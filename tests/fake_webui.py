@@ -27,7 +27,9 @@ Each fact below was checked in the WebUI's source (paths relative to its root):
 
 from __future__ import annotations
 
+import os
 import sys
+import tempfile
 import threading
 import types
 from contextlib import contextmanager
@@ -102,9 +104,9 @@ def install(bundle, monkeypatch):
     shared.cmd_opts = types.SimpleNamespace(lora_dir="", medvram=False, lowvram=False,
                                             medvram_sdxl=False, api_auth=None, api=False,
                                             nowebui=False)
-    shared.opts = types.SimpleNamespace(lora_train_output_dir="", outdir_grids="",
-                                        outdir_txt2img_grids="", grid_format="png",
-                                        data_labels={})
+    shared.opts = types.SimpleNamespace(lora_train_output_dir="", lora_train_run_dir="",
+                                        outdir_grids="", outdir_txt2img_grids="",
+                                        grid_format="png", data_labels={})
 
     class OptionInfo:
         def __init__(self, default=None, label="", component=None, component_args=None,
@@ -129,6 +131,9 @@ def install(bundle, monkeypatch):
         setattr(script_callbacks, f"on_{kind}", script_callbacks.registered[kind].append)
     script_callbacks.app_started_callback = lambda demo, app: [
         fn(demo, app) for fn in script_callbacks.registered["app_started"]]
+    # modules/paths_internal.py: data_path, the folder of the WebUI's user data (--data-dir)
+    paths_internal = types.ModuleType("modules.paths_internal")
+    paths_internal.data_path = os.path.join(tempfile.mkdtemp(prefix="fake-webui-"), "data")
     call_queue = types.ModuleType("modules.call_queue")
     call_queue.queue_lock = threading.Lock()
     devices = types.ModuleType("modules.devices")
@@ -175,7 +180,8 @@ def install(bundle, monkeypatch):
     for name, mod in (("modules", modules), ("modules.shared", shared),
                       ("modules.call_queue", call_queue), ("modules.devices", devices),
                       ("modules.processing", processing), ("modules.sd_hijack", sd_hijack),
-                      ("modules.sd_vae", sd_vae), ("modules.script_callbacks", script_callbacks),
+                      ("modules.sd_vae", sd_vae), ("modules.paths_internal", paths_internal),
+                      ("modules.script_callbacks", script_callbacks),
                       ("networks", networks)):
         monkeypatch.setitem(sys.modules, name, mod)
         if "." in name:

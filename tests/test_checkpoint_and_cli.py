@@ -74,7 +74,7 @@ def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     (["demo", "--batch-size", "0"], "--batch-size"),
     (["demo", "--dataset", "/nonexistent/folder"], "--dataset"),
     (["inspect", "/nonexistent/file.safetensors"], "file"),
-    (["nosuchcommand"], "arguments"),
+    (["nosuchcommand"], "command"),
 ])
 def test_bad_input_exits_2_with_one_line(args, field):
     proc = run_cli(*args)

@@ -104,7 +104,7 @@ def test_flags_set_the_run_config():
                                           "--algo", "dora"])
     cfg, given, _ = cli.demo_run_config(args)
     assert (cfg.model.arch, cfg.model.prediction, cfg.network.algo) == ("sdxl", "v", "dora")
-    assert {"arch", "prediction", "algo"} <= given
+    assert {"model.arch", "model.prediction", "network.algo"} <= given
     default, _, _ = cli.demo_run_config(cli.build_parser().parse_args(["demo"]))
     assert (default.model.arch, default.model.prediction, default.network.algo) == \
         ("sd1", "auto", "lora")

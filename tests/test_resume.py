@@ -25,7 +25,8 @@ from lora_train_ext.core.errors import UserError
 from lora_train_ext.core.lora_file import load_lora
 from lora_train_ext.core.models.tiny import build_bundle
 from lora_train_ext.core.networks import build_network
-from lora_train_ext.core.trainer import Trainer, _steps_from, train
+from lora_train_ext.core.continue_from import steps_from
+from lora_train_ext.core.trainer import Trainer, train
 from lora_train_ext.demo import demo_dataset_dir
 
 AVAILABLE = O.available_optimizers()
@@ -79,8 +80,9 @@ def assert_same_tensors(path_a: str, path_b: str) -> None:
 
 
 def history(result) -> list:
+    """NAME.history.json without the wall-clock seconds (the one value that is not computed)."""
     with open(result.history_path) as f:
-        return json.load(f)
+        return [{k: v for k, v in entry.items() if k != "seconds"} for entry in json.load(f)]
 
 
 def straight_and_resumed(bundle, tmp_path, dataset, total, stop, **settings):
@@ -179,7 +181,7 @@ def test_continue_from_a_plain_lora_file_takes_weights_and_steps(bundle, two_ima
     ({"ss_steps": "n/a"}, "x_5_steps.safetensors", 5),
 ])
 def test_steps_from_metadata_or_file_name(meta, name, steps):
-    assert _steps_from(meta, name) == steps
+    assert steps_from(meta, name) == steps
 
 
 def _rewrite(path: str, out: str, meta_changes: dict, tensor_change=None) -> str:
@@ -278,3 +280,34 @@ def test_cli_stop_after_then_resume_equals_a_straight_run(tmp_path, capsys):
     assert_same_tensors(straight["lora_path"], resumed["lora_path"])
     assert resumed["final_loss"] == straight["final_loss"]
     assert resumed["warnings"] == []  # the saved config came back unchanged
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_a_stop_asked_mid_step_ends_at_the_last_step_taken_and_resumes_exactly(
+        bundle, five_images, tmp_path, accum):
+    """The stop arrives while step 4 computes (inside its UNet forward): step 4 is not taken,
+    the run ends at 3, and the resumed run ends with the uninterrupted run's weights."""
+    settings = dict(train__grad_accum=accum, network__dropout=0.1)
+    straight = train(bundle, make_cfg(tmp_path / "a", five_images, 6, **settings))
+    control = TrainControl()
+    calls = {"n": 0, "step": 0}
+    control.add_listener(lambda e: calls.update(step=e.step) if e.kind == "step" else None)
+    denoise = bundle.denoise
+
+    def denoise_then_stop(*args, **kwargs):
+        out = denoise(*args, **kwargs)
+        if calls["step"] == 3 and control.pause_requested is False:
+            control.request_stop("asked mid-step")
+        return out
+
+    bundle.denoise = denoise_then_stop
+    try:
+        stopped = train(bundle, make_cfg(tmp_path / "b", five_images, 6, **settings), control)
+    finally:
+        bundle.denoise = denoise
+    assert stopped.stopped and stopped.steps == 3 and len(stopped.losses) == 3
+    resumed = train(bundle, make_cfg(tmp_path / "b", five_images, 6, **settings),
+                    resume_dir=stopped.state_dir)
+    assert resumed.steps == 6
+    assert_same_tensors(straight.path, resumed.path)
+    assert resumed.losses == straight.losses

@@ -22,10 +22,9 @@ import time
 import torch
 
 from ..core.config import NetworkConfig
+from ..core.dtypes import TORCH_DTYPES as DTYPES
 from ..core.models.specs import arch_spec, build_unet
 from ..core.networks import build_network
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _timed(fn, steps: int, device: torch.device) -> float:

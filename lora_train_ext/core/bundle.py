@@ -1,8 +1,9 @@
-"""The two seams between the training core and whoever hosts it.
+"""The seams between the training core and whoever hosts it.
 
 `ModelBundle` is what the trainer gets: the WebUI host builds it from the resident model, tests and
 the command line build it from tiny in-code models. `TrainControl` is how a UI, API or command
-line steers a run (stop, pause) and hears from it (progress events).
+line steers a run (stop, pause) and hears from it (progress events). `TrainingData` is everything
+the trainer asks of its dataset (`data.TrainData` is the one it builds itself).
 """
 
 from __future__ import annotations
@@ -10,10 +11,13 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Generator, Protocol, runtime_checkable
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from .data.dataset import Batch
 
 
 @dataclass
@@ -88,6 +92,14 @@ class TrainControl:
             self._listeners.append(on_progress)
         self.stop_reason = ""
         self.paused_at: float | None = None
+        # the host's sample maker: (step, prompts) -> paths of the images written; None = none
+        self.sampler: Callable[[int, list], list[str]] | None = None
+        # pause and test: the host takes the model (its lock, the paused snapshot hot-loaded)
+        # and gives it back; on_resume raises when the run cannot go on (model switched)
+        self.on_pause: Callable[[str], None] | None = None
+        self.on_resume: Callable[[], None] | None = None
+        # the host's stop button, read whenever the trainer asks whether to stop (mid-step too)
+        self.poll_stop: Callable[[], bool] | None = None
 
     # requests (from the UI / API thread)
     def request_stop(self, reason: str = "stopped by user") -> None:
@@ -104,6 +116,9 @@ class TrainControl:
     # queries (from the training thread)
     @property
     def stop_requested(self) -> bool:
+        """A stop was asked here, or the host's own stop (the WebUI's Interrupt) is set."""
+        if not self._stop.is_set() and self.poll_stop is not None and self.poll_stop():
+            self.request_stop("interrupted")
         return self._stop.is_set()
 
     @property
@@ -126,3 +141,49 @@ class TrainControl:
     def emit(self, event: Progress) -> None:
         for fn in list(self._listeners):
             fn(event)
+
+
+@runtime_checkable
+class TrainingData(Protocol):
+    """What the trainer uses of a dataset, and nothing more.
+
+    The data order must follow from (seed, epoch) alone, so that a run resumed at (epoch, batch
+    index) sees the batches an uninterrupted run would have.
+    """
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Batches in one epoch (batches that come back empty counted)."""
+        ...
+
+    @property
+    def num_images(self) -> int:
+        """Training images (without repeats or regularization images): ss_num_train_images."""
+        ...
+
+    def batches(self, epoch: int, start: int = 0) -> Generator[Batch, None, None]:
+        """The batches of `epoch` in order, from batch index `start`; the trainer may close the
+        generator before its end."""
+        ...
+
+    def state_dict(self) -> dict:
+        """The data position: {"epoch", "batch_index"} (batches handed out of that epoch),
+        optionally a "fingerprint" of the dataset that a resumed run compares."""
+        ...
+
+    def load_state_dict(self, state: dict) -> None:
+        """Take back a saved position; `batches(epoch, start=...)` does the skipping."""
+        ...
+
+    def cache_latents(self, encode: Callable[[torch.Tensor], torch.Tensor], vae_id: str,
+                      progress: Callable[[int, int], None] | None = None) -> None:
+        """Encode every image once with the frozen VAE; batches then carry latents."""
+        ...
+
+    def tag_frequency(self) -> dict[str, dict[str, int]]:
+        """folder -> tag -> images whose caption has it (ss_tag_frequency)."""
+        ...
+
+    def dataset_dirs_meta(self) -> dict[str, dict[str, int]]:
+        """folder -> {"n_repeats", "img_count"} (ss_dataset_dirs)."""
+        ...

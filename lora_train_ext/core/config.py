@@ -51,7 +51,7 @@ RESERVED_NAMES = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(1, 10))
 
 # tab groups, in the order the accordions appear; "" = the simple fields shown at the top
 GROUPS = ("", "Network", "Optimizer and learning rate", "Training", "Dataset", "Captions",
-          "Loss and noise", "Saving")
+          "Loss and noise", "Samples", "Saving")
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,8 @@ class Spec:
     choices: tuple = ()
     unit: str = ""
     optional: bool = False  # None (empty) is valid: it means what `help` says
-    check: Callable[[Any], Any] | None = None  # extra check/normaliser; raises UserError
+    check: Callable[[Any], Any] | None = None  # extra check; raises UserError
+    normalize: Callable[[str], str] | None = None  # the canonical spelling ('prodigy' -> 'Prodigy')
     flag: str = ""  # the command line flag; "" -> --field-name
     aliases: tuple[str, ...] = ()
     not_built: str = ""  # set: any value but the default is refused with this reason
@@ -147,10 +148,10 @@ def _ok_resolution(v: str) -> None:
     parse_resolution(v)
 
 
-def _ok_optimizer(v: str) -> None:
+def _ok_optimizer(v: str) -> str:
     from .optim import canonical_name
 
-    canonical_name(v)
+    return canonical_name(v)
 
 
 def _ok_optimizer_args(v: str) -> None:
@@ -225,7 +226,9 @@ class ModelConfig:
 class NetworkConfig:
     algo: str = setting(
         "lora", "lora: attention and feed-forward layers; locon: also the 3x3 convs; loha, lokr, "
-        "ia3, dora, full: the LyCORIS kinds", "Algorithm", "Network", choices=ALGOS)
+        "ia3, dora, full: the LyCORIS kinds. ia3 files load in the WebUI, not in ComfyUI, Forge "
+        "or diffusers; diffusers misreads dora's magnitude", "Algorithm", "Network",
+        choices=ALGOS)
     rank: int = setting(8, "Size of the adapter (dim); 8-32 for a character or style, 64-128 "
                            "for more detail", "Rank (dim)", "Network", low=1, high=MAX_RANK)
     alpha: float = setting(1.0, "Scale = alpha / rank; 1 with adaptive optimizers, rank/2 or "
@@ -332,7 +335,7 @@ class DataConfig:
                                   "Dataset")
     cache_to_disk: bool = setting(False, "Keep cached latents on disk between runs",
                                   "Cache to disk", "Dataset")
-    cache_dir: str = setting("", "Folder for the disk cache (empty = .latent_cache in the dataset folder)",
+    cache_dir: str = setting("", "Folder for the disk cache (empty = latent_cache in the run folder)",
                              "Cache folder", "Dataset")
     cache_text: bool = setting(True, "Encode each caption once while the text encoder is not "
                                      "trained", "Cache text conditioning", "Dataset")
@@ -346,7 +349,7 @@ class DataConfig:
 class OptimConfig:
     optimizer: str = setting(
         "AdamW", "AdamW is a safe default; DAdaptAdam / Prodigy find the LR themselves (set LR 1)",
-        "Optimizer", "Optimizer and learning rate", check=_ok_optimizer)
+        "Optimizer", "Optimizer and learning rate", check=_ok_optimizer, normalize=_ok_optimizer)
     optimizer_args: str = setting(
         "", "key=value pairs as kohya takes them, e.g. weight_decay=0.01 betas=0.9,0.999",
         "Optimizer arguments", "Optimizer and learning rate", check=_ok_optimizer_args)
@@ -426,7 +429,8 @@ class TrainConfig:
     grad_accum: int = setting(1, "Steps of gradients summed before one update (a larger batch "
                                  "without the VRAM)", "Gradient accumulation", "Training",
                               low=1, high=1024)
-    seed: int = setting(0, "Same seed + same data = same weights on the same device", "Seed",
+    seed: int = setting(0, "Same seed + same data = same weights on the same device",
+                        "Training seed",
                         "Training", low=0, high=2**63 - 1)
     dtype: str = setting("bf16", "Compute precision: bf16 on recent GPUs, fp16 on older ones, "
                                  "fp32 on CPUs (the adapter's weights stay fp32)",
@@ -445,6 +449,11 @@ class TrainConfig:
 class SaveConfig:
     output_dir: str = setting("", "Where files go; empty = the WebUI's Lora folder",
                               "Output folder", "Saving", flag="--out")
+    run_dir: str = setting(
+        "", "Folder for the run's own files: training state, history, samples, run config, "
+            "latent cache (empty = the output folder on the command line; in the WebUI the "
+            "extension's runs folder, so the Lora folder holds only what the Lora cards show)",
+        "Run folder", "Saving")
     output_name: str = setting("my_lora", "File name of the LoRA (no extension); it appears "
                                           "under this name in the Lora tab", "Output name", "",
                                check=check_output_name)
@@ -463,13 +472,59 @@ class SaveConfig:
     comment: str = setting("", "Stored in the file's metadata", "Comment", "Saving")
 
 
+def _ok_sample_prompts(v: str) -> None:
+    from .sampling import SamplePrompt, parse_sample_prompts
+
+    parse_sample_prompts(v, SamplePrompt(prompt=""), field="value")
+
+
+def _multiple_of_8(v: int) -> None:
+    _raise_if(v % 8, "must be a multiple of 8")
+
+
+@dataclass
+class SampleConfig:
+    prompts: str = setting(
+        "", "Sample prompts, one per line; options as kohya takes them: --n negative --w width "
+            "--h height --d seed --l CFG --s steps --ss sampler (empty = no samples)",
+        "Sample prompts", "Samples", check=_ok_sample_prompts, flag="--sample-prompts",
+        aliases=("--sample-prompt",))
+    every_steps: int = setting(0, "Samples every N steps (0 = only at the start and the end)",
+                               "Sample every N steps", "Samples", low=0, high=10**7,
+                               unit="steps", flag="--sample-every-steps",
+                               aliases=("--sample-every",))
+    every_epochs: int = setting(0, "Samples every N epochs (0 = off)", "Sample every N epochs",
+                                "Samples", low=0, high=10**6, unit="epochs",
+                                flag="--sample-every-epochs")
+    at_start: bool = setting(True, "A set before the first step: the baseline to compare with",
+                             "Sample at the start", "Samples", flag="--sample-at-start")
+    negative_prompt: str = setting("", "Negative prompt for lines without --n",
+                                   "Sample negative prompt", "Samples", flag="--sample-negative")
+    width: int = setting(0, "Sample width (0 = the training resolution's)", "Sample width",
+                         "Samples", low=0, high=4096, unit="px", check=_multiple_of_8,
+                         flag="--sample-width")
+    height: int = setting(0, "Sample height (0 = the training resolution's)", "Sample height",
+                          "Samples", low=0, high=4096, unit="px", check=_multiple_of_8,
+                          flag="--sample-height")
+    steps: int = setting(20, "Sampling steps", "Sample steps", "Samples", low=1, high=1000,
+                         flag="--sample-steps")
+    cfg_scale: float = setting(7.0, "Classifier-free guidance scale", "Sample CFG scale",
+                               "Samples", low=1, high=30, flag="--sample-cfg")
+    seed: int = setting(1234, "Seed of every sample (the same each time, so samples compare)",
+                        "Sample seed", "Samples", low=0, high=2**32 - 1, flag="--sample-seed")
+    sampler: str = setting("Euler a", "The WebUI's sampler for samples (the standalone host "
+                                      "always uses DDIM)", "Sampler", "Samples",
+                           flag="--sample-sampler")
+
+
 def _raise_if(bad: Any, message: str) -> None:
     if bad:
         raise UserError("value", message)
 
 
 SECTIONS = {"model": ModelConfig, "network": NetworkConfig, "data": DataConfig,
-            "optim": OptimConfig, "loss": LossConfig, "train": TrainConfig, "save": SaveConfig}
+            "optim": OptimConfig, "loss": LossConfig, "train": TrainConfig, "save": SaveConfig,
+            "sample": SampleConfig}
 
 
 def _specs() -> dict[str, Spec]:
@@ -514,6 +569,7 @@ class RunConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     save: SaveConfig = field(default_factory=SaveConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
 
     # -- values by path ----------------------------------------------------------------------
     def get(self, path: str) -> Any:
@@ -633,8 +689,9 @@ def coerce(spec: Spec, value: Any) -> Any:
             if isinstance(value, bool):
                 raise ValueError(value)
             if isinstance(value, str):
-                value = float(value.strip()) if re.fullmatch(r"\s*[-+]?\d+(\.0*)?(e\+?\d+)?\s*",
-                                                             value, re.I) else int(value)
+                text = value.strip()
+                # "8" exactly (no float rounding of large seeds); "8.0" and "1e3" as numbers
+                value = int(text) if re.fullmatch(r"[-+]?\d+", text) else float(text)
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError(value)
             return int(value)
@@ -647,7 +704,16 @@ def coerce(spec: Spec, value: Any) -> Any:
             return out
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise ValueError(value)
-        return str(value)
+        text = str(value)
+        for choice in spec.choices:  # choices are matched without regard to case
+            if text.strip().lower() == str(choice).lower():
+                return choice
+        if spec.normalize is not None:
+            try:
+                return spec.normalize(text)
+            except UserError:
+                pass  # problem() names it
+        return text
     except (TypeError, ValueError, OverflowError):
         wanted = {bool: "true or false", str: "text"}.get(kind) or spec.range_text()
         raise UserError(spec.path, f"{value!r} is not valid; give {wanted}") from None
@@ -669,11 +735,27 @@ def parse_resolution(text: str | int) -> tuple[int, int]:
     return values[0], values[1]
 
 
+# Steps that bring a config dict from version N to N + 1, by N. Version 1 is the first and the
+# current one, so there are none yet; a change that renames or re-means a setting bumps
+# CONFIG_VERSION and adds its step here (with a test that the older file still loads).
+MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {}
+
+
 def migrate(data: dict[str, Any]) -> dict[str, Any]:
-    """Bring an older config dict up to CONFIG_VERSION (version 1 is the first)."""
+    """Bring a config dict of an older version up to CONFIG_VERSION. A dict without `version` is
+    taken as the current version; a newer or unknown version is refused (UserError)."""
     version = data.get("version", CONFIG_VERSION)
-    if not isinstance(version, int) or version < 1 or version > CONFIG_VERSION:
-        raise UserError("version", f"unsupported config version {version!r}; this build reads 1..{CONFIG_VERSION}")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise UserError("version", f"{version!r} is not a config version; versions are whole "
+                                   f"numbers 1..{CONFIG_VERSION}")
+    if version > CONFIG_VERSION:
+        raise UserError("version", f"config version {version!r} was written by a newer "
+                                   f"lora-train-ext; this one reads versions 1..{CONFIG_VERSION} "
+                                   "(update the extension)")
+    while version < CONFIG_VERSION:
+        data = MIGRATIONS[version](dict(data))
+        version += 1
+        data["version"] = version
     return data
 
 
@@ -695,40 +777,21 @@ def read_config_file(path: str) -> dict[str, Any]:
     return data
 
 
-# -- presets (the guide's "easy settings", seed 003) ------------------------------------------
-_EASY_COMMON: dict[str, dict[str, Any]] = {
-    "network": {"algo": "lora", "rank": 64, "alpha": 1.0},
-    "data": {"resolution": "512", "min_bucket_side": 320, "max_bucket_side": 1024,
-             "max_token_length": 225},
-    "loss": {"min_snr_gamma": 5.0},
-    "train": {"max_steps": 1000},
-}
-
-
-def _easy(optimizer: str, args: str) -> dict[str, dict[str, Any]]:
-    preset = {section: dict(values) for section, values in _EASY_COMMON.items()}
-    preset["optim"] = {"optimizer": optimizer, "optimizer_args": args, "lr": 1.0,
-                       "unet_lr": 1.0, "te_lr": 1.0, "scheduler": "constant",
-                       "warmup_steps": 0, "warmup_ratio": 0.0}
-    return preset
-
-
-PRESETS: dict[str, dict[str, dict[str, Any]]] = {
-    # The guide's table: DAdaptAdam, LR 1.0 for both, constant, alpha 1, dim 64, ~1000 steps,
-    # buckets 320..768-1024, min_snr_gamma 5, 225 tokens.
-    "easy-dadaptadam": _easy("DAdaptAdam", "decouple=True weight_decay=0.01 betas=0.9,0.999"),
-    # "The same settings with Prodigy (only the optimizer args changed)", args from its section.
-    "easy-prodigy": _easy("Prodigy", "decouple=True weight_decay=0.01 d_coef=2 "
-                                     "use_bias_correction=True safeguard_warmup=False "
-                                     "betas=0.9,0.999"),
-}
-
-
+# -- presets: core/presets.py (built-in and the user's own) -----------------------------------------
 def preset(name: str) -> RunConfig:
-    """A preset's settings over the defaults; UserError for an unknown name."""
-    if name not in PRESETS:
-        raise UserError("preset", f"{name!r} is not a preset; choose one of {', '.join(PRESETS)}")
-    return RunConfig.from_dict(PRESETS[name])
+    """A built-in preset's settings over the defaults; UserError for an unknown name."""
+    from .presets import builtin_preset
+
+    return builtin_preset(name)
+
+
+def __getattr__(name: str) -> Any:
+    """`PRESETS` (the built-in presets) lives in core/presets.py and is importable from here."""
+    if name == "PRESETS":
+        from .presets import PRESETS
+
+        return PRESETS
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # -- the settings table in words (README, `settings` command) ------------------------------------
@@ -776,7 +839,8 @@ def _toml_value(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, (int, float)):
         return repr(value)
-    return json.dumps(str(value), ensure_ascii=False)
+    # a TOML basic string: JSON's escapes are TOML's, but TOML also wants DEL escaped
+    return json.dumps(str(value), ensure_ascii=False).replace("\x7f", "\\u007f")
 
 
 def _load_toml(text: str) -> dict[str, Any]:

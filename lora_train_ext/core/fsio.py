@@ -9,8 +9,9 @@ through `atomic_write`.
 - The temp file is made with the permissions any new file gets under the user's umask (0666 minus
   the umask), so a renamed file is as readable as one written in place; `tempfile.mkstemp` would
   leave it 0600.
-- A full disk (or quota) becomes a `DiskFullError` (a UserError) naming the file, its folder and
-  the setting that chooses the folder; the old file is left as it was and the temp file removed.
+- A full disk (or quota) becomes a `DiskFullError` (a UserError) naming the file, its folder and,
+  where the caller says, the setting that chooses the folder (`field`; "disk" when none does);
+  the old file is left as it was and the temp file removed.
 - `durable=True` (the default) fsyncs the file before the rename and the folder after it, so the
   rename cannot reach the disk before the data (power loss). The latent cache, which can be
   rebuilt, skips that.
@@ -52,8 +53,9 @@ class DiskFullError(UserError):
     def __init__(self, field: str, path: str, free: int | None):
         folder, name = os.path.split(os.path.abspath(path))
         left = f" ({_size(free)} free)" if free is not None else ""
+        other = f" or choose another folder ({field})" if field != "disk" else ""
         super().__init__(field, f"no space left on device writing {name} in {folder}{left}; "
-                                f"free some space there or choose another folder ({field})")
+                                f"free some space there{other}")
         self.path = path
         self.folder = folder
 
@@ -184,11 +186,12 @@ def _fsync_path(path: str, directory: bool = False) -> None:
         os.close(fd)
 
 
-def atomic_write(path: str, write: Callable[[str], None], *, field: str = "save.output_dir",
+def atomic_write(path: str, write: Callable[[str], None], *, field: str = "disk",
                  durable: bool = True) -> None:
     """Call `write(tmp_path)` to produce the content, then rename it to `path`. The folder is
     created if missing; on any error the temp file is removed and `path` is left as it was.
-    A full disk raises DiskFullError naming `field` (the setting that chooses the folder)."""
+    A full disk raises DiskFullError naming `field`: the setting that chooses the folder, or
+    "disk" where no one setting does."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     tmp = temp_path_for(path)

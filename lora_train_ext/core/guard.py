@@ -69,6 +69,21 @@ class BaseGuard:
         self._requires_grad.clear()
         self._training.clear()
 
+    def accept_same_values(self) -> None:
+        """After the host had the model (a pause): each tensor must sit where it did and hold
+        the same values (float64 sum); writes that put the same values back (the Lora
+        extension's restore from its backups) are accepted by taking their version counters.
+        Raises TrainingError otherwise."""
+        if not self.check_sums:
+            return
+        after = fingerprint(self.modules)
+        changed = [n for n, (ptr, _, total) in self._before.items()
+                   if n not in after or after[n][0] != ptr or after[n][2] != total]
+        if changed:
+            raise TrainingError(f"base weights changed while the run was paused ({len(changed)} "
+                                f"tensors, e.g. {changed[:3]})")
+        self._before = after
+
     def verify(self) -> None:
         if not self.check_sums:
             return

@@ -3,8 +3,10 @@ and which loaders will accept it (every module name must map onto a real module)
 
 from __future__ import annotations
 
+import json
 import os
 from functools import lru_cache
+from typing import Mapping, Sequence
 
 from safetensors import safe_open
 
@@ -39,9 +41,13 @@ def describe(path: str) -> dict:
         raise UserError("file", f"not found: {path}")
     meta = read_metadata(path)
     shapes: dict[str, list[int]] = {}
-    with safe_open(path, "pt") as f:
-        for key in f.keys():
-            shapes[key] = list(f.get_slice(key).get_shape())
+    try:
+        with safe_open(path, "pt") as f:
+            for key in f.keys():
+                shapes[key] = list(f.get_slice(key).get_shape())
+    except Exception as e:  # truncated, non-string metadata, ...: safetensors' own errors
+        raise UserError("file", f"{os.path.basename(path)} cannot be read as safetensors: "
+                                f"{e}") from None
     modules: dict[str, set[str]] = {}
     for key in shapes:
         name, _, rest = key.partition(".")
@@ -52,7 +58,6 @@ def describe(path: str) -> dict:
     if not modules:
         raise UserError("file", f"{os.path.basename(path)} holds no tensors")
     module_algos = {n: _algo_of(p) for n, p in modules.items()}
-    algos = sorted(set(module_algos.values()))
     parts: dict[str, int] = {}
     for name in modules:
         parts[part_of(name)] = parts.get(part_of(name), 0) + 1
@@ -68,15 +73,13 @@ def describe(path: str) -> dict:
         if _is_kxk_conv(module_algos[name], name, p, shapes, kinds):
             conv_ranks.add(rank)
     ranks, conv_ranks = sorted(ranks), sorted(conv_ranks)
-    if conv_ranks and algos == ["lora"]:
-        algos = ["locon"]
     alphas = _alphas(path, modules)
     unknown = _unknown_modules(arch, list(modules))
     report = {
         "file": os.path.abspath(path),
         "bytes": os.path.getsize(path),
         "arch": arch,
-        "algorithm": algos[0] if len(algos) == 1 else "mixed:" + "+".join(algos),
+        "algorithm": algo_of_file(meta, shapes),
         "ranks": ranks,
         "conv_ranks": conv_ranks,
         "options": _options(module_algos, modules),
@@ -89,7 +92,56 @@ def describe(path: str) -> dict:
         "metadata": meta,
     }
     report["loaders"] = loader_verdicts(report, list(modules))
+    report["loader_notes"] = loader_notes(report)
     return report
+
+
+LORA_FAMILY = ("lora", "locon", "dora")  # one layout (down, up): kernel size, dora_scale tell
+
+
+def algo_of_file(meta: Mapping[str, str], shapes: Mapping[str, Sequence[int]]) -> str:
+    """A file's algorithm, by the one rule inspect and continue-from-file share: 'lora',
+    'locon', 'loha', 'lokr', 'ia3', 'dora', 'full', 'oft', 'mixed:A+B' or 'unknown'.
+
+    Metadata first: the algorithm `ss_network_module` / `ss_network_args` state (LyCORIS names
+    it; kohya's networks.lora is LoRA). Tensor shapes then, where the metadata states none, and
+    inside the LoRA family, which one layout serves: a kxk conv kernel makes it LoCon, a
+    `dora_scale` DoRA (LyCORIS writes DoRA as algo lora with dora_wd). `shapes`: tensor key ->
+    shape, as in the file.
+    """
+    stated = stated_algo(meta)
+    shown = _algo_of_shapes(shapes)
+    if not stated or (stated in LORA_FAMILY and shown in LORA_FAMILY):
+        return shown
+    return stated
+
+
+def stated_algo(meta: Mapping[str, str]) -> str:
+    """The algorithm a file's metadata states ('' when it states none)."""
+    module = meta.get("ss_network_module", "")
+    try:
+        args = json.loads(meta.get("ss_network_args") or "{}")
+    except ValueError:
+        args = {}
+    algo = str(args.get("algo", "")) if isinstance(args, dict) else ""
+    if module == "networks.lora":
+        return algo if algo in ("lora", "locon") else "lora"
+    return algo
+
+
+def _algo_of_shapes(shapes: Mapping[str, Sequence[int]]) -> str:
+    modules: dict[str, set[str]] = {}
+    for key in shapes:
+        name, _, rest = key.partition(".")
+        modules.setdefault(name, set()).add(rest)
+    algos = sorted({_algo_of(parts) for parts in modules.values()})
+    if algos == ["lora"] and any(len(shape) == 4 and shape[2] * shape[3] > 1
+                                 for key, shape in shapes.items()
+                                 if key.endswith(".lora_down.weight")):
+        return "locon"
+    if not algos:
+        return "unknown"
+    return algos[0] if len(algos) == 1 else "mixed:" + "+".join(algos)
 
 
 def _algo_of(parts: set[str]) -> str:
@@ -200,32 +252,81 @@ def _unknown_modules(arch: str, names: list[str]) -> list[str]:
     return sorted(n for n in names if n not in known)
 
 
+# Which loaders read a kohya-format file of each algorithm: "yes", or why not (algorithms not
+# listed: "no"). Facts, from the loaders' sources and issue trackers:
+# - webui: AUTOMATIC1111's built-in Lora extension (network_lora / _hada / _lokr / _ia3 / _full /
+#   _oft); DoRA's `dora_scale` since 1.9 (PR #15160): older releases apply the plain low-rank
+#   update and drop the magnitude without a word.
+# - sdnext: SD.Next's lora module, the same module types (IA3 included).
+# - forge, comfyui: ComfyUI's LoRA code (Forge's backend uses it) reads LoRA / LoCon, LoHa,
+#   LoKr, full, OFT and DoRA, not IA3: every `.weight` / `.on_input` key is reported "lora key
+#   not loaded" (ComfyUI #1071, Forge #635).
+# - diffusers: `load_lora_weights` converts `lora_down` / `lora_up` / `alpha` only. It maps
+#   `dora_scale` onto PEFT's magnitude vector, which is per output row, while kohya / LyCORIS
+#   store it per input column, (1, in): non-square layers fail to load, square ones load wrong
+#   (LyCORIS #216).
+# - kohya: sd-scripts' `networks.lora` reads LoRA / LoCon; the others load through LyCORIS.
+_ALL = ("lora", "locon", "loha", "lokr", "ia3", "dora", "full", "oft")
+_NO_IA3 = "no: IA3 is not read (every key is skipped as 'lora key not loaded')"
+LOADER_SUPPORT: dict[str, dict[str, str]] = {
+    "webui": {a: "yes" for a in _ALL},
+    "forge": {**{a: "yes" for a in _ALL}, "ia3": _NO_IA3},
+    "sdnext": {a: "yes" for a in _ALL},
+    "comfyui": {**{a: "yes" for a in _ALL}, "ia3": _NO_IA3},
+    "diffusers": {"lora": "yes", "locon": "yes",
+                  "dora": "no: dora_scale is per input column here, PEFT's magnitude per output "
+                          "row (fails on non-square layers, wrong on square ones)"},
+    "kohya": {"lora": "yes", "locon": "yes",
+              **{a: "yes (with LyCORIS)" for a in _ALL if a not in ("lora", "locon")}},
+}
+LOADER_NOTES = {
+    "dora": "DoRA: WebUI releases before 1.9 and loaders that read only lora_up / lora_down "
+            "drop dora_scale and apply the plain low-rank update, without a warning",
+    "ia3": "IA3: applied by the WebUI's built-in Lora extension and SD.Next only; ComfyUI and "
+           "Forge skip it, diffusers refuses it",
+}
+
+
+def _algo_verdict(loader: str, algos: list[str]) -> str:
+    table = LOADER_SUPPORT[loader]
+    for algo in algos:
+        verdict = table.get(algo, f"no: {algo} is not supported")
+        if verdict != "yes":
+            return verdict
+    return "yes"
+
+
 def loader_verdicts(report: dict, names: list[str]) -> dict[str, str]:
-    """Which tools load the file, and why not where they don't."""
+    """Which tools load the file, and why not where they don't (LOADER_SUPPORT)."""
     algo, arch, unknown = report["algorithm"], report["arch"], report["unknown_module_count"]
+    algos = algo[len("mixed:"):].split("+") if algo.startswith("mixed:") else [algo]
     verdicts: dict[str, str] = {}
     bad_names = f"{unknown} module names match no module of {arch}" if unknown else ""
-    webui_algos = ("lora", "locon", "loha", "lokr", "ia3", "full", "dora", "oft")
-    comfy_algos = ("lora", "locon", "loha", "lokr", "full", "dora", "oft")
-    for loader, algos in (("webui", webui_algos), ("forge", webui_algos), ("sdnext", webui_algos),
-                          ("comfyui", comfy_algos)):
-        if bad_names:
-            verdicts[loader] = "partial: " + bad_names
-        elif algo in algos:
-            verdicts[loader] = "yes"
-        else:
-            verdicts[loader] = f"no: {algo} is not supported"
+    for loader in ("webui", "forge", "sdnext", "comfyui"):
+        verdicts[loader] = "partial: " + bad_names if bad_names else _algo_verdict(loader, algos)
     if bad_names:
         verdicts["diffusers"] = "partial: " + bad_names
-    elif algo not in ("lora", "locon"):
-        verdicts["diffusers"] = f"no: load_lora_weights takes LoRA/LoCon, not {algo}"
+    elif _algo_verdict("diffusers", algos) != "yes":
+        verdict = _algo_verdict("diffusers", algos)
+        verdicts["diffusers"] = verdict if "dora" in algos else \
+            f"no: load_lora_weights takes LoRA/LoCon, not {algo}"
     elif arch in ("sd1", "sd2") and any(n.startswith("lora_unet_input_blocks") for n in names):
         verdicts["diffusers"] = "no: SD1/SD2 UNet keys must use diffusers-style names"
     else:
         verdicts["diffusers"] = "yes"
-    verdicts["kohya"] = verdicts["diffusers"] if algo in ("lora", "locon") else \
-        ("yes (with LyCORIS)" if not bad_names else verdicts["webui"])
+    if bad_names:
+        verdicts["kohya"] = verdicts["webui"]
+    elif all(a in ("lora", "locon") for a in algos):
+        verdicts["kohya"] = verdicts["diffusers"]
+    else:
+        verdicts["kohya"] = _algo_verdict("kohya", [a for a in algos if a not in ("lora", "locon")])
     return verdicts
+
+
+def loader_notes(report: dict) -> list[str]:
+    algo = report["algorithm"]
+    algos = algo[len("mixed:"):].split("+") if algo.startswith("mixed:") else [algo]
+    return [LOADER_NOTES[a] for a in algos if a in LOADER_NOTES]
 
 
 def format_report(report: dict) -> str:
@@ -245,6 +346,7 @@ def format_report(report: dict) -> str:
         lines.append(f"unknown:    {report['unknown_module_count']} module names, e.g. "
                      + ", ".join(report["unknown_modules"][:3]))
     lines.append("loaders:    " + "; ".join(f"{k}: {v}" for k, v in report["loaders"].items()))
+    lines += [f"  note: {n}" for n in report.get("loader_notes", [])]
     interesting = ("ss_output_name", "ss_base_model_version", "ss_steps", "ss_network_module",
                    "ss_network_args", "ss_optimizer", "ss_learning_rate", "ss_sd_model_name",
                    "modelspec.architecture", "modelspec.title", "sshs_model_hash")

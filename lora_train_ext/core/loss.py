@@ -15,13 +15,13 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from .config import HUBER_SCHEDULES, LOSSES  # the settings table names them
 from .errors import UserError
 
 if TYPE_CHECKING:
     from .config import LossConfig
 
-LOSSES = ("mse", "l1", "huber", "smooth_l1")
-HUBER_SCHEDULES = ("constant", "exponential", "snr")
+
 PREDICTIONS = ("epsilon", "v")
 SNR_CLAMP = 1000.0  # debiased estimation: kohya limits the SNR to 1000 (t=0 is nearly inf)
 

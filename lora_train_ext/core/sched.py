@@ -12,11 +12,9 @@ import math
 
 import torch
 
+from .config import SCHEDULERS  # the settings table names them
 from .errors import UserError
 
-SCHEDULERS = (
-    "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial",
-)
 LR_END = 1e-7  # polynomial decays to this absolute LR (transformers' default lr_end)
 
 

@@ -62,8 +62,44 @@ class Host:
     @contextlib.contextmanager
     def exclusive(self, job: str) -> Iterator[None]:
         """Hold the host's GPU lock for a job that did not come through a wrapped UI call."""
-        with self._lock:
+        with self.gpu_lock():
             yield
+
+    def gpu_lock(self):
+        """The lock every GPU job holds (a run holds it from start to end, except while paused)."""
+        return self._lock
+
+    # -- pause and test ---------------------------------------------------------------------
+    def lend_model(self, snapshot: str) -> dict:
+        """A paused run hands the model over: hot-load its snapshot and let generations run
+        (the run's thread holds the lock and lets go of it here). Returns what `take_model_back`
+        needs to tell the same model from another one."""
+        self.hot_load([snapshot])
+        token = {"model": self.model_info().hash or self.model_info().name}
+        self.gpu_lock().release()
+        return token
+
+    def take_model_back(self, token: dict) -> None:
+        """Wait for the lock (a generation in progress finishes first), then check the model is
+        still the run's; raise UserError when it was switched."""
+        self.gpu_lock().acquire()
+        now = self.model_info().hash or self.model_info().name
+        if now != token["model"]:
+            from ..core.errors import UserError
+
+            raise UserError("model", f"the model was switched to {now} while the run was "
+                                     f"paused; its state is saved: load {token['model']} again "
+                                     "and resume the run from its state folder")
+
+    def free_memory(self) -> None:
+        """Give back what a finished run held (between queued runs)."""
+        import gc
+
+        import torch
+
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     # -- progress ---------------------------------------------------------------------------
     def on_progress(self, event: Progress) -> None:
@@ -79,6 +115,11 @@ class Host:
     def output_dir(self) -> str:
         return self.lora_dir()
 
+    def run_dir(self) -> str:
+        """Where runs keep their own files (state, history, samples, caches): not the Lora
+        folder, which holds only what the Lora cards show."""
+        raise NotImplementedError
+
     def hot_load(self, paths: list[str]) -> None:
         """Make new or rewritten adapter files usable at once (no restart)."""
 
@@ -91,11 +132,46 @@ class Host:
                     out.append(os.path.join(root, f))
         return sorted(out, key=lambda p: os.path.getmtime(p), reverse=True)
 
+    # -- merging into the loaded model ----------------------------------------------------------
+    def find_lora(self, name: str) -> str:
+        for path in self.list_loras():
+            if os.path.splitext(os.path.basename(path))[0] == name:
+                return path
+        raise FileNotFoundError(f"LoRA {name!r} not found in {self.output_dir()}")
+
+    def checkpoint_state(self) -> dict:
+        """The resident model's tensors under checkpoint key names, as views: writing into
+        them writes into the model."""
+        raise NotImplementedError
+
+    def release_networks(self) -> None:
+        """Before weights are changed or restored in place: undo and forget what the host's
+        own LoRA loader baked in (its backups would otherwise bring old weights back)."""
+
+    def model_changed(self) -> None:
+        """After weights changed in place: drop caches computed from the old ones."""
+
+    def checkpoint_dir(self) -> str:
+        raise NotImplementedError
+
+    def refresh_checkpoints(self) -> None:
+        """List a new checkpoint file without a restart."""
+
     # -- generation (test panel) ------------------------------------------------------------
     def generate(self, prompts: list[str], negative: str, seed: int, steps: int, width: int,
-                 height: int, cfg_scale: float) -> list:
+                 height: int, cfg_scale: float, sampler_name: str = "") -> list:
         """One PIL image per prompt, same seed for each. Called with the lock held."""
         raise NotImplementedError
+
+    def sampler(self, save):
+        """A TrainControl.sampler that makes samples with this host's own generation, on the
+        model as the run holds it (the adapter hooked in, at its current weights)."""
+        from ..core.sampling import sampler_for
+
+        def one(p):
+            return self.generate([p.prompt], p.negative, p.seed, p.steps, p.width, p.height,
+                                 p.cfg_scale, sampler_name=p.sampler)[0]
+        return sampler_for(one, save)
 
     def save_grid(self, image, prompt: str) -> str:
         """Save a grid image where the host saves grids; return its path."""

@@ -94,17 +94,29 @@ class StandaloneHost(Host):
     def lora_dir(self) -> str:
         return os.path.join(self.out_dir, "Lora")
 
+    def run_dir(self) -> str:
+        return os.path.join(self.out_dir, "runs")
+
     def hot_load(self, paths: list[str]) -> None:
         """Nothing is cached: every generation reads the file afresh, like a refreshed WebUI."""
 
     def _find_lora(self, name: str) -> str:
-        for path in self.list_loras():
-            if os.path.splitext(os.path.basename(path))[0] == name:
-                return path
-        raise FileNotFoundError(f"LoRA {name!r} not found in {self.lora_dir()}")
+        return self.find_lora(name)
+
+    def checkpoint_state(self) -> dict:
+        from ..core.models.tiny import checkpoint_state_dict
+
+        return checkpoint_state_dict(self.bundle)  # views of the CPU model's tensors
+
+    def checkpoint_dir(self) -> str:
+        folder = os.path.join(self.out_dir, "Stable-diffusion")
+        os.makedirs(folder, exist_ok=True)
+        return folder
 
     @torch.no_grad()
-    def generate(self, prompts, negative, seed, steps, width, height, cfg_scale):
+    def generate(self, prompts, negative, seed, steps, width, height, cfg_scale,
+                 sampler_name: str = ""):
+        """DDIM whatever `sampler_name` says (the tiny model has one sampler)."""
         images = []
         b = self.bundle
         for prompt in prompts:
@@ -125,27 +137,7 @@ class StandaloneHost(Host):
         return images
 
     def _sample(self, prompt, negative, seed, steps, width, height, cfg_scale) -> Image.Image:
-        """DDIM (eta 0) with classifier-free guidance, then the VAE decoder."""
-        b = self.bundle
-        ac = b.alphas_cumprod.float()
-        gen = torch.Generator().manual_seed(int(seed))
-        x = torch.randn(1, 4, height // 8, width // 8, generator=gen)
-        cond = b.condition([prompt])
-        uncond = b.condition([negative or ""])
-        ts = torch.linspace(999, 0, max(1, int(steps))).round().long()
-        for i, t in enumerate(ts):
-            tt = t.reshape(1)
-            eps_c = b.denoise(x, tt, cond)
-            eps_u = b.denoise(x, tt, uncond)
-            eps = eps_u + cfg_scale * (eps_c - eps_u)
-            a_t = ac[t]
-            a_prev = ac[ts[i + 1]] if i + 1 < len(ts) else torch.tensor(1.0)
-            x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
-            x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
-        scale = b.extras.get("vae_scale", 0.18215)
-        img = b.vae.decode(x / scale).clamp(-1, 1)
-        arr = ((img[0].permute(1, 2, 0).numpy() + 1) * 127.5).round().astype(np.uint8)
-        return Image.fromarray(arr)
+        return sample_image(self.bundle, prompt, negative, seed, steps, width, height, cfg_scale)
 
     def save_grid(self, image, prompt: str) -> str:
         folder = os.path.join(self.out_dir, "grids")
@@ -153,3 +145,35 @@ class StandaloneHost(Host):
         path = os.path.join(folder, f"grid-{time.strftime('%Y%m%d-%H%M%S')}.png")
         image.save(path)
         return path
+
+
+@torch.no_grad()
+def sample_image(bundle: ModelBundle, prompt: str, negative: str, seed: int, steps: int,
+                 width: int, height: int, cfg_scale: float) -> Image.Image:
+    """DDIM (eta 0) with classifier-free guidance, then the VAE decoder; the model's own
+    prediction type (epsilon or v)."""
+    b = bundle
+    ac = b.alphas_cumprod.float().cpu()
+    gen = torch.Generator().manual_seed(int(seed))
+    x = torch.randn(1, 4, height // 8, width // 8, generator=gen).to(b.device)
+    cond = b.condition([prompt])
+    uncond = b.condition([negative or ""])
+    ts = torch.linspace(999, 0, max(1, int(steps))).round().long()
+    for i, t in enumerate(ts):
+        tt = t.reshape(1).to(b.device)
+        out_c = b.denoise(x, tt, cond).float()
+        out_u = b.denoise(x, tt, uncond).float()
+        out = out_u + cfg_scale * (out_c - out_u)
+        a_t = ac[t]
+        a_prev = ac[ts[i + 1]] if i + 1 < len(ts) else torch.tensor(1.0)
+        if b.prediction == "v":  # v = sqrt(a) eps - sqrt(1 - a) x0
+            x0 = a_t.sqrt() * x - (1 - a_t).sqrt() * out
+            eps = (1 - a_t).sqrt() * x + a_t.sqrt() * out
+        else:
+            eps = out
+            x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+        x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+    scale = b.extras.get("vae_scale", 0.18215)
+    img = b.vae.decode(x / scale).clamp(-1, 1).float().cpu()
+    arr = ((img[0].permute(1, 2, 0).numpy() + 1) * 127.5).round().astype(np.uint8)
+    return Image.fromarray(arr)

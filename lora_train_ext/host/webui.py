@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import sys
 from typing import Iterator
 
@@ -163,6 +164,11 @@ class WebUIHost(Host):
         if weights.device.type == "cuda":
             return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         return "fp32" if weights.dtype == torch.float32 else "bf16"
+
+    def free_memory(self) -> None:
+        from modules import devices
+
+        devices.torch_gc()
 
     def device(self) -> torch.device | None:
         from modules import shared
@@ -341,6 +347,40 @@ class WebUIHost(Host):
         processing.StableDiffusionProcessingTxt2Img.cached_hr_c = [None, None]
         processing.StableDiffusionProcessingTxt2Img.cached_hr_uc = [None, None]
 
+    # -- merging into the loaded model ----------------------------------------------------------
+    def checkpoint_state(self) -> dict:
+        """shared.sd_model's tensors under checkpoint names: the WebUI's hijack wraps the text
+        encoders (`cond_stage_model.wrapped.transformer`, `...token_embedding.wrapped`), which
+        checkpoints do not name."""
+        from modules import shared
+
+        return {re.sub(r"\.wrapped(?=\.)", "", k): v
+                for k, v in shared.sd_model.state_dict().items()}
+
+    def release_networks(self) -> None:
+        """Restore what the Lora extension baked in, then drop its backups: after an in-memory
+        merge (or revert) they hold weights the model no longer has."""
+        from modules import shared
+
+        self.unload_baked_networks()
+        for module in shared.sd_model.modules():
+            for name in ("network_weights_backup", "network_bias_backup"):
+                if getattr(module, name, None) is not None:
+                    setattr(module, name, None)
+
+    def model_changed(self) -> None:
+        self.hot_load([])  # the conditioning caches and the Lora extension's state
+
+    def checkpoint_dir(self) -> str:
+        from modules import sd_models, shared
+
+        return getattr(shared.cmd_opts, "ckpt_dir", None) or sd_models.model_path
+
+    def refresh_checkpoints(self) -> None:
+        from modules import sd_models
+
+        sd_models.list_models()
+
     # -- attention ------------------------------------------------------------------------------
     def _use_training_attention(self) -> None:
         """Train with SDP attention unless the chosen optimisation is known to backprop well."""
@@ -397,6 +437,38 @@ class WebUIHost(Host):
         elif event.message:
             state.textinfo = event.message
 
+    def gpu_lock(self):
+        from modules import call_queue
+
+        return call_queue.queue_lock
+
+    def lend_model(self, snapshot: str) -> dict:
+        """Paused: the WebUI's own attention back for generations, the snapshot hot-loaded, the
+        queue lock let go (txt2img, the test grid and other extensions' jobs run)."""
+        from modules import shared
+
+        self._restore_attention()
+        token = super().lend_model(snapshot)  # hot-load, remember the model, release the lock
+        token["model_object"] = id(shared.sd_model)
+        shared.state.textinfo = f"Training LoRA: paused; test <lora:{os.path.splitext(os.path.basename(snapshot))[0]}>"
+        return token
+
+    def take_model_back(self, token: dict) -> None:
+        """Retake the queue lock (after a generation in progress), refuse another model, undo
+        what generations baked into the weights, and go back to training attention."""
+        from modules import shared
+
+        super().take_model_back(token)
+        if id(shared.sd_model) != token.get("model_object"):
+            from ..core.errors import UserError
+
+            raise UserError("model", "the WebUI loaded another model object while the run was "
+                                     "paused; its state is saved: resume it from its state folder")
+        self.unload_baked_networks()
+        self._use_training_attention()
+        shared.state.interrupted = False  # an Interrupt of a generation during the pause
+        shared.state.skipped = False
+
     def interrupt_requested(self) -> bool:
         from modules import shared
 
@@ -413,8 +485,17 @@ class WebUIHost(Host):
 
         return getattr(shared.opts, "lora_train_output_dir", "") or self.lora_dir()
 
+    def run_dir(self) -> str:
+        """Settings -> Train LoRA, else outputs/lora-train in the WebUI's data folder (where
+        its other outputs go): state, history, samples and caches, never the Lora folder."""
+        from modules import paths_internal, shared
+
+        return getattr(shared.opts, "lora_train_run_dir", "") or \
+            os.path.join(paths_internal.data_path, "outputs", "lora-train")
+
     # -- generation -----------------------------------------------------------------------------
-    def generate(self, prompts, negative, seed, steps, width, height, cfg_scale):
+    def generate(self, prompts, negative, seed, steps, width, height, cfg_scale,
+                 sampler_name: str = ""):
         from modules import processing, shared
 
         images = []
@@ -422,7 +503,8 @@ class WebUIHost(Host):
             p = processing.StableDiffusionProcessingTxt2Img(
                 sd_model=shared.sd_model, prompt=prompt, negative_prompt=negative, seed=int(seed),
                 steps=int(steps), width=int(width), height=int(height), cfg_scale=float(cfg_scale),
-                batch_size=1, n_iter=1, do_not_save_samples=True, do_not_save_grid=True)
+                batch_size=1, n_iter=1, do_not_save_samples=True, do_not_save_grid=True,
+                **({"sampler_name": sampler_name} if sampler_name else {}))
             try:
                 processed = processing.process_images(p)
             finally:

@@ -1,6 +1,12 @@
-"""A small inline SVG loss chart (raw and smoothed), so no plotting package is needed."""
+"""Small inline SVG line charts with axes, labels and a legend, so no plotting package is needed
+(the tab refreshes them every second while a run trains)."""
 
 from __future__ import annotations
+
+import html
+import math
+
+COLOURS = ("#e55", "#37c", "#2a7", "#c80", "#85c", "#999")
 
 
 def smooth(values: list[float], weight: float = 0.9) -> list[float]:
@@ -12,33 +18,78 @@ def smooth(values: list[float], weight: float = 0.9) -> list[float]:
     return out
 
 
-def loss_chart_svg(history: list[tuple[int, float]], width: int = 420, height: int = 140) -> str:
+def _fmt(v: float) -> str:
+    if v == 0:
+        return "0"
+    if abs(v) >= 1000 or abs(v) < 0.01:
+        return f"{v:.2e}"
+    return f"{v:.3g}"
+
+
+def line_chart_svg(title: str, series: dict[str, list[tuple[float, float]]], x_label: str = "step",
+                   y_label: str = "", width: int = 420, height: int = 160,
+                   styles: dict[str, str] | None = None) -> str:
+    """One chart of named series of (x, y) points: title, y axis with its label and range, x axis
+    with its label and range, a legend naming each line. Non-finite points are left out."""
+    series = {name: [(x, y) for x, y in pts if math.isfinite(y)] for name, pts in series.items()}
+    series = {name: pts for name, pts in series.items() if pts}
+    if not series:
+        return ""
+    xs = [x for pts in series.values() for x, _ in pts]
+    ys = [y for pts in series.values() for _, y in pts]
+    x0, x1 = min(xs), max(xs)
+    lo, hi = min(ys), max(ys)
+    if x1 - x0 < 1e-12:
+        x1 = x0 + 1
+    if hi - lo < 1e-12 * max(1.0, abs(hi)):
+        lo, hi = lo - 0.5 * (abs(lo) or 1), hi + 0.5 * (abs(hi) or 1)
+    left, right, top, bottom = 52, 8, 22, 30
+    plot_w, plot_h = width - left - right, height - top - bottom
+
+    def px(x: float, y: float) -> str:
+        return (f"{left + (x - x0) / (x1 - x0) * plot_w:.1f},"
+                f"{top + (hi - y) / (hi - lo) * plot_h:.1f}")
+
+    parts = [
+        f"<svg class='lora-train-chart' width='{width}' height='{height}' "
+        f"viewBox='0 0 {width} {height}' xmlns='http://www.w3.org/2000/svg' role='img' "
+        f"aria-label='{html.escape(title)}'>",
+        f"<text x='{left}' y='13' font-size='11' font-weight='bold'>{html.escape(title)}</text>",
+        f"<line x1='{left}' y1='{top}' x2='{left}' y2='{top + plot_h}' stroke='#888'/>",
+        f"<line x1='{left}' y1='{top + plot_h}' x2='{left + plot_w}' y2='{top + plot_h}' "
+        "stroke='#888'/>",
+        f"<text x='{left - 4}' y='{top + 8}' font-size='9' text-anchor='end'>{_fmt(hi)}</text>",
+        f"<text x='{left - 4}' y='{top + plot_h}' font-size='9' text-anchor='end'>{_fmt(lo)}</text>",
+        f"<text x='10' y='{top + plot_h / 2:.0f}' font-size='9' text-anchor='middle' "
+        f"transform='rotate(-90 10 {top + plot_h / 2:.0f})'>{html.escape(y_label)}</text>",
+        f"<text x='{left}' y='{height - 14}' font-size='9'>{_fmt(x0)}</text>",
+        f"<text x='{left + plot_w}' y='{height - 14}' font-size='9' text-anchor='end'>"
+        f"{_fmt(x1)}</text>",
+        f"<text x='{left + plot_w / 2:.0f}' y='{height - 3}' font-size='9' text-anchor='middle'>"
+        f"{html.escape(x_label)}</text>",
+    ]
+    legend_x = left + 8
+    for i, (name, pts) in enumerate(series.items()):
+        colour = COLOURS[i % len(COLOURS)]
+        style = (styles or {}).get(name, "")
+        width_ = "1" if style == "thin" else "2"
+        points = " ".join(px(x, y) for x, y in pts)
+        parts.append(f"<polyline class='series' data-name='{html.escape(name)}' fill='none' "
+                     f"stroke='{colour}' stroke-width='{width_}' points='{points}'/>")
+        parts.append(f"<rect x='{legend_x}' y='{top + 2}' width='10' height='3' fill='{colour}'/>")
+        parts.append(f"<text class='legend' x='{legend_x + 13}' y='{top + 7}' font-size='9'>"
+                     f"{html.escape(name)}</text>")
+        legend_x += 20 + 6 * len(name)
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def loss_chart_svg(history: list[tuple[int, float]], width: int = 420, height: int = 160) -> str:
+    """Loss per step, raw (thin) and smoothed."""
     if not history:
         return ""
-    steps = [s for s, _ in history]
     raw = [v for _, v in history]
-    smoothed = smooth(raw)
-    lo, hi = min(raw), max(raw)
-    if hi - lo < 1e-12:
-        hi = lo + 1.0
-    x0, x1 = steps[0], max(steps[-1], steps[0] + 1)
-    pad = 28
-
-    def point(step: int, value: float) -> str:
-        x = pad + (step - x0) / (x1 - x0) * (width - pad - 6)
-        y = 6 + (hi - value) / (hi - lo) * (height - 6 - 18)
-        return f"{x:.1f},{y:.1f}"
-
-    raw_pts = " ".join(point(s, v) for s, v in zip(steps, raw))
-    smooth_pts = " ".join(point(s, v) for s, v in zip(steps, smoothed))
-    return (
-        f"<svg class='lora-train-chart' width='{width}' height='{height}' viewBox='0 0 {width} {height}'"
-        " xmlns='http://www.w3.org/2000/svg' role='img' aria-label='loss chart'>"
-        f"<polyline fill='none' stroke='#9ab' stroke-width='1' points='{raw_pts}'/>"
-        f"<polyline fill='none' stroke='#e55' stroke-width='2' points='{smooth_pts}'/>"
-        f"<text x='2' y='12' font-size='10'>{hi:.3f}</text>"
-        f"<text x='2' y='{height - 20}' font-size='10'>{lo:.3f}</text>"
-        f"<text x='{pad}' y='{height - 4}' font-size='10'>step {steps[0]}</text>"
-        f"<text x='{width - 70}' y='{height - 4}' font-size='10'>step {steps[-1]}</text>"
-        "</svg>"
-    )
+    steps = [s for s, _ in history]
+    return line_chart_svg("Loss", {"raw": list(zip(steps, raw)),
+                                   "smoothed": list(zip(steps, smooth(raw)))},
+                          y_label="loss", width=width, height=height, styles={"raw": "thin"})

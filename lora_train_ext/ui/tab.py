@@ -14,8 +14,8 @@ from typing import Any, Callable
 
 from ..core.config import GROUPS, SETTINGS, RunConfig, Spec
 from ..core.errors import UserError
-from ..runs import RunManager, parse_strengths, strength_grid
-from .chart import loss_chart_svg
+from ..runs import (RunManager, parse_strengths, snapshot_grid, snapshots_of, strength_grid)
+from .chart import line_chart_svg, loss_chart_svg
 
 PRESET_DEFAULT = "default (AdamW, rank 8)"
 
@@ -63,7 +63,7 @@ def config_from_form(values: list[Any], base: RunConfig | None = None) -> RunCon
 
 
 def status_html(manager: RunManager) -> str:
-    run = manager.latest()
+    run = manager.current()
     if run is None:
         return "<div class='lora-train-status'>No run yet. Choose a dataset folder and press Train.</div>"
     parts = [f"<b>{html.escape(run.config.save.output_name)}</b>: {run.state}"]
@@ -73,9 +73,19 @@ def status_html(manager: RunManager) -> str:
         parts.append(f"loss {run.loss:.4f} (avg {run.loss_avg or 0:.4f})")
     if run.lr:
         parts.append("lr " + ", ".join(f"{k} {v:.2e}" for k, v in run.lr.items()))
+    if run.images_per_s is not None and run.state == "running":
+        parts.append(f"{run.images_per_s:.2f} images/s")
     if run.eta is not None and run.state == "running":
         parts.append(f"ETA {run.eta:.0f}s")
+    queued = [r for r in manager.list() if r.state == "queued" and r is not run]
+    if queued:
+        parts.append(f"{len(queued)} more queued")
     body = " · ".join(parts)
+    if run.state == "paused" and run.paused_snapshot:
+        name = os.path.splitext(os.path.basename(run.paused_snapshot))[0]
+        body += (f"<div class='lora-train-message'>Paused: the model is free. Test "
+                 f"<code>&lt;lora:{html.escape(name)}:1&gt;</code> in txt2img or the test grid, "
+                 "then press Resume.</div>")
     if run.error:
         body += f"<div class='lora-train-error'>{html.escape(run.error)}</div>"
     elif run.message:
@@ -83,8 +93,76 @@ def status_html(manager: RunManager) -> str:
     if run.files:
         body += "<div class='lora-train-files'>Saved: " + ", ".join(
             html.escape(os.path.basename(p)) for p in run.files) + "</div>"
-    chart = loss_chart_svg(run.history) if run.history else ""
+    chart = run_charts_html(run)
     return f"<div class='lora-train-status' data-state='{run.state}'>{body}{chart}</div>"
+
+
+def tag_table_html(names: list[str], strengths: list[float], tags: list[str], path: str) -> str:
+    """The grid's cells as a table of their `<lora:...>` tags; a click copies a tag."""
+    head = "".join(f"<th>{s:g}</th>" for s in strengths)
+    rows = []
+    for r, name in enumerate(names):
+        cells = []
+        for c in range(len(strengths)):
+            tag = html.escape(tags[r * len(strengths) + c])
+            cells.append(f"<td><button class='lora-train-tag' title='copy' onclick=\"navigator."
+                         f"clipboard.writeText(this.textContent)\">{tag}</button></td>")
+        rows.append(f"<tr><th>{html.escape(name)}</th>{''.join(cells)}</tr>")
+    return (f"<div class='lora-train-message'>saved {html.escape(path)}; click a tag to copy it"
+            f"</div><table class='lora-train-tags'><tr><th></th>{head}</tr>{''.join(rows)}</table>")
+
+
+def merge_state_html(merger) -> str:
+    state = merger.state
+    if not state.backups:
+        return "<div class='lora-train-message'>Nothing is merged: the model has its own weights.</div>"
+    rows = ", ".join(html.escape(f"{os.path.basename(s.path)}:{s.strength:g}") for s in state.specs)
+    return (f"<div class='lora-train-message'>Merged into {html.escape(state.model)}: {rows} "
+            f"({len(state.backups)} tensors; Revert restores them exactly)</div>")
+
+
+def queue_choices(manager: RunManager) -> list[str]:
+    return [f"{r.id} {r.config.save.output_name}" for r in manager.queued()]
+
+
+def queue_table_html(manager: RunManager) -> str:
+    """The queued runs in order, and the last few that ended with their state."""
+    rows = [f"<li>{i}. <b>{html.escape(r.config.save.output_name)}</b> ({r.id}) queued</li>"
+            for i, r in enumerate(manager.queued(), 1)]
+    running = [r for r in manager.list() if r.state == "running"]
+    ended = [r for r in manager.list() if r.state not in ("queued", "running")][:5]
+    head = "".join(f"<li>running: <b>{html.escape(r.config.save.output_name)}</b> step "
+                   f"{r.step}/{r.total}</li>" for r in running)
+    tail = "".join(f"<li>{html.escape(r.config.save.output_name)}: {r.state}"
+                   + (f" ({html.escape(r.error)})" if r.error else "") + "</li>" for r in ended)
+    if not (rows or head or tail):
+        return "<div class='lora-train-queue'>The queue is empty. Runs added with Add to queue train one after another.</div>"
+    return f"<div class='lora-train-queue'><ul>{head}{''.join(rows)}{tail}</ul></div>"
+
+
+def sample_gallery(manager: RunManager, limit: int = 16) -> list[tuple[str, str]]:
+    """The shown run's samples, newest first, captioned with their step."""
+    run = manager.current()
+    if run is None:
+        return []
+    return [(path, f"step {step}") for step, path in reversed(run.samples[-limit:])
+            if os.path.isfile(path)]
+
+
+def run_charts_html(run) -> str:
+    """Loss (raw and smoothed), effective LR per part, images/s and memory, as the run goes."""
+    charts = [loss_chart_svg(run.history)]
+    groups = sorted({g for _, lrs in run.lr_history for g in lrs})
+    if groups:
+        charts.append(line_chart_svg(
+            "Learning rate (effective: d x lr for adaptive optimizers)",
+            {g: [(s, lrs[g]) for s, lrs in run.lr_history if g in lrs] for g in groups},
+            y_label="lr"))
+    if run.speed_history:
+        charts.append(line_chart_svg("Speed", {"images/s": run.speed_history}, y_label="images/s"))
+    if run.memory_history:
+        charts.append(line_chart_svg("Memory", {"MiB": run.memory_history}, y_label="MiB"))
+    return "".join(c for c in charts if c)
 
 
 def error_html(message: str) -> str:
@@ -128,6 +206,18 @@ def build_tab(host, manager: RunManager, wrap_gpu: Callable[[Callable], Callable
             with gr.Column(scale=3):
                 for f in SIMPLE_FIELDS:
                     widgets[f.path] = widget(f, defaults.get(f.path))
+                with gr.Accordion("Presets and config files", open=False):
+                    with gr.Row():
+                        preset_name = gr.Textbox(label="Preset name", elem_id="lora_train_preset_name",
+                                                 info="Save the form as a named preset (or delete one)")
+                        preset_save = gr.Button("Save preset", elem_id="lora_train_preset_save")
+                        preset_delete = gr.Button("Delete preset", elem_id="lora_train_preset_delete")
+                    with gr.Row():
+                        config_path = gr.Textbox(label="Config file", elem_id="lora_train_config_path",
+                                                 info="Our NAME.config.toml / .json, a kohya_ss GUI "
+                                                      "JSON or an sd-scripts TOML: fills the form")
+                        config_load = gr.Button("Load config", elem_id="lora_train_config_load")
+                    config_info = gr.HTML(elem_id="lora_train_config_info")
                 with gr.Row():
                     preset = gr.Dropdown(choices=[PRESET_DEFAULT, *manager.presets()],
                                          value=PRESET_DEFAULT,
@@ -141,10 +231,24 @@ def build_tab(host, manager: RunManager, wrap_gpu: Callable[[Callable], Callable
                 with gr.Row():
                     check = gr.Button("Check dataset", elem_id="lora_train_check")
                     train = gr.Button("Train", variant="primary", elem_id="lora_train_start")
+                    enqueue = gr.Button("Add to queue", elem_id="lora_train_enqueue")
+                    pause = gr.Button("Pause and test", elem_id="lora_train_pause")
                     stop = gr.Button("Stop", elem_id="lora_train_stop")
                 task_id = gr.Textbox(visible=False, elem_id="lora_train_task_id")
                 gr.HTML("<div id='lora_train_progress_anchor'></div>")
                 status = gr.HTML(status_html(manager), elem_id="lora_train_status")
+                with gr.Accordion("Queue", open=False):
+                    queue_html = gr.HTML(queue_table_html(manager), elem_id="lora_train_queue")
+                    with gr.Row():
+                        queue_pick = gr.Dropdown(choices=queue_choices(manager), label="Queued run",
+                                                 elem_id="lora_train_queue_pick")
+                        up = gr.Button("↑", elem_id="lora_train_queue_up",
+                                       elem_classes=["lora-train-tool"])
+                        down = gr.Button("↓", elem_id="lora_train_queue_down",
+                                         elem_classes=["lora-train-tool"])
+                        cancel = gr.Button("Cancel", elem_id="lora_train_queue_cancel")
+                samples = gr.Gallery(label="Samples while training (newest first)",
+                                     elem_id="lora_train_samples", columns=4, height="auto")
                 dataset_report = gr.Textbox(label="Dataset check", lines=6, interactive=False,
                                             elem_id="lora_train_dataset_report")
                 dataset_preview = gr.Gallery(label="What the model will see (bucketed, cropped)",
@@ -168,11 +272,48 @@ def build_tab(host, manager: RunManager, wrap_gpu: Callable[[Callable], Callable
                                                     elem_id="lora_train_test_unet",
                                                     info="UNet multipliers, comma separated")
                     with gr.Row():
-                        seed = gr.Number(value=1234, precision=0, label="Seed", elem_id="lora_train_test_seed")
+                        seed = gr.Number(value=1234, precision=0, label="Grid seed", elem_id="lora_train_test_seed")
                         steps = gr.Number(value=20, precision=0, label="Sampling steps", elem_id="lora_train_test_steps")
-                        size = gr.Number(value=info.default_resolution, precision=0, label="Size",
+                        size = gr.Number(value=info.default_resolution, precision=0, label="Grid size",
                                          elem_id="lora_train_test_size")
                     test_button = gr.Button("Generate grid", variant="primary", elem_id="lora_train_test_run")
+                    with gr.Accordion("Pick the best snapshot (snapshots x strengths)", open=False):
+                        snaps = gr.Dropdown(choices=[], multiselect=True, label="Snapshots",
+                                            elem_id="lora_train_snapshots",
+                                            info="The chosen LoRA's snapshots and final file; "
+                                                 "empty = all of them")
+                        grid_strengths = gr.Textbox(value="0.5, 0.75, 1", label="Strengths (columns)",
+                                                    elem_id="lora_train_snapshot_strengths")
+                        snap_button = gr.Button("Snapshot grid", elem_id="lora_train_snapshot_run")
+                    with gr.Accordion("Merge into the loaded model (A/B, revert, save)",
+                                      open=False):
+                        merge_pick = gr.Dropdown(choices=_lora_names(host), label="Add a LoRA",
+                                                 elem_id="lora_train_merge_pick",
+                                                 info="Adds NAME:1 to the list below")
+                        merge_lines = gr.Textbox(label="LoRAs to merge", lines=3,
+                                                 elem_id="lora_train_merge_lines",
+                                                 info="NAME[:STRENGTH[:TE:UNET]] [blocks=IN:0.5,OUT:1], "
+                                                      "one per line")
+                        with gr.Row():
+                            merge_button = gr.Button("Merge", variant="primary",
+                                                     elem_id="lora_train_merge_run")
+                            compare_button = gr.Button("A/B", elem_id="lora_train_merge_ab")
+                            revert_button = gr.Button("Revert", elem_id="lora_train_merge_revert")
+                        with gr.Row():
+                            save_name = gr.Textbox(label="Checkpoint name", elem_id="lora_train_merge_name")
+                            save_precision = gr.Dropdown(choices=["fp16", "bf16", "fp32"], value="fp16",
+                                                         label="Checkpoint precision",
+                                                         elem_id="lora_train_merge_precision")
+                            save_vae = gr.Textbox(label="Bake VAE file (optional)",
+                                                  elem_id="lora_train_merge_vae")
+                            save_button = gr.Button("Save as checkpoint",
+                                                    elem_id="lora_train_merge_save")
+                        merge_info = gr.HTML(elem_id="lora_train_merge_info")
+                        with gr.Row():
+                            image_a = gr.Image(label="A: original weights", type="pil",
+                                               interactive=False, elem_id="lora_train_merge_a")
+                            image_b = gr.Image(label="B: merged", type="pil", interactive=False,
+                                               elem_id="lora_train_merge_b")
                     test_image = gr.Image(label="Grid", type="pil", interactive=False,
                                           elem_id="lora_train_test_grid")
                     test_info = gr.HTML(elem_id="lora_train_test_info")
@@ -197,8 +338,106 @@ def build_tab(host, manager: RunManager, wrap_gpu: Callable[[Callable], Callable
             except UserError as e:
                 return [f"error: {e}", []]
 
+        def on_enqueue(preset_name, *values):
+            try:
+                cfg = config_from_form(list(values), base=manager.preset_config(preset_name))
+                record = manager.enqueue(cfg)
+            except UserError as e:
+                return [error_html(str(e)), queue_table_html(manager), gr.update()]
+            message = (f"<div class='lora-train-message'>queued {html.escape(record.config.save.output_name)}"
+                       f" (position {manager.position(record.id) or 'next'})</div>")
+            return [message + status_html(manager), queue_table_html(manager),
+                    gr.update(choices=queue_choices(manager))]
+
+        def on_queue(action, pick):
+            run_id = (pick or "").split(" ")[0]
+            try:
+                if action == "cancel":
+                    manager.cancel(run_id)
+                else:
+                    manager.move(run_id, -1 if action == "up" else 1)
+            except KeyError:
+                pass  # it started or left the queue meanwhile
+            choices = queue_choices(manager)
+            return [queue_table_html(manager),
+                    gr.update(choices=choices, value=pick if pick in choices else None)]
+
+        def on_snapshot_grid(task, name, picked, prompt_, negative_, seed_, steps_, size_, text):
+            try:
+                strengths = parse_strengths(text, "Strengths")
+                side = int(size_ or 512)
+                if side < 64 or side % 8:
+                    raise UserError("Grid size", "give a multiple of 8, at least 64")
+                names = list(picked or []) or snapshots_of(host, name or "")
+                grid, tags = snapshot_grid(host, names, strengths, prompt_, negative_,
+                                           int(seed_ or 0), steps=int(steps_ or 20),
+                                           width=side, height=side)
+                path = host.save_grid(grid, prompt_)
+            except (UserError, FileNotFoundError) as e:
+                return [None, error_html(str(e))]
+            return [grid, tag_table_html(names, strengths, tags, path)]
+
+        def on_pause():
+            """Pause (a running run) or resume (a paused one): one button."""
+            run = manager.current()
+            try:
+                if run is not None and run.state == "paused":
+                    manager.resume(run.id)
+                elif run is not None and run.state == "running":
+                    manager.pause(run.id)
+            except UserError as e:
+                return [error_html(str(e)), gr.update()]
+            label = "Resume" if run is not None and run.state in ("running", "paused") and \
+                run.control.pause_requested else "Pause and test"
+            return [status_html(manager), gr.update(value=label)]
+
+        def on_merge(task, action, lines, name, precision, vae, prompt_, negative_, seed_, steps_,
+                     size_):
+            from ..merging import parse_merge_lines
+
+            merger = manager.merger
+            a = b = None
+            try:
+                if action == "merge":
+                    merger.merge(parse_merge_lines(lines or "", host.find_lora))
+                elif action == "revert":
+                    merger.revert()
+                elif action == "compare":
+                    a, b = merger.compare(prompt_, negative_, int(seed_ or 0),
+                                          int(steps_ or 20), int(size_ or 512))
+                elif action == "save":
+                    path = merger.save_checkpoint(name or "", precision or "fp16", vae or "")
+                    return [None, None, f"<div class='lora-train-message'>saved "
+                                        f"{html.escape(path)}; it is in the checkpoint list</div>"]
+            except (UserError, FileNotFoundError) as e:
+                return [None, None, error_html(str(e))]
+            return [a, b, merge_state_html(merger)]
+
+        def on_preset_file(action, name, path, preset_name_, *values):
+            """Save / delete a preset, or load a config file into the form."""
+            keep = [gr.update() for _ in values]
+            choices = gr.update()
+            try:
+                if action == "save":
+                    cfg = config_from_form(list(values), base=manager.preset_config(preset_name_))
+                    where = manager.save_preset(name or "", cfg)
+                    text = f"saved preset {name} ({os.path.basename(where)})"
+                    choices = gr.update(choices=[PRESET_DEFAULT, *manager.presets()], value=name)
+                elif action == "delete":
+                    manager.delete_preset(name or "")
+                    text = f"deleted preset {name}"
+                    choices = gr.update(choices=[PRESET_DEFAULT, *manager.presets()],
+                                        value=PRESET_DEFAULT)
+                else:
+                    cfg, notes = manager.load_config_file(path or "")
+                    keep = form_values(cfg)
+                    text = "loaded " + os.path.basename(path) + ("; " + "; ".join(notes) if notes else "")
+            except UserError as e:
+                return [*keep, choices, error_html(str(e))]
+            return [*keep, choices, f"<div class='lora-train-message'>{html.escape(text)}</div>"]
+
         def on_stop():
-            run = manager.latest()
+            run = manager.current()
             if run is not None and run.state in ("queued", "running"):
                 manager.stop(run.id)
             return status_html(manager)
@@ -230,14 +469,43 @@ def build_tab(host, manager: RunManager, wrap_gpu: Callable[[Callable], Callable
                     **train_kw)
         check.click(on_check, inputs=[preset, *form], outputs=[dataset_report, dataset_preview])
         stop.click(on_stop, inputs=[], outputs=[status])
+        merge_pick.change(lambda name, text: ((text or "").rstrip("\n") + "\n" + f"{name}:1").strip()
+                          if name else text, inputs=[merge_pick, merge_lines], outputs=[merge_lines])
+        merge_inputs = [task_id, merge_lines, save_name, save_precision, save_vae, prompt,
+                        negative, seed, steps, size]
+        for button, action in ((merge_button, "merge"), (revert_button, "revert"),
+                               (compare_button, "compare"), (save_button, "save")):
+            button.click(wrap_gpu(lambda task, *args, a=action: on_merge(task, a, *args),
+                                  [None, None]),
+                         inputs=merge_inputs, outputs=[image_a, image_b, merge_info],
+                         **{js_kw: _submit_js("loraTrainTestSubmit")})
+        pause.click(on_pause, inputs=[], outputs=[status, pause])
+        enqueue.click(on_enqueue, inputs=[preset, *form], outputs=[status, queue_html, queue_pick])
+        for button, action in ((up, "up"), (down, "down"), (cancel, "cancel")):
+            button.click(lambda pick, a=action: on_queue(a, pick), inputs=[queue_pick],
+                         outputs=[queue_html, queue_pick])
         preset.change(on_preset, inputs=[preset], outputs=form)
+        for button, action in ((preset_save, "save"), (preset_delete, "delete"),
+                               (config_load, "load")):
+            button.click(lambda name, path, pname, *values, a=action:
+                         on_preset_file(a, name, path, pname, *values),
+                         inputs=[preset_name, config_path, preset, *form],
+                         outputs=[*form, preset, config_info])
         refresh.click(lambda: gr.update(choices=_lora_names(host)), inputs=[], outputs=[lora])
+        lora.change(lambda name: gr.update(choices=snapshots_of(host, name or ""), value=[]),
+                    inputs=[lora], outputs=[snaps])
+        snap_kw = {js_kw: _submit_js("loraTrainTestSubmit")}
+        snap_button.click(wrap_gpu(on_snapshot_grid, [None]),
+                          inputs=[task_id, lora, snaps, prompt, negative, seed, steps, size,
+                                  grid_strengths], outputs=[test_image, test_info], **snap_kw)
+        # the list is read when the page loads, not only when the tab was built
+        tab.load(lambda: gr.update(choices=_lora_names(host)), inputs=[], outputs=[lora])
         test_kw = {js_kw: _submit_js("loraTrainTestSubmit")}
         test_button.click(wrap_gpu(on_test, [None]), inputs=[task_id, lora, prompt, negative, seed, steps, size,
                                                        te_strengths, unet_strengths],
                           outputs=[test_image, test_info], **test_kw)
-        tab.load(lambda: status_html(manager), inputs=[], outputs=[status], every=1,
-                 show_progress="hidden")
+        tab.load(lambda: [status_html(manager), sample_gallery(manager), queue_table_html(manager)],
+                 inputs=[], outputs=[status, samples, queue_html], every=1, show_progress="hidden")
     return tab
 
 

@@ -12,7 +12,7 @@ import hashlib
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import Callable, Iterator
+from typing import Callable, Generator
 
 import numpy as np
 import torch
@@ -84,8 +84,8 @@ class _Sample:
 
 
 class TrainData:
-    """The run's dataset. Scans at construction; raises UserError for a missing folder or an
-    empty dataset before any model work.
+    """The run's dataset, all the trainer asks of one (`bundle.TrainingData`) and more. Scans at
+    construction; raises UserError for a missing folder or an empty dataset before any model work.
 
     count_tokens: counts a caption's tokens for the token limit (default: an approximation of
         CLIP's tokenizer, see captions.approx_token_count).
@@ -450,7 +450,7 @@ class TrainData:
             keys=[self.items[s.item].path for s in kept],
             is_reg=[self.items[s.item].is_reg for s in kept])
 
-    def batches(self, epoch: int, start: int = 0) -> Iterator[Batch]:
+    def batches(self, epoch: int, start: int = 0) -> Generator[Batch, None, None]:
         """The batches of `epoch` in their seeded order, from batch index `start` (resume:
         start=state["batch_index"]; skipped batches cost nothing, no image is loaded for them).
         Images that fail to load are left out of their batch with an `unreadable` problem in

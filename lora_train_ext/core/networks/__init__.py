@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..config import NetworkConfig
+from ..config import ALGOS, NetworkConfig
 from ..errors import UserError
 from .base import AdapterModule, AdapterNetwork, part_of
 from .dora import DoRAModule
@@ -35,7 +35,7 @@ __all__ = ["AdapterModule", "AdapterNetwork", "LoRAModule", "LoHaModule", "LoKrM
            "part_of", "SUPPORTED_ALGOS", "IA3_OUTPUT_SUFFIXES", "IA3_INPUT_SUFFIXES",
            "algo_of_tensors", "adapter_from_tensors"]
 
-SUPPORTED_ALGOS = ("lora", "locon", "loha", "lokr", "ia3", "dora", "full")
+SUPPORTED_ALGOS = ALGOS  # the settings table names them
 
 # IA3 targets by kohya name ending: scaled on the output (keys, values) or on the input (the
 # feed-forward's hidden activation, i.e. the input of its second layer).

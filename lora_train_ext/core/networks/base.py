@@ -74,6 +74,11 @@ class AdapterModule(nn.Module):
         """The change of the base weight (same shape), multiplier applied, fp32."""
         raise NotImplementedError
 
+    @torch.no_grad()
+    def scale_delta_(self, factor: float) -> None:
+        """Multiply the delta by factor, in place (max-norm regularisation)."""
+        raise NotImplementedError
+
     def base_weight_shape(self) -> tuple[int, ...]:
         return tuple(self.base.weight.shape)
 
@@ -100,6 +105,15 @@ class AdapterNetwork(nn.Module):
     def detach(self) -> None:
         for a in self:
             a.detach()
+
+    def scale_weight_norms_(self, max_norm: float) -> None:
+        """Scale each adapter down so the norm of its weight delta is at most max_norm (kohya's
+        scale_weight_norms)."""
+        with torch.no_grad():
+            for a in self:
+                norm = a.delta_weight().norm()
+                if norm > max_norm:
+                    a.scale_delta_(float(max_norm / norm))
 
     def set_multiplier(self, value: float, part: str | None = None) -> None:
         """Set the strength of every adapter, or of one part ('unet' or a text encoder)."""

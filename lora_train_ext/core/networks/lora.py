@@ -77,6 +77,14 @@ class LoRAModule(AdapterModule):
         return lora_delta(self.lora_down.weight, self.lora_up.weight, self.alpha,
                           self.base_weight_shape()) * self.multiplier
 
+    @torch.no_grad()
+    def scale_delta_(self, factor: float) -> None:
+        """Multiply the delta by factor: up and down share sqrt(|factor|) as kohya's max-norm
+        scaling does (and up takes the sign)."""
+        root = math.sqrt(abs(factor))
+        self.lora_up.weight.mul_(math.copysign(root, factor))
+        self.lora_down.weight.mul_(root)
+
 
 def lora_delta(down: torch.Tensor, up: torch.Tensor, alpha: torch.Tensor | float | None,
                base_shape: tuple[int, ...]) -> torch.Tensor:

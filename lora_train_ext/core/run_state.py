@@ -1,0 +1,189 @@
+"""A run's full state, for exact resume: `NAME-state/training_state.pth` + `NAME-state/config.json`.
+
+The state holds everything the rest of a run depends on: adapter weights, optimizer and scheduler
+state, the python / numpy / torch / CUDA RNGs and the noise generator, the data position (epoch,
+batch in epoch), losses, history and the snapshot list. A run resumed from it takes the same steps
+as one that was never stopped. Everything else is recomputed deterministically: the data order
+follows from (seed, epoch), cached latents from the frozen VAE, cached text conditioning from the
+frozen text encoder.
+
+The process's RNGs are the host's too (the WebUI's next generation draws from them): a run seeds
+them for itself, so `process_rngs_kept()` gives them back as they were when it ends.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, Callable, Iterator
+
+import numpy as np
+import torch
+
+from . import optim as O
+from .config import RunConfig
+from .errors import UserError
+from .fsio import atomic_write
+
+if TYPE_CHECKING:
+    from .trainer import Trainer
+
+# not .pt / .ckpt / .safetensors: the WebUI lists those in the Lora folder as networks
+STATE_FILE = "training_state.pth"
+STATE_FORMAT = 2
+# Settings a resumed run may change without changing its result (where files go and in what
+# precision, how many snapshots are kept, whether the end state is saved).
+_RESUME_FREE = ("save.output_dir", "save.run_dir", "save.output_name", "save.save_dtype", "save.keep_last",
+                "save.save_state", "save.comment", "network.existing_lora", "data.cache_dir",
+                "data.cache_to_disk", "version")
+
+
+def state_dir(cfg: RunConfig) -> str:
+    from .run_files import run_path
+
+    return run_path(cfg.save, f"{cfg.save.output_name}-state")
+
+
+def save_state(run: Trainer) -> str:
+    """Write NAME-state/training_state.pth (atomically) and NAME-state/config.json; return the
+    folder."""
+    folder = state_dir(run.cfg)
+    os.makedirs(folder, exist_ok=True)
+    epoch, batch_in_epoch = run.epoch, run.batch_in_epoch
+    data = run.data.state_dict()  # counts batches that came back empty, too
+    if int(data.get("epoch", -1)) == epoch:
+        batch_in_epoch = max(batch_in_epoch, int(data.get("batch_index", 0)))
+    state = {
+        "format": STATE_FORMAT,
+        "step": run.step,
+        "step_offset": run.step_offset,
+        "epoch": epoch,
+        "batch_in_epoch": batch_in_epoch,
+        "losses": list(run.losses),
+        "history": list(run.history),
+        "snapshots": list(run.snapshots),
+        "network": {k: v.detach().cpu().clone() for k, v in run.network.state_dict().items()},
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
+        "rng": rng_states(run.generator),
+        "data": data,
+        "config": run.cfg.to_dict(),
+        "session_id": run.session_id,
+        "started_at": run.started_at,
+    }
+    atomic_write(os.path.join(folder, STATE_FILE), lambda tmp: torch.save(state, tmp))
+    run.cfg.write(os.path.join(folder, "config.json"))
+    return folder
+
+
+def read_state(folder: str, cfg: RunConfig, warn: Callable[[str], None]) -> dict:
+    """The saved state, before any model work; `warn` hears of settings that changed since."""
+    path = os.path.join(folder, STATE_FILE)
+    if not os.path.isfile(path):
+        raise UserError("resume", f"no saved state in {folder} (expected {STATE_FILE}, "
+                                  "written with save.save_state or when a run is stopped)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # a truncated or foreign file
+        raise UserError("resume", f"cannot read {path}: {e}") from None
+    if not isinstance(state, dict) or state.get("format") not in (1, STATE_FORMAT):
+        raise UserError("resume", f"{path} is not a state this version can resume")
+    changed = _config_changes(state.get("config") or {}, cfg.to_dict())
+    if changed:
+        warn("resuming with settings that differ from the saved run ("
+             + ", ".join(changed[:6]) + (", ..." if len(changed) > 6 else "")
+             + "); the result will not match an uninterrupted run")
+    return state
+
+
+def restore_state(run: Trainer, state: dict, warn: Callable[[str], None]) -> None:
+    """Weights, optimizer, scheduler, counters and data position into a run that is set up.
+    The RNGs are not: `set_rng_states(state["rng"], ...)` comes last, nothing may draw after."""
+    try:
+        run.network.load_state_dict(state["network"])
+    except (RuntimeError, KeyError) as e:
+        raise UserError("resume", f"the saved adapter does not fit this network: {e}") from None
+    try:
+        run.optimizer.load_state_dict(state["optimizer"])
+    except (ValueError, KeyError) as e:
+        raise UserError("resume", f"the saved optimizer state does not fit: {e}") from None
+    O.set_train_mode(run.optimizer, True)
+    sched = dict(state["scheduler"])
+    # the schedule's shape comes from this run's config; only its position is restored
+    sched["lr_lambdas"] = [None] * len(run.optimizer.param_groups)
+    run.scheduler.load_state_dict(sched)
+    run.step, run.step_offset = int(state["step"]), int(state.get("step_offset", 0))
+    run.epoch, run.batch_in_epoch = int(state["epoch"]), int(state["batch_in_epoch"])
+    run.losses = list(state["losses"])
+    run.history = list(state.get("history", []))
+    run.snapshots = list(state.get("snapshots", []))
+    run.session_id, run.started_at = state["session_id"], state["started_at"]
+    saved = state.get("data") or {}
+    if saved:
+        fingerprint = run.data.state_dict().get("fingerprint")
+        run.data.load_state_dict(saved)
+        if saved.get("fingerprint") not in (None, fingerprint):
+            warn("the dataset changed since the state was saved: the resumed data order is "
+                 "not the one the run started with")
+
+
+# -- RNGs ----------------------------------------------------------------------------------------
+def seed_process_rngs(seed: int) -> None:
+    """Seed python `random`, numpy's global generator and torch's (CPU and every CUDA device)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def process_rng_states() -> dict[str, Any]:
+    """The process-wide generators: python `random`, numpy's global, torch's CPU and CUDA."""
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_process_rng_states(rng: dict[str, Any]) -> None:
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+@contextmanager
+def process_rngs_kept() -> Iterator[None]:
+    """Give the process's RNGs back as they were on the way out (return, stop or exception)."""
+    saved = process_rng_states()
+    try:
+        yield
+    finally:
+        set_process_rng_states(saved)
+
+
+def rng_states(generator: torch.Generator) -> dict[str, Any]:
+    """A run's RNGs for its saved state: the process's (seeded by the run) and its noise
+    generator."""
+    return {**process_rng_states(), "generator": generator.get_state()}
+
+
+def set_rng_states(rng: dict[str, Any], generator: torch.Generator) -> None:
+    set_process_rng_states(rng)
+    generator.set_state(rng["generator"])
+
+
+def _config_changes(saved: dict, now: dict, prefix: str = "") -> list[str]:
+    """`section.key old -> new` for every setting that changes a run's result (a key only one
+    side has is a setting added or removed between versions: its default applies)."""
+    out = []
+    for key in sorted(set(saved) & set(now)):
+        name = f"{prefix}{key}"
+        a, b = saved.get(key), now.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _config_changes(a, b, name + ".")
+        elif a != b and name not in _RESUME_FREE:
+            out.append(f"{name} {a!r} -> {b!r}")
+    return out
