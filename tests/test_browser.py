@@ -149,7 +149,9 @@ def test_train_then_grid_in_the_browser(preview):
         assert seen_step, "no live progress was shown while training"
         assert "browser_lora.safetensors" in text
         assert (out / "Lora" / "browser_lora.safetensors").is_file()
-        assert page.locator("#lora_train_status svg").count() == 1  # the loss chart
+        charts = page.locator("#lora_train_status svg")
+        assert charts.count() == 4, charts.count()  # loss, learning rate, speed, memory
+        assert "Loss" in charts.first.inner_html()
 
         expect(page.locator("#lora_train_test_lora input").first).to_have_value("browser_lora")
         _set(page, "lora_train_test_prompt", "shp style, red circle")
