@@ -31,6 +31,7 @@ PREDICTIONS = ("auto", "epsilon", "v")
 ALGOS = ("lora", "locon", "loha", "lokr", "ia3", "dora", "full")
 TARGETS = ("both", "unet", "te")
 DTYPES = ("fp32", "bf16", "fp16")
+BASE_DTYPES = ("auto", "fp32", "fp16", "bf16")
 ADAPTER_DTYPES = ("fp32", "bf16")
 SAVE_DTYPES = ("fp16", "bf16", "fp32")
 LOSSES = ("mse", "l1", "huber", "smooth_l1")
@@ -214,9 +215,17 @@ class ModelConfig:
         "auto", "What the UNet predicts: auto takes the model's own (v for SD2-768 models)",
         "Prediction", "Training", choices=PREDICTIONS)
     checkpoint: str = setting(
-        "", "A checkpoint file to train on instead of the loaded model", "Checkpoint", None,
-        not_built="training on a checkpoint file is not built yet (it comes with the headless "
-                  "`train` command); runs train the loaded model")
+        "", "Headless `train` only: the checkpoint file to train on (SD1.x, SD2.x or SDXL base, "
+            "one .safetensors file as the WebUI loads it); the tab and the API train the loaded "
+            "model", "Checkpoint", None)
+    vae: str = setting(
+        "", "Headless `train` only: a VAE file to use instead of the checkpoint's own (empty = "
+            "the checkpoint's)", "VAE file", None)
+    base_dtype: str = setting(
+        "auto", "Headless `train` only: precision the base model's weights are kept in (auto = "
+                "fp32 on the CPU, the training precision on a GPU; fp16 / bf16 halve the memory "
+                "and need that training precision)", "Base model precision", None,
+        choices=BASE_DTYPES)
     zero_terminal_snr: bool = setting(
         False, "Rescale the noise schedule to zero SNR at the last step (for v-prediction models)",
         "Zero terminal SNR", "Loss and noise")
@@ -556,6 +565,12 @@ def _cross_field_problems(cfg: "RunConfig") -> list[UserError]:
             l.timestep_max <= l.timestep_min:
         out.append(UserError("loss.timestep_max", f"{l.timestep_max} must be above "
                                                   f"loss.timestep_min {l.timestep_min}"))
+    m, t = cfg.model, cfg.train
+    if m.base_dtype in ("fp16", "bf16") and t.dtype in DTYPES and t.dtype != m.base_dtype:
+        out.append(UserError("model.base_dtype", f"{m.base_dtype} base weights need training "
+                                                 f"precision {m.base_dtype} (train.dtype is "
+                                                 f"{t.dtype}); use auto or fp32, or set "
+                                                 f"train.dtype {m.base_dtype}"))
     return out
 
 

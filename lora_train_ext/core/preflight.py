@@ -44,12 +44,17 @@ class Preflight:
 
 def preflight(cfg: RunConfig, *, arch: str | None = None, device: torch.device | str | None = None,
               dataset: bool = True, scan: bool = True,
-              host_check: Callable[[RunConfig], None] | None = None) -> Preflight:
+              host_check: Callable[[RunConfig], None] | None = None,
+              allow_pickle: bool = False, model_loaded: bool = False) -> Preflight:
     """Check `cfg` for a run on a model of `arch` (default: cfg.model.arch) on `device`.
 
     dataset: check the dataset, regularization and mask folders (False where the caller brings
     its own data, as tests do); scan: also scan the dataset for usable images (the trainer, which
-    scans it right after, says False); host_check: the host's own refusals (raises UserError)."""
+    scans it right after, says False); host_check: the host's own refusals (raises UserError); a
+    host trains its loaded model, so the headless settings (model.checkpoint, model.vae,
+    model.base_dtype) are refused with it. allow_pickle: a .ckpt checkpoint may be unpickled
+    (`train --allow-ckpt`); model_loaded: the model is built already (the trainer's own check),
+    so model.checkpoint and model.vae are not read again."""
     out = Preflight()
     out.problems += cfg.problems()
     arch = arch or cfg.model.arch
@@ -65,10 +70,13 @@ def preflight(cfg: RunConfig, *, arch: str | None = None, device: torch.device |
         out.problems.append(UserError("train.dtype", "fp16 needs a CUDA GPU; use bf16 or fp32 "
                                                      "on the CPU"))
     if host_check is not None:
+        out.problems += _headless_only(cfg)
         try:
             host_check(cfg)
         except UserError as e:
             out.problems.append(e)
+    elif not model_loaded and not bad_fields & {"model.checkpoint", "model.vae"}:
+        out.problems += _checkpoint_problems(cfg, arch, allow_pickle)
     out.problems += _output_problems(cfg)
     out.problems += _file_problems(cfg, arch)
     if dataset:
@@ -91,6 +99,41 @@ def _output_problems(cfg: RunConfig) -> list[UserError]:
         probe_dir = parent
     if not os.path.isdir(probe_dir) or not os.access(probe_dir, os.W_OK | os.X_OK):
         return [UserError("save.output_dir", f"cannot write to {folder}")]
+    return []
+
+
+HEADLESS_SETTINGS = ("model.checkpoint", "model.vae", "model.base_dtype")
+
+
+def _headless_only(cfg: RunConfig) -> list[UserError]:
+    """The WebUI (and the preview) train the model they have loaded, in its own precision."""
+    from .config import RunConfig as _Defaults
+
+    default = _Defaults()
+    return [UserError(path, "only the headless `train` command uses it; the WebUI trains the "
+                            "model (and VAE) it has loaded: leave it "
+                            + (repr(default.get(path)) if default.get(path) else "empty"))
+            for path in HEADLESS_SETTINGS if cfg.get(path) != default.get(path)]
+
+
+def _checkpoint_problems(cfg: RunConfig, arch: str, allow_pickle: bool) -> list[UserError]:
+    """The checkpoint (and VAE) file: readable, a trainable arch, the arch the run is for, known
+    widths; nothing is built (a safetensors header is all that is read)."""
+    path = cfg.model.checkpoint
+    if not path:
+        if cfg.model.vae:
+            return [UserError("model.vae", "a VAE file goes with model.checkpoint (headless "
+                                           "`train`); give the checkpoint too")]
+        return []
+    from .models.checkpoint_file import inspect_checkpoint
+
+    try:
+        found = inspect_checkpoint(path, cfg.model.vae, allow_pickle)
+    except UserError as e:
+        return [e]
+    if found.arch != arch:
+        return [UserError("model.arch", f"the checkpoint is {found.arch}, not {arch}; leave "
+                                        "model.arch out (it is read from the checkpoint)")]
     return []
 
 

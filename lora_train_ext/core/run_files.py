@@ -81,9 +81,22 @@ def run_file(s: SaveConfig, suffix: str) -> str:
     return run_path(s, f"{s.output_name}{suffix}")
 
 
+# settings holding paths: written absolute into NAME.config.toml, so it works from any folder
+PATH_SETTINGS = ("model.checkpoint", "model.vae", "data.dataset_dir", "data.reg_dir",
+                 "data.mask_dir", "data.cache_dir", "network.existing_lora", "save.output_dir",
+                 "save.run_dir")
+
+
 def write_config(s: SaveConfig, config: dict[str, Any]) -> str:
-    """NAME.config.toml: every setting of the run (`RunConfig.to_dict()`), with the config
-    version; `demo --config` and `RunConfig.read` take it back as it is."""
+    """NAME.config.toml: every setting of the run (`RunConfig.to_dict()`, as given: before the
+    run fills in a cache folder) with the config version and its paths made absolute;
+    `train --config` / `demo --config` and `RunConfig.read` take it back as it is."""
+    config = {k: dict(v) if isinstance(v, dict) else v for k, v in config.items()}
+    for setting in PATH_SETTINGS:
+        section, key = setting.split(".")
+        value = config.get(section, {}).get(key)
+        if value:
+            config[section][key] = os.path.abspath(value)
     path = run_file(s, ".config.toml")
     atomic_write_text(path, to_toml(config))
     return path

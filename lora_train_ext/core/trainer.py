@@ -146,7 +146,8 @@ class Trainer:
         as_given = cfg.to_dict()  # NAME.config.toml: the settings before the run fills any in
         # the same check as the tab, the API and the command line: every problem at once
         checked = preflight(cfg, arch=self.bundle.arch, device=self.device,
-                            dataset=self.data is None, scan=False).raise_if_failed()
+                            dataset=self.data is None, scan=False,
+                            model_loaded=True).raise_if_failed()
         for message in checked.warnings:
             self._warn(message)
         state = read_state(self.resume_dir, cfg, self._warn) if self.resume_dir else None
