@@ -3,6 +3,9 @@
 A run executes either in the caller's thread (the tab's Train button, which the WebUI already
 runs under its queue lock) or in a background thread that takes the host's lock itself (the API).
 Either way the same `execute()` does the work, so the tab and the API behave alike.
+
+Records of ended runs (finished, stopped, failed, cancelled) are kept up to `keep_finished`
+(100): past that the oldest ended ones are dropped; queued, running and paused runs never are.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from .core.run_files import ema_path
 from .core.trainer import train
 
 STATES = ("queued", "running", "finished", "stopped", "failed", "cancelled")
+ENDED_STATES = ("finished", "stopped", "failed", "cancelled")
+KEEP_FINISHED_RUNS = 100
 
 
 @dataclass
@@ -69,9 +74,10 @@ class RunRecord:
 
 
 class RunManager:
-    def __init__(self, host):
+    def __init__(self, host, keep_finished: int = KEEP_FINISHED_RUNS):
         self.host = host
         self.runs: dict[str, RunRecord] = {}
+        self.keep_finished = keep_finished
         self._lock = threading.Lock()
         self.last_warnings: list[str] = []
         self._queue: list[str] = []  # ids of queued runs, in the order they will run
@@ -178,7 +184,22 @@ class RunManager:
         record = RunRecord(id=uuid.uuid4().hex[:12], config=cfg)
         with self._lock:
             self.runs[record.id] = record
+            self._prune_locked()
         return record
+
+    def _prune_locked(self) -> None:
+        """Drop the oldest ended runs (by end time) beyond `keep_finished`; the lock is held."""
+        ended = [r for r in self.runs.values() if r.state in ENDED_STATES]
+        excess = len(ended) - self.keep_finished
+        if excess <= 0:
+            return
+        ended.sort(key=lambda r: (r.finished if r.finished is not None else r.created, r.created))
+        for record in ended[:excess]:
+            del self.runs[record.id]
+
+    def _ended(self) -> None:
+        with self._lock:
+            self._prune_locked()
 
     # -- executing --------------------------------------------------------------------------
     def execute(self, record: RunRecord) -> RunRecord:
@@ -227,6 +248,7 @@ class RunManager:
         finally:
             record.finished = record.finished or time.time()
             self.host.clear_conditioning_cache()  # failed runs too: samples cached their prompts
+            self._ended()
         return record
 
     # -- the queue: runs one after another in a worker thread that takes the host's lock ------
@@ -289,6 +311,7 @@ class RunManager:
                     record.state, record.finished = "stopped", time.time()
                 else:
                     self.execute(record)
+            self._ended()
             self.host.free_memory()
 
     def _on_event(self, record: RunRecord, event: Progress) -> None:
@@ -332,7 +355,9 @@ class RunManager:
         return record
 
     def list(self) -> list[RunRecord]:
-        return sorted(self.runs.values(), key=lambda r: r.created, reverse=True)
+        with self._lock:  # a run ending in another thread may drop records meanwhile
+            records = list(self.runs.values())
+        return sorted(records, key=lambda r: r.created, reverse=True)
 
     def latest(self) -> RunRecord | None:
         runs = self.list()

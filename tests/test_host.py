@@ -256,3 +256,48 @@ def test_the_prompt_cache_is_cleared_after_any_run(webui, demo_dataset):
         manager.execute(record)
     assert record.state == "failed"
     assert processing.StableDiffusionProcessing.cached_c == [None, None]
+
+
+def test_run_records_keep_at_most_100_ended_runs_oldest_dropped_first(tmp_path, monkeypatch):
+    """Ended runs (finished / stopped / failed / cancelled) beyond 100 are dropped, the one that
+    ended longest ago first; queued, running and paused records stay however old they are."""
+    import lora_train_ext.runs as runs_mod
+    from lora_train_ext.core.errors import TrainingError
+    from lora_train_ext.host.standalone import StandaloneHost
+
+    host = StandaloneHost(str(tmp_path))
+    manager = RunManager(host)
+    assert manager.keep_finished == runs_mod.KEEP_FINISHED_RUNS == 100
+    monkeypatch.setattr(manager, "prepare_config", lambda cfg: cfg)
+    active = [manager.create(RunConfig()) for _ in range(5)]
+    for record, state in zip(active, ["running", "paused", "queued", "queued", "queued"]):
+        record.state, record.created = state, 1.0  # older than everything else
+    ended = []
+    for i in range(110):
+        record = manager.create(RunConfig())
+        # ended in the reverse order of creation: the oldest *ended* are the last created
+        record.state = ("finished", "stopped", "failed", "cancelled")[i % 4]
+        record.created, record.finished = 100.0 + i, 10_000.0 - i
+        ended.append(record)
+    newest = manager.create(RunConfig())  # creating prunes
+    kept = {r.id for r in manager.list()}
+    assert len(kept) == 5 + 100 + 1
+    assert {r.id for r in active} <= kept and newest.id in kept
+    dropped = [r.id for r in ended if r.id not in kept]
+    assert dropped == [r.id for r in ended[-10:]]  # the 10 that ended first
+    with pytest.raises(KeyError):
+        manager.get(dropped[0])
+
+    # a run that ends drops the oldest ended record at once (here: fails in training)
+    def fail(*args, **kwargs):
+        raise TrainingError("boom")
+
+    monkeypatch.setattr(runs_mod, "train", fail)
+    oldest_kept = min((r for r in ended if r.id in kept), key=lambda r: r.finished)
+    with host.exclusive("test"):
+        manager.execute(newest)
+    assert newest.state == "failed" and newest.error == "training failed: boom"
+    ids = {r.id for r in manager.list()}
+    assert newest.id in ids and oldest_kept.id not in ids
+    assert sum(r.state in runs_mod.ENDED_STATES for r in manager.list()) == 100
+    assert sum(r.state in ("queued", "running", "paused") for r in manager.list()) == 5

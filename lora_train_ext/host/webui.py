@@ -36,6 +36,7 @@ from ..core.bundle import ModelBundle, Progress
 from .base import Host, ModelInfo
 
 SETTINGS_SECTION = ("lora_train", "Train LoRA")
+API_OPTION = "lora_train_api"  # the setting that offers the HTTP API without --api
 TRAIN_SAFE_ATTENTION = ("sdp", "sdp-no-mem", "xformers")
 _ABSENT = object()
 
@@ -100,6 +101,21 @@ def _encoder_sha256(vae: torch.nn.Module, scale_factor) -> str:
         if t.numel():
             h.update(t.contiguous().reshape(-1).view(torch.uint8).cpu().numpy().tobytes())
     return h.hexdigest()
+
+
+def api_requested() -> bool:
+    """Whether to add the /lora-train/v1/ routes: only when the user asked for an API, with
+    `--api` (or `--nowebui`, where the API is all the WebUI serves) or with this extension's
+    setting. The option is read with a default: under --nowebui no settings page registers it."""
+    from modules import shared
+
+    cmd_opts = shared.cmd_opts
+    if getattr(cmd_opts, "api", False) or getattr(cmd_opts, "nowebui", False):
+        return True
+    try:
+        return bool(getattr(shared.opts, API_OPTION, False))
+    except Exception:  # an Options object without the key and without a default
+        return False
 
 
 class WebUIHost(Host):
