@@ -133,7 +133,7 @@ def test_lr_zero_means_do_not_train_and_empty_means_inherit_everywhere():
         cfg = make("optim.te_lr", 0)
         assert cfg.optim.te_lr == 0 and trained_parts(cfg) == ["unet"]
     values = tab.form_values(RunConfig())
-    assert values[[f.path for f in tab.ALL_FIELDS].index("optim.te_lr")] is None  # empty field
+    assert values[[f.path for f in tab.ALL_FIELDS].index("optim.te_lr")] == ""  # an empty field
     cfg = tab.config_from_form(values)
     assert cfg.optim.te_lr is None and cfg.te_lr == cfg.optim.lr
     assert RunConfig.from_dict({"optim": {"te_lr": ""}}).optim.te_lr is None
@@ -341,3 +341,18 @@ def test_reference_data_lives_in_the_repository():
     with pytest.raises(FileNotFoundError):
         fixture_file("no_such.tsv")  # a missing file fails the test; it never skips
     assert len(fixture_file("checkpoint_keys", "sd15_unet.tsv").read_text().splitlines()) == 686
+
+
+def test_optional_numbers_are_text_fields_so_empty_stays_empty():
+    """gradio's Number sends 0 for an empty field, and 0 means "do not train this part": the
+    settings that may be empty are text fields in the tab (a browser saw every run refused)."""
+    optional = [f for f in tab.ALL_FIELDS if f.optional]
+    assert {f.path for f in optional} >= {"optim.unet_lr", "optim.te_lr"}
+    assert all(tab.widget_kind(f) == "text" for f in optional)
+    values = tab.form_values(RunConfig())
+    cfg = tab.config_from_form(values)
+    assert cfg.optim.unet_lr is None and cfg.optim.te_lr is None
+    assert trained_parts(cfg) == ["unet", "te"]
+    index = [f.path for f in tab.ALL_FIELDS].index("optim.te_lr")
+    values[index] = "5e-05"
+    assert tab.config_from_form(values).optim.te_lr == 5e-05

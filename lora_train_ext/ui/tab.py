@@ -32,6 +32,8 @@ def widget_kind(spec: Spec) -> str:
         return "check"
     if spec.choices or spec.path == "optim.optimizer":
         return "choice"
+    if spec.optional:
+        return "text"  # a number field cannot be left empty: gradio sends 0, which means else
     return {int: "int", float: "number", str: "text"}[spec.kind]
 
 
@@ -46,7 +48,9 @@ def form_values(cfg: RunConfig) -> list[Any]:
     out = []
     for f in ALL_FIELDS:
         v = cfg.get(f.path)
-        out.append("" if v is None and f.kind is str else v)
+        if widget_kind(f) == "text":
+            v = "" if v is None else str(v)
+        out.append(v)
     return out
 
 
@@ -196,8 +200,9 @@ def build_tab(host, manager: RunManager, wrap_gpu: Callable[[Callable], Callable
         if kind == "int":
             return gr.Number(value=value, precision=0, **kw)
         if kind == "number":
-            return gr.Number(value=value, **kw)  # None (empty) where the setting may be empty
-        return gr.Textbox(value=value or "", lines=1, **kw)
+            return gr.Number(value=value, **kw)
+        text = "" if value is None else str(value)
+        return gr.Textbox(value=text, lines=1, **kw)
 
     with gr.Blocks(analytics_enabled=False) as tab:
         with gr.Row():
