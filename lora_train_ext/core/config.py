@@ -228,8 +228,8 @@ class NetworkConfig:
         "lora", "lora: attention and feed-forward layers; locon: also the 3x3 convs; loha, lokr, "
         "ia3, dora, full, oft (diag-OFT), boft (butterfly OFT): the LyCORIS kinds. ia3 files "
         "load in the WebUI, not in ComfyUI, Forge or diffusers; diffusers misreads dora's "
-        "magnitude; oft loads in the WebUI 1.10 and ComfyUI, boft in the WebUI 1.10 and "
-        "ComfyUI, neither in Forge or diffusers", "Algorithm", "Network",
+        "magnitude; oft and boft load in the WebUI 1.10 and ComfyUI, not in Forge or diffusers",
+        "Algorithm", "Network",
         choices=ALGOS)
     rank: int = setting(8, "Size of the adapter (dim); 8-32 for a character or style, 64-128 "
                            "for more detail", "Rank (dim)", "Network", low=1, high=MAX_RANK)
@@ -281,9 +281,10 @@ class NetworkConfig:
             "count is a power of two. conv_rank > 0 adds the convs", "OFT block size",
         "Network", low=2, high=MAX_RANK)
     oft_constraint: float = setting(
-        0.0, "OFT / BOFT: COFT constraint, the rotation's |Q| at most this x channels (0 = "
-             "none; saved as alpha). ComfyUI bounds |Q| by alpha itself; SD.Next and WebUI "
-             "before 1.10 apply nothing at 0", "OFT constraint", "Network", low=0)
+        0.0, "OFT / BOFT: COFT constraint, the norm of the rotation's Q at most this x "
+             "channels (0 = none; saved as alpha). ComfyUI bounds the norm by alpha itself; "
+             "SD.Next and WebUI before 1.10 apply nothing at 0", "OFT constraint", "Network",
+        low=0)
     oft_rescaled: bool = setting(
         False, "OFT / BOFT: also learn a scale per output channel (LyCORIS's rescaled); ComfyUI "
                "ignores it for oft", "OFT rescaled", "Network")
