@@ -3,10 +3,10 @@
 Written for these tests from reading that extension's source (`network.py` NetworkModule:
 `calc_scale`, `finalize_updown`, `apply_weight_decompose`; `network_lora.py`, `network_hada.py`,
 `network_lokr.py`, `network_ia3.py`, `network_full.py`, `network_oft.py` (v1.10.1) `calc_updown`;
-`lyco_helpers.py`), not copied from it. It follows the loader step by step, reshapes included, so a file whose tensors
-the loader would read differently from our modules (a wrong axis, a missing scale, a shape the
-loader cannot reshape) fails here. Everything is computed in float64 so the oracle's own
-rounding is far below the tolerances the tests use.
+`lyco_helpers.py`), not copied from it. It follows the loader step by step, reshapes included, so
+a file whose tensors the loader would read differently from our modules (a wrong axis, a missing
+scale, a shape the loader cannot reshape) fails here. Everything is computed in float64 so the
+oracle's own rounding is far below the tolerances the tests use.
 
 Facts it encodes:
 - Module type: the first of LoRA (`lora_up.weight` + `lora_down.weight`), LoHa (all four

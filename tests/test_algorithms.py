@@ -1,6 +1,6 @@
 """Every algorithm (LoRA, LoCon, LoHa, LoKr, IA3, DoRA, full, OFT, BOFT) on the tiny SD1 model and
-on single Linear / 1x1 conv / 3x3 conv layers: zero-init identity, hooked == merged, detach bit-exact,
-save -> load exact, our delta == the WebUI loader's delta from the saved tensors (tests/
+on single Linear / 1x1 conv / 3x3 conv layers: zero-init identity, hooked == merged, detach
+bit-exact, save -> load exact, our delta == the WebUI loader's delta from the saved tensors (tests/
 loader_oracle.py), module_delta (merge) == our delta, checkpoint merge == hooked model, a short
 training run moves the adapter, inspect reports the algorithm. Cross-checked with the real
 `lycoris-lora` package when it is importable (test-only)."""

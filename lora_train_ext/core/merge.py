@@ -4,8 +4,9 @@ several LoRA files into one.
 Only the key map (kohya name -> checkpoint weight key) and the delta math are needed, no model
 code. Every algorithm we save merges (LoRA / LoCon, LoHa, LoKr, IA3, DoRA, full, OFT, BOFT) with
 the delta the WebUI's built-in loader computes from the same tensors. IA3, DoRA, OFT and BOFT
-deltas depend on the weight they modify: as in the WebUI (which applies networks one after another to the live
-weight), a file's module sees the weight with the earlier files already merged. `full`'s
+deltas depend on the weight they modify: as in the WebUI (which applies networks one after
+another to the live weight), a file's module sees the weight with the earlier files already
+merged. `full`'s
 `diff_b` changes the bias next to the weight.
 
 The checkpoint merge streams: the checkpoint is read one tensor at a time and the output written

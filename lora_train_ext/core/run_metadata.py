@@ -119,7 +119,8 @@ def build_metadata(info: LoraInfo, file_name: str = "") -> dict[str, str]:
         "ss_training_started_at": info.started_at,
         "ss_training_finished_at": now_iso(),
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": f"{MODELSPEC_ARCH[arch_key]}/{'lycoris-' + lycoris_algo if is_lycoris else 'lora'}",
+        "modelspec.architecture": f"{MODELSPEC_ARCH[arch_key]}/"
+                                  f"{'lycoris-' + lycoris_algo if is_lycoris else 'lora'}",
         "modelspec.implementation": "https://github.com/Stability-AI/generative-models"
         if info.arch == "sdxl" else "diffusers",
         "modelspec.title": info.title or info.output_name,

@@ -34,7 +34,8 @@ from .oft import BOFTModule, OFTModule
 from .targets import Target, block_id, block_value, find_targets, parse_block_values
 
 __all__ = ["AdapterModule", "AdapterNetwork", "LoRAModule", "LoHaModule", "LoKrModule",
-           "IA3Module", "DoRAModule", "FullModule", "OFTModule", "BOFTModule", "Target", "build_network", "find_targets",
+           "IA3Module", "DoRAModule", "FullModule", "OFTModule", "BOFTModule", "Target",
+           "build_network", "find_targets",
            "part_of", "SUPPORTED_ALGOS", "IA3_OUTPUT_SUFFIXES", "IA3_INPUT_SUFFIXES",
            "algo_of_tensors", "adapter_from_tensors", "BASE_DEPENDENT_ALGOS"]
 

@@ -64,7 +64,7 @@ def rotation_minus_identity(blocks: torch.Tensor, bound: float) -> torch.Tensor:
 
 def oft_delta(base_weight: torch.Tensor, blocks: torch.Tensor, constraint: float,
               rescale: torch.Tensor | None = None) -> torch.Tensor:
-    """fp32 W' - W for OFT blocks (num_blocks, b, b) on a weight (out, ...), out = num_blocks * b."""
+    """fp32 W' - W for OFT blocks (num_blocks, b, b) on a weight (out, ...); out = num_blocks b."""
     w = base_weight.float()
     n, b = blocks.shape[0], blocks.shape[-1]
     if n * b != w.shape[0]:
