@@ -291,8 +291,11 @@ def _unknown_modules(arch: str, names: list[str]) -> list[str]:
 #   update and drop the magnitude without a word. OFT / BOFT (v1.10.1 `network_oft.py`): a
 #   3-axis `oft_blocks` is OFT (blocks from its first axis, |Q| clamped to alpha x channels
 #   unless alpha is 0 or absent), a 4-axis one BOFT, `rescale` applied to both, `oft_diag` (old
-#   LyCORIS) taken as R itself. Earlier releases (1.7-1.9) read 3-axis `oft_blocks` only and
-#   clamp |Q| to alpha x channels even at alpha 0, i.e. apply nothing then.
+#   LyCORIS) taken as R itself. Its einsum mixes the fp32 R with the weight's dtype: fp32
+#   weights (--no-half, CPU) or autocast (the CUDA fp16 default) work, half weights outside
+#   autocast raise a dtype error per module (counted as a network error, nothing applied).
+#   Earlier releases (1.7-1.9) read 3-axis `oft_blocks` only and clamp |Q| to alpha x channels
+#   even at alpha 0, i.e. apply nothing then.
 # - sdnext: SD.Next's lora module, the same module types (IA3 included); its `network_oft.py`
 #   (the stored copy of modules/lora/) is the WebUI 1.7-1.9 one: 3-axis `oft_blocks` with a
 #   clamp at alpha x channels (nothing at alpha 0), no `rescale`, no BOFT.
