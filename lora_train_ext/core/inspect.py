@@ -353,8 +353,8 @@ def _oft_verdicts(report: dict, verdicts: dict[str, str], algos: list[str]) -> N
     alphas = report.get("alphas", [])
     if oft and verdicts.get("sdnext") == "yes":
         if not alphas or min(alphas) <= 0:
-            verdicts["sdnext"] = "no: alpha (the constraint) is 0, which SD.Next takes as a " \
-                                 "clamp of the rotation to nothing"
+            verdicts["sdnext"] = "no: alpha (the constraint) is 0 or absent; SD.Next clamps the " \
+                                 "rotation to alpha x channels, i.e. to nothing"
         elif rescaled:
             verdicts["sdnext"] = "partial: SD.Next ignores rescale"
     if verdicts.get("comfyui") == "yes":
