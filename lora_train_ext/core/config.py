@@ -28,7 +28,7 @@ CONFIG_VERSION = 1
 
 ARCHES = ("sd1", "sd2", "sdxl")
 PREDICTIONS = ("auto", "epsilon", "v")
-ALGOS = ("lora", "locon", "loha", "lokr", "ia3", "dora", "full")
+ALGOS = ("lora", "locon", "loha", "lokr", "ia3", "dora", "full", "oft", "boft")
 TARGETS = ("both", "unet", "te")
 DTYPES = ("fp32", "bf16", "fp16")
 BASE_DTYPES = ("auto", "fp32", "fp16", "bf16")
@@ -236,8 +236,10 @@ class ModelConfig:
 class NetworkConfig:
     algo: str = setting(
         "lora", "lora: attention and feed-forward layers; locon: also the 3x3 convs; loha, lokr, "
-        "ia3, dora, full: the LyCORIS kinds. ia3 files load in the WebUI, not in ComfyUI, Forge "
-        "or diffusers; diffusers misreads dora's magnitude", "Algorithm", "Network",
+        "ia3, dora, full, oft (diag-OFT), boft (butterfly OFT): the LyCORIS kinds. ia3 files "
+        "load in the WebUI, not in ComfyUI, Forge or diffusers; diffusers misreads dora's "
+        "magnitude; oft and boft load in the WebUI 1.10 and ComfyUI, not in Forge or diffusers",
+        "Algorithm", "Network",
         choices=ALGOS)
     rank: int = setting(8, "Size of the adapter (dim); 8-32 for a character or style, 64-128 "
                            "for more detail", "Rank (dim)", "Network", low=1, high=MAX_RANK)
@@ -282,6 +284,20 @@ class NetworkConfig:
                                 "LoKr: full matrix", "Network")
     use_tucker: bool = setting(False, "LoHa / LoKr: CP/Tucker cores for the 3x3 convs",
                                "Tucker decomposition", "Network")
+    oft_block_size: int = setting(
+        16, "OFT / BOFT: size of the rotation blocks (LyCORIS's dim for these). OFT: a divisor "
+            "of each layer's channels, at most their square root (LyCORIS's split: 320 channels "
+            "with 32 give blocks of 10); BOFT: the largest even size up to this whose block "
+            "count is a power of two. conv_rank > 0 adds the convs", "OFT block size",
+        "Network", low=2, high=MAX_RANK)
+    oft_constraint: float = setting(
+        0.0, "OFT / BOFT: COFT constraint, the norm of the rotation's Q at most this x "
+             "channels (0 = none; saved as alpha). ComfyUI bounds the norm by alpha itself; "
+             "SD.Next and WebUI before 1.10 apply nothing at 0", "OFT constraint", "Network",
+        low=0)
+    oft_rescaled: bool = setting(
+        False, "OFT / BOFT: also learn a scale per output channel (LyCORIS's rescaled); ComfyUI "
+               "ignores it for oft", "OFT rescaled", "Network")
 
 
 @dataclass

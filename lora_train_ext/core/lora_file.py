@@ -84,11 +84,16 @@ def save_lora(tensors: dict[str, torch.Tensor], info: LoraInfo, path: str,
     return meta
 
 
+def _size_word(algo: str) -> str:
+    return "block size" if algo in ("oft", "boft") else "rank"
+
+
 def write_sidecar(path: str, info: LoraInfo, field: str = "save.output_dir") -> str:
     """NAME.json as the WebUI's Lora card reads it."""
     side = os.path.splitext(path)[0] + ".json"
     data = {
-        "description": info.comment or f"{info.algo} rank {info.rank} trained with lora-train-ext",
+        "description": info.comment or f"{info.algo} {_size_word(info.algo)} {info.rank} trained "
+                                       "with lora-train-ext",
         "activation text": info.trigger_phrase,
         "preferred weight": 1.0,
         "sd version": SD_VERSION[info.arch],

@@ -1,4 +1,5 @@
-"""Adapters whose change is a weight delta built from their factors (LoHa, LoKr, IA3, DoRA, full).
+"""Adapters whose change is a weight delta built from their factors (LoHa, LoKr, IA3, DoRA, full,
+OFT, BOFT).
 
 Their output change is the base layer's own operation (F.linear, or F.conv2d with the base's
 stride / padding / dilation / groups) applied with the delta as weight (and the bias change as
