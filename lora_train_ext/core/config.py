@@ -52,7 +52,9 @@ RESERVED_NAMES = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(1, 10))
                   *(f"lpt{i}" for i in range(1, 10))}
 
 # tab groups, in the order the accordions appear; "" = the simple fields shown at the top
-GROUPS = ("", "Network", "Optimizer and learning rate", "Training", "Dataset", "Captions",
+MODES = ("images", "slider", "difference")
+SLIDER_ACTIONS = ("slider", "enhance", "erase")
+GROUPS = ("", "Training mode", "Network", "Optimizer and learning rate", "Training", "Dataset", "Captions",
           "Loss and noise", "Samples", "Saving")
 
 
@@ -539,6 +541,42 @@ def _multiple_of_8(v: int) -> None:
 
 
 @dataclass
+class ModeConfig:
+    kind: str = setting(
+        "images", "What the LoRA learns from: images (a captioned dataset), slider (prompts "
+                  "only: a concept slider / LECO, no images), difference (image pairs: what "
+                  "changes from NAME to NAME_after)", "Training mode", "Training mode",
+        choices=MODES, flag="--mode")
+    target: str = setting("", "Slider: the prompt the LoRA acts on, e.g. 'a photo of a person'",
+                          "Slider target prompt", "Training mode", flag="--slider-target")
+    positive: str = setting("", "Slider: where +1 goes, e.g. 'a photo of a smiling person'",
+                            "Slider positive prompt", "Training mode", flag="--slider-positive")
+    negative: str = setting("", "Slider: where -1 goes (empty = the empty prompt)",
+                            "Slider negative prompt", "Training mode", flag="--slider-negative")
+    neutral: str = setting("", "Slider: the prediction the change starts from (empty = the "
+                               "target prompt)", "Slider neutral prompt", "Training mode",
+                           flag="--slider-neutral")
+    action: str = setting(
+        "slider", "slider: +s toward the positive, -s toward the negative; enhance: the "
+                  "positive concept stronger; erase: the positive concept removed",
+        "Slider action", "Training mode", choices=SLIDER_ACTIONS, flag="--slider-action")
+    guidance: float = setting(1.0, "Slider: how far one unit of strength moves (the target is "
+                                   "neutral + guidance x (positive - negative))",
+                              "Slider guidance", "Training mode", low=0, low_open=True, high=100,
+                              flag="--slider-guidance")
+    denoise_steps: int = setting(
+        3, "Slider: steps of the frozen model from noise to the trained timestep, so the "
+           "latents look like what that timestep sees (0 = pure noise)", "Slider denoise steps",
+        "Training mode", low=0, high=50, flag="--slider-denoise-steps")
+    pair_suffix: str = setting("_after", "Difference: NAME.png pairs with NAME<suffix>.png in "
+                                         "the dataset folder", "Pair suffix", "Training mode",
+                               flag="--pair-suffix")
+    after_dir: str = setting("", "Difference: the second images in their own folder, named "
+                                 "like the first ones (instead of the suffix)",
+                             "After-images folder", "Training mode", flag="--after-dir")
+
+
+@dataclass
 class SampleConfig:
     prompts: str = setting(
         "", "Sample prompts, one per line; options as kohya takes them: --n negative --w width "
@@ -580,7 +618,7 @@ def _raise_if(bad: Any, message: str) -> None:
 
 SECTIONS = {"model": ModelConfig, "network": NetworkConfig, "data": DataConfig,
             "optim": OptimConfig, "loss": LossConfig, "train": TrainConfig, "save": SaveConfig,
-            "sample": SampleConfig}
+            "sample": SampleConfig, "mode": ModeConfig}
 
 
 def _specs() -> dict[str, Spec]:
@@ -604,6 +642,11 @@ def _cross_field_problems(cfg: "RunConfig") -> list[UserError]:
     """Rules between fields (each field's own range is checked by its Spec)."""
     out = []
     d, l = cfg.data, cfg.loss
+    mode = cfg.mode
+    if mode.kind == "slider":
+        for name in ("target", "positive"):
+            if isinstance(getattr(mode, name), str) and not getattr(mode, name).strip():
+                out.append(UserError(f"mode.{name}", f"a slider needs a {name} prompt"))
     if isinstance(d.max_bucket_side, int) and isinstance(d.min_bucket_side, int) and \
             d.max_bucket_side < d.min_bucket_side:
         out.append(UserError("data.max_bucket_side", f"{d.max_bucket_side} is below "
@@ -636,6 +679,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     save: SaveConfig = field(default_factory=SaveConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    mode: ModeConfig = field(default_factory=ModeConfig)
 
     # -- values by path ----------------------------------------------------------------------
     def get(self, path: str) -> Any:

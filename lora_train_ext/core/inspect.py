@@ -96,10 +96,20 @@ def describe(path: str) -> dict:
         "unknown_modules": unknown[:20],
         "unknown_module_count": len(unknown),
         "metadata": meta,
+        "training_mode": _training_mode(meta),
     }
     report["loaders"] = loader_verdicts(report, list(modules))
     report["loader_notes"] = loader_notes(report)
     return report
+
+
+def _training_mode(meta: dict[str, str]) -> dict:
+    """How the file was trained (our `lora_train_ext.mode`): images, slider or difference."""
+    try:
+        mode = json.loads(meta.get("lora_train_ext.mode") or "{}")
+    except ValueError:
+        return {}
+    return mode if isinstance(mode, dict) else {}
 
 
 LORA_FAMILY = ("lora", "locon", "dora")  # one layout (down, up): kernel size, dora_scale tell
@@ -433,6 +443,10 @@ def format_report(report: dict) -> str:
     interesting = ("ss_output_name", "ss_base_model_version", "ss_steps", "ss_network_module",
                    "ss_network_args", "ss_optimizer", "ss_learning_rate", "ss_sd_model_name",
                    "modelspec.architecture", "modelspec.title", "sshs_model_hash")
+    mode = report.get("training_mode") or {}
+    if mode.get("mode", "images") != "images":
+        lines.append("made by:    " + mode["mode"] + " training: " + ", ".join(
+            f"{k} {v!r}" for k, v in mode.items() if k != "mode" and v not in ("", None)))
     lines.append(f"metadata:   {len(meta)} keys")
     for k in interesting:
         if k in meta:

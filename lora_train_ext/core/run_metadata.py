@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -197,7 +198,21 @@ def run_settings(cfg: RunConfig, planned_steps: int, step_offset: int) -> dict[s
         "ss_block_lr_weights": cfg.network.block_lr_weights,
         "ss_mixed_precision": cfg.train.dtype,
         "lora_train_ext.config": shareable_config_json(cfg),
+        "lora_train_ext.mode": training_mode_json(cfg),
     }
+
+
+def training_mode_json(cfg: RunConfig) -> str:
+    """How the file was made: the mode and, for a slider, its prompts (what inspect shows)."""
+    m = cfg.mode
+    out: dict[str, Any] = {"mode": m.kind}
+    if m.kind == "slider":
+        out.update(target=m.target, positive=m.positive, negative=m.negative,
+                   neutral=m.neutral or m.target, action=m.action, guidance=m.guidance)
+    elif m.kind == "difference":
+        out.update(pair_suffix=m.pair_suffix if not m.after_dir else "",
+                   after_dir=os.path.basename(os.path.normpath(m.after_dir)) if m.after_dir else "")
+    return json.dumps(out)
 
 
 def optimizer_label(name: str, args_text: str) -> str:

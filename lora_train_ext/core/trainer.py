@@ -42,6 +42,7 @@ from .networks import AdapterNetwork, build_network, part_of
 from .networks.targets import block_value, parse_block_values
 from .preflight import preflight
 from .run_metadata import now_iso, run_info
+from .modes import ModeBatch, make_mode_data
 from .sampling import prompts_for, sample_due
 from .run_state import (process_rng_states, process_rngs_kept, read_state, restore_state,
                         save_state, seed_process_rngs, set_process_rng_states, set_rng_states)
@@ -164,6 +165,8 @@ class Trainer:
             existing = read_existing(cfg.network.existing_lora, self.bundle.arch, cfg.network)
         if cfg.data.cache_to_disk and not cfg.data.cache_dir:
             cfg.data.cache_dir = F.run_path(cfg.save, "latent_cache")  # never the dataset folder
+        if self.data is None:
+            self.data = make_mode_data(cfg, self.bundle.arch)  # None: the captioned dataset
         if self.data is None:
             from .data import TrainData
 
@@ -336,6 +339,8 @@ class Trainer:
         return self.sample_seconds + (self.validation.seconds if self.validation else 0.0)
 
     def _micro_step(self, batch) -> torch.Tensor:
+        if isinstance(batch, ModeBatch):  # slider / difference: the mode computes its loss
+            return batch.loss(self)
         cfg, bundle = self.cfg, self.bundle
         if batch.latents is not None:
             latents = batch.latents.to(self.device)
@@ -357,6 +362,11 @@ class Trainer:
         return L.compute_loss(pred.float(), target.float(), timesteps, lc, self.alphas_cumprod,
                               self.prediction, mask=None if mask is None else mask.to(self.device),
                               sample_weight=None if weight is None else weight.to(self.device))
+
+    def condition(self, captions: list[str]) -> Any:
+        """Text conditioning as the run computes it (cached while the TE is not trained; with
+        the adapters' current strength when it is)."""
+        return self._condition(captions, [])
 
     def _condition(self, captions: list[str], sizes: list) -> Any:
         """Text conditioning; cached per (caption, size) while no text encoder is trained.
