@@ -497,6 +497,15 @@ def _train(args, dist) -> int:
         problems.append(UserError("save.output_dir", "give the folder for the files (--out DIR)"))
     problems += preflight(cfg, device=device, dataset=not args.resume,
                           allow_pickle=args.allow_ckpt).problems
+    if args.resume:  # before the checkpoint is loaded: resumed with as many processes
+        from .core.distributed import check_resume, saved_world_size, world_size
+
+        saved = saved_world_size(args.resume)
+        if saved is not None:
+            try:
+                check_resume(saved, world_size(dist), args.resume)
+            except UserError as e:
+                problems.append(e)
     if problems:
         raise named_by_flag(UserErrors(problems), given, from_file)
     t0 = time.time()

@@ -296,6 +296,19 @@ def gather_objects(dist: Dist, obj: Any) -> list | None:
     return out
 
 
+def saved_world_size(folder: str) -> int | None:
+    """The number of processes that saved the state in `folder` (None when it cannot be read:
+    the trainer names the problem), read before any model is loaded."""
+    from .run_state import STATE_FILE
+
+    try:
+        state = torch.load(os.path.join(folder, STATE_FILE), map_location="cpu",
+                           weights_only=False, mmap=True)
+        return int(state.get("world_size", 1))
+    except Exception:  # noqa: BLE001 - read_state reports it
+        return None
+
+
 def check_resume(saved_world: int, world: int, folder: str) -> None:
     """A state resumes with the number of processes that saved it."""
     if saved_world == world:
