@@ -471,6 +471,10 @@ def cmd_train(args) -> int:
             return _train(args, dist)
         except UserError:
             return EXIT_USER_ERROR  # the same inputs: rank 0 names the problems
+        except TrainingError as e:
+            if str(e).startswith("process "):
+                raise
+            raise TrainingError(f"process {dist.rank} of {dist.world}: {e}") from None
 
 
 def _quiet(line: str) -> None:

@@ -91,6 +91,30 @@ def common(checkpoint: str, dataset: str) -> list[str]:
             "--dtype", "fp32", "--save-dtype", "fp32", "--threads", "1", "--output-name", "r"]
 
 
+def test_the_shares_of_two_processes_are_the_global_batch(inputs):
+    from lora_train_ext.core.config import DataConfig
+    from lora_train_ext.core.data import TrainData, share_of
+
+    assert [share_of(5, r, 2) for r in range(2)] == [(0, 3), (3, 5)]
+    assert [share_of(1, r, 3) for r in range(3)] == [(0, 1), (1, 1), (1, 1)]
+    cfg = DataConfig(dataset_dir=inputs[2], resolution="64", enable_buckets=False, flip=True,
+                     crop="random", shuffle_tags=True)
+    whole = TrainData(cfg, batch_size=4, seed=3, workers=1)
+    shares = [TrainData(cfg, batch_size=4, seed=3, workers=1) for _ in range(2)]
+    for rank, data in enumerate(shares):
+        data.shard(rank, 2)
+    for epoch in (0, 1):
+        sizes = []
+        for full, *parts in zip(whole.batches(epoch), *(d.batches(epoch) for d in shares)):
+            assert [p.part.size for p in parts] == [len(full)] * 2
+            assert sum((list(p.part.slots) for p in parts), []) == list(range(len(full)))
+            assert sum((p.captions for p in parts), []) == full.captions
+            assert torch.equal(torch.cat([p.images for p in parts if len(p)]), full.images)
+            assert all(p.part.bucket == (64, 64) for p in parts)
+            sizes.append(tuple(len(p) for p in parts))
+        assert sorted(sizes) == [(1, 0), (2, 2)]  # 5 samples: a global batch of 4, one of 1
+
+
 @pytest.fixture(scope="module")
 def runs(inputs):
     """One process with batch 4 (its state saved), and two with batch 2: stopped by Ctrl-C on

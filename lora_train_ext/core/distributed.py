@@ -153,8 +153,9 @@ class DistributedControl(TrainControl):
     asked on any process (Ctrl-C, --stop-after) stops every process at the same step.
 
     `stop_requested` is the agreed stop (the same on every process at the same point of the
-    loop); `request_stop` only asks. A reason starting with 'interrupted' is an interrupt
-    (Ctrl-C): `interrupted` tells whether any process was interrupted."""
+    loop); `request_stop` (and `poll_stop`) only ask. A reason starting with 'interrupted' is an
+    interrupt (Ctrl-C): `interrupted` tells whether any process was interrupted. A distributed
+    run does not pause (pause and test is the WebUI's, which never runs distributed)."""
 
     def __init__(self, on_progress: Callable[[Progress], None] | None = None):
         super().__init__(on_progress)
@@ -170,8 +171,14 @@ class DistributedControl(TrainControl):
     def stop_requested(self) -> bool:
         return self._agreed
 
+    @property
+    def pause_requested(self) -> bool:
+        return False
+
     def flags(self) -> tuple[float, float]:
         """(stop asked here, interrupt asked here) for the step's all-reduce."""
+        if not self._asked and self.poll_stop is not None and self.poll_stop():
+            self._asked = "interrupted"
         return float(bool(self._asked)), float(self._asked.startswith("interrupted"))
 
     def agree(self, interrupted: bool) -> None:

@@ -86,7 +86,8 @@ class Trainer:
     resume_dir: a `NAME-state` folder written by `run_state.save_state()`; the run goes on from
     there to its configured end (`cfg` should be the saved run's config, `NAME-state/config.json`).
     dist: this process's place in a distributed run (`distributed.launched()`; the control a
-    `distributed.DistributedControl`), None for one process.
+    `distributed.DistributedControl`, `data` one built with the global batch size), None for
+    one process.
     """
 
     def __init__(self, bundle: ModelBundle, cfg: RunConfig, control: TrainControl | None = None,
@@ -96,7 +97,9 @@ class Trainer:
         self.dist = dist
         self.writes = dist is None or dist.writes  # only rank 0 of a distributed run writes
         self.cfg = cfg  # checked by preflight() when the run starts
-        self.control = control or TrainControl()
+        self.control = control or (TrainControl() if dist is None else D.DistributedControl())
+        if dist is not None and not isinstance(self.control, D.DistributedControl):
+            raise TypeError("a distributed run needs a distributed.DistributedControl")
         self.data = data
         self.resume_dir = resume_dir
         self.device = bundle.device
