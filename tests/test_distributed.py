@@ -2,7 +2,8 @@
 
 `torchrun --nproc_per_node 2 -m lora_train_ext train` with batch B ends with the weights of one
 process with batch 2B, to fp32 rounding (the sums of the all-reduce and of the per-process means
-are rounded in another order): seen 1e-7 .. 5e-7 after 12 AdamW steps of two micro-batches.
+are rounded in another order): seen 1.6e-7 after 12 AdamW steps of two micro-batches (4.5e-7
+after 40).
 The dataset (5 images, global batch 4) ends each epoch with a batch of one, so the second
 process's share is empty there. Ctrl-C on torchrun stops both processes at the same step, rank 0
 saves the state and a resume with 2 processes ends on the same weights; a resume with another
