@@ -436,8 +436,13 @@ def _log(line: str) -> None:
 
 
 def cmd_demo(args) -> int:
+    from .core.distributed import env_world_size
     from .demo import run_demo
 
+    if env_world_size() > 1:
+        raise UserError("torchrun", "the demo runs in one process; under torchrun train on a "
+                                    "checkpoint: torchrun --nproc_per_node N -m lora_train_ext "
+                                    "train --checkpoint FILE ...")
     cfg, given, from_file = demo_run_config(args)
     try:
         result = run_demo(cfg=cfg, progress=StderrProgress(), stop_after=args.stop_after or 0,
@@ -453,15 +458,39 @@ EXIT_INTERRUPTED = 130
 
 def cmd_train(args) -> int:
     """Exit 0 when the run finished (or stopped by --stop-after), 130 when Ctrl-C stopped it
-    (its state saved), 2 on bad input (every problem, one line each)."""
+    (its state saved), 2 on bad input (every problem, one line each).
+
+    Under torchrun (WORLD_SIZE > 1) every process runs this: they join one process group
+    (core/distributed.py), rank 0 prints and writes, the others print only their own failure."""
+    from .core.distributed import launched
+
+    with launched(args.device) as dist:
+        if dist is None or dist.writes:
+            return _train(args, dist)
+        try:
+            return _train(args, dist)
+        except UserError:
+            return EXIT_USER_ERROR  # the same inputs: rank 0 names the problems
+        except TrainingError as e:
+            if str(e).startswith("process "):
+                raise
+            raise TrainingError(f"process {dist.rank} of {dist.world}: {e}") from None
+
+
+def _quiet(line: str) -> None:
+    pass
+
+
+def _train(args, dist) -> int:
     import torch
 
     from .core.errors import UserErrors
     from .core.preflight import preflight
     from .headless import pick_device, train_on_checkpoint
 
+    writes = dist is None or dist.writes
     cfg, given, from_file = train_run_config(args)
-    device = pick_device(args.device)
+    device = pick_device(args.device) if dist is None else dist.device
     if args.threads:
         torch.set_num_threads(args.threads)
     problems: list[UserError] = []
@@ -472,15 +501,28 @@ def cmd_train(args) -> int:
         problems.append(UserError("save.output_dir", "give the folder for the files (--out DIR)"))
     problems += preflight(cfg, device=device, dataset=not args.resume,
                           allow_pickle=args.allow_ckpt).problems
+    if args.resume:  # before the checkpoint is loaded: resumed with as many processes
+        from .core.distributed import check_resume, saved_world_size, world_size
+
+        saved = saved_world_size(args.resume)
+        if saved is not None:
+            try:
+                check_resume(saved, world_size(dist), args.resume)
+            except UserError as e:
+                problems.append(e)
     if problems:
         raise named_by_flag(UserErrors(problems), given, from_file)
     t0 = time.time()
     try:
-        run = train_on_checkpoint(cfg, progress=StderrProgress(), stop_after=args.stop_after or 0,
+        run = train_on_checkpoint(cfg, progress=StderrProgress() if writes else None,
+                                  stop_after=args.stop_after or 0,
                                   resume_dir=args.resume or "", allow_ckpt=args.allow_ckpt,
-                                  device=device, log=_log, checked=True, interruptible=True)
+                                  device=device, log=_log if writes else _quiet, checked=True,
+                                  interruptible=True, dist=dist)
     except UserError as e:
         raise named_by_flag(e, given, from_file) from None
+    if not writes:
+        return EXIT_INTERRUPTED if run.interrupted else 0
     r, info = run.result, run.load
     print(json.dumps({
         "lora_path": os.path.abspath(r.path),
@@ -496,7 +538,8 @@ def cmd_train(args) -> int:
         "modules": r.modules, "seconds": round(time.time() - t0, 2),
     }))
     if run.interrupted:
-        _log(f"stopped at step {r.steps} of {r.total_steps}; continue with: python -m "
+        how = "python -m" if dist is None else f"torchrun --nproc_per_node {dist.world} -m"
+        _log(f"stopped at step {r.steps} of {r.total_steps}; continue with: {how} "
              f"lora_train_ext train --resume {r.state_dir}")
         return EXIT_INTERRUPTED
     return 0

@@ -17,6 +17,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from .core import distributed as D
 from .core.bundle import ModelBundle, TrainControl
 from .core.config import RunConfig
 from .core.errors import UserError
@@ -59,7 +60,7 @@ def train_on_checkpoint(cfg: RunConfig, *, progress: Callable | None = None,
                         resume_dir: str = "", allow_ckpt: bool = False,
                         device: torch.device | str = "cpu", log: Callable[[str], None] | None = None,
                         checked: bool = False, tokenizer: str = "auto",
-                        interruptible: bool = False) -> HeadlessRun:
+                        interruptible: bool = False, dist: D.Dist | None = None) -> HeadlessRun:
     """Load cfg.model.checkpoint and train on it.
 
     checked: the caller ran the preflight already (with this checkpoint). stop_after: request a
@@ -67,6 +68,9 @@ def train_on_checkpoint(cfg: RunConfig, *, progress: Callable | None = None,
     NAME-state folder to continue (cfg should be its config.json). interruptible: Ctrl-C
     (SIGINT) during training stops the run as the tab's Interrupt does, saving the state; a
     second Ctrl-C aborts at once. Before training starts, Ctrl-C aborts as usual.
+    dist: this process's place in a distributed run (`distributed.launched()`, on its device):
+    the control is a DistributedControl, only rank 0 makes sample images (and should get
+    `progress` and `log`); a Ctrl-C on any process stops them all at the same step.
     """
     device = torch.device(device)
     if not checked:
@@ -84,7 +88,15 @@ def train_on_checkpoint(cfg: RunConfig, *, progress: Callable | None = None,
     if log is not None:
         log(info.line())
     written = config_path(cfg)
+    if dist is not None:
+        control = control or D.DistributedControl(progress)
+        if not isinstance(control, D.DistributedControl):
+            raise TypeError("a distributed run needs a distributed.DistributedControl")
     control = control or TrainControl(progress)
+    if cfg.sample.prompts.strip() and dist is not None and not dist.writes:
+        # rank 0 makes the images; the others switch to eval and back as it does (a
+        # schedule-free optimizer's weights move with the switch)
+        control.sampler = lambda step, prompts: []
     if cfg.sample.prompts.strip() and getattr(control, "sampler", None) is None:
         # sample images with the adapter as it trains, from the loaded model
         from .core.sampling import sampler_for
@@ -100,8 +112,9 @@ def train_on_checkpoint(cfg: RunConfig, *, progress: Callable | None = None,
         control.add_listener(stop_when_due)
     interrupted = []
     with _sigint_stops(control, interrupted, log) if interruptible else _nothing():
-        result = train(bundle, cfg, control, resume_dir=resume_dir)
-    return HeadlessRun(bundle, result, info, written, interrupted=bool(interrupted))
+        result = train(bundle, cfg, control, resume_dir=resume_dir, dist=dist)
+    interrupted = bool(interrupted) or bool(getattr(control, "interrupted", False))
+    return HeadlessRun(bundle, result, info, written, interrupted=interrupted)
 
 
 @contextmanager

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from . import distributed as D
 from . import loss as L
 from . import optim as O
 from . import run_files as F
@@ -85,13 +86,21 @@ class Trainer:
     data: the dataset (default: a TrainData from cfg.data).
     resume_dir: a `NAME-state` folder written by `run_state.save_state()`; the run goes on from
     there to its configured end (`cfg` should be the saved run's config, `NAME-state/config.json`).
+    dist: this process's place in a distributed run (`distributed.launched()`; the control a
+    `distributed.DistributedControl`, `data` one built with the global batch size), None for
+    one process.
     """
 
     def __init__(self, bundle: ModelBundle, cfg: RunConfig, control: TrainControl | None = None,
-                 data: TrainingData | None = None, resume_dir: str = ""):
+                 data: TrainingData | None = None, resume_dir: str = "",
+                 dist: D.Dist | None = None):
         self.bundle = bundle
+        self.dist = dist
+        self.writes = dist is None or dist.writes  # only rank 0 of a distributed run writes
         self.cfg = cfg  # checked by preflight() when the run starts
-        self.control = control or TrainControl()
+        self.control = control or (TrainControl() if dist is None else D.DistributedControl())
+        if dist is not None and not isinstance(self.control, D.DistributedControl):
+            raise TypeError("a distributed run needs a distributed.DistributedControl")
         self.data = data
         self.resume_dir = resume_dir
         self.device = bundle.device
@@ -159,7 +168,8 @@ class Trainer:
                             model_loaded=True).raise_if_failed()
         for message in checked.warnings:
             self._warn(message)
-        state = read_state(self.resume_dir, cfg, self._warn) if self.resume_dir else None
+        state = read_state(self.resume_dir, cfg, self._warn,
+                           world_size=D.world_size(self.dist)) if self.resume_dir else None
         existing = None
         if cfg.network.existing_lora and state is None:
             existing = read_existing(cfg.network.existing_lora, self.bundle.arch, cfg.network)
@@ -170,13 +180,16 @@ class Trainer:
         if self.data is None:
             from .data import TrainData
 
-            self.data = TrainData(cfg.data, batch_size=cfg.train.batch_size,
-                                  seed=cfg.train.seed, arch=self.bundle.arch)
+            self.data = TrainData(cfg.data, batch_size=cfg.train.batch_size * D.world_size(
+                self.dist), seed=cfg.train.seed, arch=self.bundle.arch)  # the global batch
+        if self.dist is not None:
+            D.shard(self.data, self.dist)
         if V.wanted(cfg):
             self.validation = V.Validation(cfg, self.bundle.arch)
-        F.check_writable(cfg.save)
-        F.write_config(cfg.save, as_given)
-        self.log = F.RunLog(cfg.save, fresh=not self.resume_dir)
+        if self.writes:
+            F.check_writable(cfg.save)
+            F.write_config(cfg.save, as_given)
+        self.log = F.RunLog(cfg.save, fresh=not self.resume_dir) if self.writes else D.NoLog()
         return state, existing
 
     def _set_up(self, state: dict | None, existing: ExistingLora | None) -> int:
@@ -219,6 +232,8 @@ class Trainer:
                 te for p, te in bundle.text_encoders.items() if self.te_trained)]).enable()
         if state is not None:
             set_rng_states(state["rng"], self.generator)  # last: nothing may draw after
+        if self.dist is not None:
+            D.set_up(self.dist, self, state)  # rank 0's weights; each process its own RNGs
         return self.step_offset + planned
 
     def _loop(self, total: int, t0: float) -> bool:
@@ -251,6 +266,9 @@ class Trainer:
                 if control.stop_requested:  # asked during this step: it is not taken
                     self._rewind(mark)
                     return True
+            if self.dist is not None and D.sync_step(self.dist, params, step_loss, control):
+                self._rewind(mark)  # gradients, loss and stop flags summed over the processes
+                return True
             if cfg.optim.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm)
             self.optimizer.step()
@@ -342,6 +360,10 @@ class Trainer:
         if isinstance(batch, ModeBatch):  # slider / difference: the mode computes its loss
             return batch.loss(self)
         cfg, bundle = self.cfg, self.bundle
+        part = getattr(batch, "part", None)  # a distributed run: this process's share
+        if part is not None and not len(batch):  # draws the global batch's noise all the same
+            self._draws(D.noise_like(part, self.device))
+            return D.empty_loss(self.device)
         if batch.latents is not None:
             latents = batch.latents.to(self.device)
         else:
@@ -349,19 +371,30 @@ class Trainer:
                 latents = bundle.encode(batch.images.to(self.device))
         latents = latents.float()
         lc = cfg.loss
-        noise = L.make_noise(latents, self.generator, lc.noise_offset,
-                             lc.noise_offset_random_strength, lc.multires_noise_iterations,
-                             lc.multires_noise_discount)
-        timesteps = L.timesteps_for(latents.shape[0], self.generator, lc).to(self.device)
-        input_noise = L.input_perturbation(noise, lc.input_perturbation, self.generator)
+        if part is None:
+            noise, timesteps, input_noise = self._draws(latents)
+        else:  # drawn for the whole global batch, as one process would: this share's rows
+            noise, timesteps, input_noise = D.rows(
+                part, latents, *self._draws(D.noise_like(part, self.device)))
         noisy = L.noisy_latents(latents, input_noise, timesteps, self.alphas_cumprod)
         target = L.target_for(self.prediction, latents, noise, timesteps, self.alphas_cumprod)
         cond = self._condition(batch.captions, batch.sizes or [])
         pred = bundle.denoise(noisy, timesteps, cond)
         mask, weight = batch.mask, batch.loss_weight
-        return L.compute_loss(pred.float(), target.float(), timesteps, lc, self.alphas_cumprod,
+        loss = L.compute_loss(pred.float(), target.float(), timesteps, lc, self.alphas_cumprod,
                               self.prediction, mask=None if mask is None else mask.to(self.device),
                               sample_weight=None if weight is None else weight.to(self.device))
+        return loss if part is None else loss * D.weight(part)
+
+    def _draws(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Noise, timesteps and the input-perturbed noise for `latents`' shape, from the run's
+        generator."""
+        lc = self.cfg.loss
+        noise = L.make_noise(latents, self.generator, lc.noise_offset,
+                             lc.noise_offset_random_strength, lc.multires_noise_iterations,
+                             lc.multires_noise_discount)
+        timesteps = L.timesteps_for(latents.shape[0], self.generator, lc).to(self.device)
+        return noise, timesteps, L.input_perturbation(noise, lc.input_perturbation, self.generator)
 
     def condition(self, captions: list[str]) -> Any:
         """Text conditioning as the run computes it (cached while the TE is not trained; with
@@ -500,7 +533,10 @@ class Trainer:
     # -- files -------------------------------------------------------------------------------
     def save(self, path: str) -> dict[str, str]:
         """Write the adapter as it is now (schedule-free optimizers in eval mode), and with EMA
-        its average beside it (`run_files.ema_path`); return the adapter file's metadata."""
+        its average beside it (`run_files.ema_path`); return the adapter file's metadata (a
+        distributed run: only rank 0 writes, the others get {})."""
+        if not self.writes:
+            return {}
         info = run_info(self.cfg, self.bundle, self.data, prediction=self.prediction,
                         steps=self.step, epoch=self.epoch, planned_steps=self.total_steps(),
                         step_offset=self.step_offset, session_id=self.session_id,
@@ -529,7 +565,8 @@ class Trainer:
         self.snapshots = [p for p in self.snapshots if p != path] + [path]
         self.log.write(self.history)
         self.control.emit(Progress("snapshot", step=self.step, total=total, path=path))
-        self.snapshots = F.prune_snapshots(self.snapshots, self.cfg.save.keep_last)
+        if self.writes:
+            self.snapshots = F.prune_snapshots(self.snapshots, self.cfg.save.keep_last)
         return path
 
     # -- pause and test ----------------------------------------------------------------------
@@ -578,8 +615,9 @@ class Trainer:
 
 
 def train(bundle: ModelBundle, cfg: RunConfig, control: TrainControl | None = None,
-          data: TrainingData | None = None, resume_dir: str = "") -> TrainResult:
-    return Trainer(bundle, cfg, control, data, resume_dir).run()
+          data: TrainingData | None = None, resume_dir: str = "",
+          dist: D.Dist | None = None) -> TrainResult:
+    return Trainer(bundle, cfg, control, data, resume_dir, dist).run()
 
 
 def _tail_mean(values: list[float], n: int = 10) -> float:
