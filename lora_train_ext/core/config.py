@@ -52,7 +52,7 @@ RESERVED_NAMES = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(1, 10))
                   *(f"lpt{i}" for i in range(1, 10))}
 
 # tab groups, in the order the accordions appear; "" = the simple fields shown at the top
-MODES = ("images", "slider", "difference")
+MODES = ("images", "slider")
 SLIDER_ACTIONS = ("slider", "enhance", "erase")
 GROUPS = ("", "Training mode", "Network", "Optimizer and learning rate", "Training", "Dataset", "Captions",
           "Loss and noise", "Samples", "Saving")
@@ -543,9 +543,8 @@ def _multiple_of_8(v: int) -> None:
 @dataclass
 class ModeConfig:
     kind: str = setting(
-        "images", "What the LoRA learns from: images (a captioned dataset), slider (prompts "
-                  "only: a concept slider / LECO, no images), difference (image pairs: what "
-                  "changes from NAME to NAME_after)", "Training mode", "Training mode",
+        "images", "What the LoRA learns from: images (a captioned dataset) or slider (prompts "
+                  "only: a concept slider / LECO, no images)", "Training mode", "Training mode",
         choices=MODES, flag="--mode")
     target: str = setting("", "Slider: the prompt the LoRA acts on, e.g. 'a photo of a person'",
                           "Slider target prompt", "Training mode", flag="--slider-target")
@@ -568,12 +567,6 @@ class ModeConfig:
         3, "Slider: steps of the frozen model from noise to the trained timestep, so the "
            "latents look like what that timestep sees (0 = pure noise)", "Slider denoise steps",
         "Training mode", low=0, high=50, flag="--slider-denoise-steps")
-    pair_suffix: str = setting("_after", "Difference: NAME.png pairs with NAME<suffix>.png in "
-                                         "the dataset folder", "Pair suffix", "Training mode",
-                               flag="--pair-suffix")
-    after_dir: str = setting("", "Difference: the second images in their own folder, named "
-                                 "like the first ones (instead of the suffix)",
-                             "After-images folder", "Training mode", flag="--after-dir")
 
 
 @dataclass

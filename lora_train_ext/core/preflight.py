@@ -79,9 +79,7 @@ def preflight(cfg: RunConfig, *, arch: str | None = None, device: torch.device |
         out.problems += _checkpoint_problems(cfg, arch, allow_pickle)
     out.problems += _output_problems(cfg)
     out.problems += _file_problems(cfg, arch)
-    if dataset and cfg.mode.kind == "difference":
-        out.problems += _pair_problems(cfg, out)
-    elif dataset and cfg.mode.kind != "slider":  # a slider trains from prompts alone
+    if dataset and cfg.mode.kind != "slider":  # a slider trains from prompts alone
         folder_problems = _dataset_folder_problems(cfg)
         out.problems += folder_problems
         if scan and not folder_problems and "data.resolution" not in bad_fields:
@@ -180,27 +178,6 @@ def _dataset_folder_problems(cfg: RunConfig) -> list[UserError]:
             not os.path.isdir(d.cache_dir):
         out.append(UserError("data.cache_dir", f"{d.cache_dir} is a file, not a folder"))
     return out
-
-
-def _pair_problems(cfg: RunConfig, out: Preflight) -> list[UserError]:
-    """Difference training: the dataset folder holds NAME + NAME_after pairs (or the second
-    images are in mode.after_dir)."""
-    from .modes import find_pairs, pair_report
-
-    m = cfg.mode
-    if m.after_dir and not os.path.isdir(m.after_dir):
-        return [UserError("mode.after_dir", f"folder not found: {m.after_dir}")]
-    if not cfg.data.dataset_dir:
-        return [UserError("data.dataset_dir", "give the folder with the image pairs")]
-    try:
-        pairs, _ = find_pairs(cfg)
-        out.dataset_summary = pair_report(cfg)
-    except UserError as e:
-        return [e]
-    if not pairs:
-        return [UserError("data.dataset_dir", f"no image pairs in {cfg.data.dataset_dir}: "
-                                              f"{out.dataset_summary}")]
-    return []
 
 
 def _dataset_problems(cfg: RunConfig, out: Preflight) -> list[UserError]:

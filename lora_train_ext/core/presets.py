@@ -92,6 +92,17 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                                      "use_bias_correction=True safeguard_warmup=False "
                                      "betas=0.9,0.999"),
     **_low_vram(low_vram_optimizer()),
+    # A concept slider (LECO): prompts only, the UNet, a small rank, ~500 steps at a low LR;
+    # the prompts are the user's to fill in (the target, and the two ends of the slider).
+    "concept-slider": {
+        "mode": {"kind": "slider", "target": "a photo of a person",
+                 "positive": "a photo of a smiling person",
+                 "negative": "a photo of a frowning person", "action": "slider",
+                 "guidance": 1.0, "denoise_steps": 3},
+        "network": {"algo": "lora", "rank": 4, "alpha": 1.0, "train_on": "unet"},
+        "optim": {"optimizer": "AdamW", "lr": 1e-4, "scheduler": "constant"},
+        "train": {"max_steps": 500, "batch_size": 1},
+    },
 }
 
 

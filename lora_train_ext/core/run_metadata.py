@@ -209,9 +209,6 @@ def training_mode_json(cfg: RunConfig) -> str:
     if m.kind == "slider":
         out.update(target=m.target, positive=m.positive, negative=m.negative,
                    neutral=m.neutral or m.target, action=m.action, guidance=m.guidance)
-    elif m.kind == "difference":
-        out.update(pair_suffix=m.pair_suffix if not m.after_dir else "",
-                   after_dir=os.path.basename(os.path.normpath(m.after_dir)) if m.after_dir else "")
     return json.dumps(out)
 
 
