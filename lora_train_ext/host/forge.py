@@ -72,6 +72,7 @@ memory is the originals', so the model comes back bit for bit.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sys
 from dataclasses import dataclass, field
@@ -223,7 +224,17 @@ def _patchers(m) -> list:
 
 
 def _checkpoint_arch(path: str) -> tuple[str, str]:
-    """(arch, why not) of a checkpoint file from its safetensors header (nothing is loaded)."""
+    """(arch, why not) of a checkpoint file from its safetensors header (nothing is loaded);
+    cached by the file's size and time (the tab asks for the model every second)."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return "", f"the chosen checkpoint {os.path.basename(path)} is not there"
+    return _checkpoint_arch_cached(path, stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _checkpoint_arch_cached(path: str, size: int, mtime_ns: int) -> tuple[str, str]:
     from ..core.models.checkpoint_file import CheckpointFile, detect_arch
 
     try:
