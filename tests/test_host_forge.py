@@ -382,7 +382,7 @@ def test_take_back_refuses_weights_with_other_values(forge):
         lock.release()
 
 
-def test_samples_during_a_run_are_forges_generations(forge, demo_dataset):
+def test_samples_and_snapshots_during_a_run(forge, demo_dataset):
     fake, host = forge
     m = fake.shared.sd_model
     before = _roots_sha(m)
@@ -390,9 +390,12 @@ def test_samples_during_a_run_are_forges_generations(forge, demo_dataset):
     cfg.sample.prompts = "shp style, red circle"
     cfg.sample.every_steps = 2
     cfg.sample.steps = 2
+    cfg.save.save_every_steps = 2  # a snapshot's hot-load mid-run touches no weight
     record = _run(host, cfg)
     assert record.state == "finished", record.error
     assert fake.processing.generations.count("shp style, red circle") >= 2
+    assert [os.path.basename(p) for p in record.files] == ["sampled.safetensors",
+                                                           "sampled-step00000002.safetensors"]
     assert _roots_sha(m) == before
 
 
