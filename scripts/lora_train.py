@@ -1,4 +1,5 @@
-"""Registers lora-train-ext with the WebUI: the Train LoRA tab, its settings and its API."""
+"""Registers lora-train-ext with the WebUI: the Train LoRA tab, its settings and its API. The host
+is Forge's when Forge's `backend/` is there (`host.select()`), else the WebUI's."""
 
 import os
 import sys
@@ -7,11 +8,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from modules import call_queue, script_callbacks, shared  # noqa: E402
 
-from lora_train_ext.host.webui import (  # noqa: E402
-    API_OPTION, SETTINGS_SECTION, WebUIHost, api_requested)
+from lora_train_ext.host import select  # noqa: E402
+from lora_train_ext.host.webui import API_OPTION, SETTINGS_SECTION, api_requested  # noqa: E402
 from lora_train_ext.runs import RunManager  # noqa: E402
 
-host = WebUIHost()
+host = select()
 manager = RunManager(host)
 
 
