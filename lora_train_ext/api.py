@@ -7,11 +7,17 @@ GET /runs; GET /runs/{id}; GET /queue; POST /runs/{id}/stop, /pause, /resume, /c
 GET /model; GET /loras; POST /test (a TE x UNet grid, PNG as base64); GET/POST /merge,
 POST /merge/revert, /merge/compare, /merge/save (LoRAs merged into the loaded model).
 When the WebUI has `--api-auth`, every route needs the same HTTP basic credentials.
+The routes exist only when asked for: the WebUI started with `--api` (or `--nowebui`), or the
+setting "Train LoRA > HTTP API" on (host/webui.py `api_requested`).
+
+POST bodies are JSON objects of at most MAX_BODY_BYTES: a bigger one gets 413, anything else
+(invalid JSON, an array, a number) 422, both as {"error", "field": "body"}.
 """
 
 
 import base64
 import io
+import json
 import secrets
 from typing import Any, Callable
 
@@ -20,6 +26,56 @@ from .core.errors import UserError
 from .runs import RunManager, parse_strengths, snapshot_grid, snapshots_of, strength_grid
 
 PREFIX = "/lora-train/v1"
+MAX_BODY_BYTES = 1 << 20  # a run's settings are a few KiB; a grid request less
+
+
+class BodyError(Exception):
+    """A POST body the routes cannot take: too big (413) or not a JSON object (422)."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+    def response(self):
+        from fastapi.responses import JSONResponse
+
+        return JSONResponse(status_code=self.status,
+                            content={"error": self.message, "field": "body"})
+
+
+async def read_json_object(request, limit: int = MAX_BODY_BYTES) -> dict[str, Any]:
+    """The request's body as a JSON object, reading no more than `limit` bytes (a declared
+    Content-Length over it is refused before reading; a chunked body once it passes it)."""
+    too_big = BodyError(413, f"the body is larger than {limit} bytes")
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            if int(declared) > limit:
+                raise too_big
+        except ValueError:
+            raise BodyError(422, "Content-Length is not a number") from None
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_big
+        chunks.append(chunk)
+    raw = b"".join(chunks)
+    if not raw.strip():
+        raise BodyError(422, "the body is empty; send a JSON object")
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise BodyError(422, f"the body is not valid JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise BodyError(422, f"the body must be a JSON object, not {_json_kind(body)}")
+    return body
+
+
+def _json_kind(value: Any) -> str:
+    return {list: "an array", str: "a string", bool: "true/false", type(None): "null"}.get(
+        type(value), "a number")
 
 
 def check_credentials(credentials: dict[str, str], username: str | None, password: str | None) -> bool:
@@ -41,9 +97,10 @@ def parse_api_auth(text: str | None) -> dict[str, str]:
 
 def add_routes(app, host, manager: RunManager, credentials: dict[str, str] | None = None,
                exclusive: Callable | None = None) -> None:
-    from fastapi import Depends, HTTPException
+    from fastapi import Depends, HTTPException, Request
     from fastapi.responses import JSONResponse
     from fastapi.security import HTTPBasic, HTTPBasicCredentials
+    from starlette.concurrency import run_in_threadpool
 
     basic = HTTPBasic(auto_error=False)
 
@@ -73,7 +130,24 @@ def add_routes(app, host, manager: RunManager, credentials: dict[str, str] | Non
         """The settings table: what POST /runs accepts, with ranges, defaults and help."""
         return {"settings": settings_json()}
 
-    @app.post(PREFIX + "/runs", dependencies=deps)
+    def post_json(path: str):
+        """Register `work(body=..., **path parameters)` as POST PREFIX+path behind an async
+        handler that reads the body within the limits (413 / 422 otherwise), then runs the work
+        in a worker thread (it may wait for the GPU lock or scan a dataset)."""
+        def register(work: Callable[..., Any]):
+            async def handler(request: Request):
+                try:
+                    body = await read_json_object(request)
+                except BodyError as e:
+                    return e.response()
+                return await run_in_threadpool(lambda: work(body=body, **request.path_params))
+            handler.__name__ = work.__name__
+            handler.__doc__ = work.__doc__
+            app.post(PREFIX + path, dependencies=deps)(handler)
+            return work
+        return register
+
+    @post_json("/runs")
     def start_run(body: dict[str, Any]):
         try:
             cfg = RunConfig.from_dict(body.get("config", body))
@@ -125,7 +199,7 @@ def add_routes(app, host, manager: RunManager, credentials: dict[str, str] | Non
         """A queued run leaves the queue; a running one stops (its state is saved)."""
         return manager.cancel(known_run(run_id).id).to_json()
 
-    @app.post(PREFIX + "/runs/{run_id}/move", dependencies=deps)
+    @post_json("/runs/{run_id}/move")
     def move_run(run_id: str, body: dict[str, Any]):
         """{"by": -1} moves a queued run one place earlier."""
         known_run(run_id)
@@ -149,7 +223,7 @@ def add_routes(app, host, manager: RunManager, credentials: dict[str, str] | Non
         record = known_run(run_id)
         return {"snapshots": snapshots_of(host, record.config.save.output_name)}
 
-    @app.post(PREFIX + "/snapshot-grid", dependencies=deps)
+    @post_json("/snapshot-grid")
     def best_snapshot_grid(body: dict[str, Any]):
         """Snapshots (rows) x strengths (columns) through the host's txt2img; body: snapshots
         (names) or run (id), strengths "0.5, 1", prompt, negative_prompt, seed, steps, size."""
@@ -197,7 +271,7 @@ def add_routes(app, host, manager: RunManager, credentials: dict[str, str] | Non
     def merge_state():
         return manager.merger.state.to_json()
 
-    @app.post(PREFIX + "/merge", dependencies=deps)
+    @post_json("/merge")
     def merge_in_memory(body: dict[str, Any]):
         """{"loras": "NAME:0.8\nOTHER:1:0.5:1 blocks=IN:0,OUT:1"} (or a list of such lines):
         merged into the loaded model; what was merged before is reverted first."""
@@ -213,7 +287,7 @@ def add_routes(app, host, manager: RunManager, credentials: dict[str, str] | Non
         return merge_call(lambda: {"reverted": manager.merger.revert(),
                                    **manager.merger.state.to_json()})
 
-    @app.post(PREFIX + "/merge/compare", dependencies=deps)
+    @post_json("/merge/compare")
     def merge_compare(body: dict[str, Any]):
         """A (original weights) and B (merged) at the same prompt and seed, PNG as base64."""
         def run():
@@ -224,7 +298,7 @@ def add_routes(app, host, manager: RunManager, credentials: dict[str, str] | Non
             return {"a_png_base64": png64(a), "b_png_base64": png64(b)}
         return merge_call(run)
 
-    @app.post(PREFIX + "/merge/save", dependencies=deps)
+    @post_json("/merge/save")
     def merge_save(body: dict[str, Any]):
         """{"name": "my_merged", "precision": "fp16", "vae": ""}: a checkpoint in the WebUI's
         checkpoint folder, listed at once."""
@@ -232,7 +306,7 @@ def add_routes(app, host, manager: RunManager, credentials: dict[str, str] | Non
             str(body.get("name", "")), str(body.get("precision", "fp16")),
             str(body.get("vae", "")))})
 
-    @app.post(PREFIX + "/test", dependencies=deps)
+    @post_json("/test")
     def test(body: dict[str, Any]):
         try:
             te = parse_strengths(str(body.get("te_strengths", "0, 1")), "te_strengths")

@@ -1,4 +1,4 @@
-"""Command line: `python -m lora_train_ext {demo,inspect,...}`.
+"""Command line: `python -m lora_train_ext {train,demo,inspect,...}`.
 
 User errors exit with code 2 and one line naming the field and what is valid; no traceback.
 Progress goes to stderr; a command's result is the last stdout line (JSON) where it has one.
@@ -80,6 +80,10 @@ class StderrProgress:
                 if self.is_tty and event.step == event.total:
                     self.stream.write("\n")
                 self.stream.flush()
+        elif event.kind == "validation" and event.loss is not None:
+            lead = "\n" if self.is_tty and 0 < event.step < event.total else ""
+            self.stream.write(f"{lead}validation loss at step {event.step}: {event.loss:.5f}\n")
+            self.stream.flush()
         elif event.kind in ("log", "snapshot") and (event.message or event.path):
             self.stream.write(f"{event.message or 'snapshot: ' + event.path}\n")
             self.stream.flush()
@@ -173,21 +177,40 @@ def add_setting_flags(parser: argparse.ArgumentParser, defaults) -> None:
                                action=_StoreSetting, help=help_text)
 
 
+def add_run_arguments(parser: argparse.ArgumentParser, defaults) -> None:
+    """The flags of a training command (`demo`, `train`): --config, --warmup, --stop-after,
+    --resume and one flag per setting."""
+    parser.add_argument("--config", metavar="FILE", default=None,
+                        help="a run config (JSON or TOML, sections as in the settings table; "
+                             "NAME.config.toml of an earlier run); flags override it")
+    parser.add_argument("--warmup", type=_typed(warmup), default=None, metavar="N|RATIO",
+                        help="LR warmup in steps, or as a ratio of the run when below 1")
+    parser.add_argument("--stop-after", type=_typed(positive_int("--stop-after")), default=None,
+                        metavar="N",
+                        help="stop after step N as an interrupt would, saving the state to "
+                             "resume from")
+    parser.add_argument("--resume", default=None, metavar="DIR",
+                        help="continue the run saved in DIR (a NAME-state folder) to its end")
+    add_setting_flags(parser, defaults)
+
+
 def add_demo_arguments(demo: argparse.ArgumentParser) -> None:
     from .demo import demo_defaults
 
-    demo.add_argument("--config", metavar="FILE", default=None,
-                      help="a run config (JSON or TOML, sections as in the settings table); "
-                           "flags override it")
-    demo.add_argument("--warmup", type=_typed(warmup), default=None, metavar="N|RATIO",
-                      help="LR warmup in steps, or as a ratio of the run when below 1")
-    demo.add_argument("--stop-after", type=_typed(positive_int("--stop-after")), default=None,
-                      metavar="N",
-                      help="stop after step N as an interrupt would, saving the state to resume "
-                           "from")
-    demo.add_argument("--resume", default=None, metavar="DIR",
-                      help="continue the run saved in DIR (a NAME-state folder) to its end")
-    add_setting_flags(demo, demo_defaults())
+    add_run_arguments(demo, demo_defaults())
+
+
+def add_train_arguments(train: argparse.ArgumentParser) -> None:
+    from .core.config import RunConfig
+
+    train.add_argument("--allow-ckpt", action="store_true",
+                       help="allow a pickled .ckpt / .pt checkpoint or VAE (unpickling runs any "
+                            "code the file holds: only for files you trust)")
+    train.add_argument("--device", default="auto", metavar="DEVICE",
+                       help="auto (the first CUDA GPU, else the CPU), cpu, cuda or cuda:N")
+    train.add_argument("--threads", type=_typed(positive_int("--threads", 1, 1024)), default=None,
+                       metavar="N", help="CPU threads torch uses (default: torch's own)")
+    add_run_arguments(train, RunConfig())
 
 
 def given_settings(args) -> dict[str, str]:
@@ -202,8 +225,46 @@ def demo_run_config(args) -> tuple[Any, set[str], bool]:
 
     Order: the demo's defaults, then --config FILE, then the flags given. With --resume the
     saved run's config.json is used as it is."""
-    from .core.config import RunConfig, read_config_file
     from .demo import demo_defaults
+
+    if getattr(args, "model.checkpoint", None) is not None and not args.resume:
+        raise UserError("--checkpoint (model.checkpoint)", "the demo trains its own tiny model; "
+                                                           "train on a checkpoint file with "
+                                                           "`python -m lora_train_ext train "
+                                                           "--checkpoint FILE`")
+    return run_config(args, demo_defaults(), demo=True)
+
+
+def train_run_config(args) -> tuple[Any, set[str], bool]:
+    """(RunConfig, settings and flags given, whether settings came from a file) for `train`:
+    the settings' defaults, then --config FILE, then the flags given; model.arch is the
+    checkpoint's unless --arch is given (then the preflight checks that they agree). With
+    --resume the saved run's config.json as it is."""
+    from .core.config import RunConfig
+
+    cfg, given, from_file = run_config(args, RunConfig(), demo=False)
+    if args.resume or not cfg.model.checkpoint:
+        return cfg, given, from_file
+    arch = _checkpoint_arch(cfg.model.checkpoint, args.allow_ckpt)
+    if arch and "model.arch" not in given:
+        cfg.model.arch = arch
+    return cfg, given, from_file
+
+
+def _checkpoint_arch(path: str, allow_pickle: bool) -> str:
+    """The checkpoint's arch from its tensor table, or '' (the preflight names the problem)."""
+    from .core.models.checkpoint_file import CheckpointFile, detect_arch
+
+    try:
+        return detect_arch(CheckpointFile.open(path, allow_pickle).shapes)
+    except UserError:
+        return ""
+
+
+def run_config(args, base, demo: bool) -> tuple[Any, set[str], bool]:
+    """Settings over `base`: --config FILE, then the flags; with --resume the saved config.
+    demo: the demo's rule that alpha follows a given rank."""
+    from .core.config import RunConfig, read_config_file
 
     flags = given_settings(args)
     given = set(flags) | {d for d in RUN_FLAGS if getattr(args, d, None) is not None}
@@ -221,12 +282,16 @@ def demo_run_config(args) -> tuple[Any, set[str], bool]:
             raise UserError("--resume", f"{args.resume} holds no saved run (expected config.json "
                                         f"and {STATE_FILE}, written by --save-state or --stop-after)")
         cfg = _named(lambda: RunConfig.read(config_path), "--resume")
-        cfg.save.output_dir = os.path.dirname(os.path.abspath(args.resume))
+        parent = os.path.dirname(os.path.abspath(args.resume))  # the run folder, wherever it is now
+        if cfg.save.run_dir:
+            cfg.save.run_dir = parent
+        else:
+            cfg.save.output_dir = parent
         if flags.get("save.save_state"):
             cfg.save.save_state = True
         return cfg, given, True
 
-    cfg = demo_defaults()
+    cfg = base
     file_keys: set[str] = set()
     if args.config:
         if not os.path.isfile(args.config):
@@ -249,7 +314,7 @@ def demo_run_config(args) -> tuple[Any, set[str], bool]:
         set_here = set(flags) | file_keys
         if "optim.lr" not in set_here and _adaptive(cfg.optim.optimizer):
             cfg.optim.lr = 1.0  # DAdapt* / Prodigy: the LR multiplies their own estimate
-        if "network.alpha" not in set_here and "network.rank" in set_here:
+        if demo and "network.alpha" not in set_here and "network.rank" in set_here:
             cfg.network.alpha = float(cfg.network.rank)  # the demo's alpha = rank
         cfg.validate()
     except UserError as e:
@@ -306,6 +371,15 @@ def build_parser() -> ArgumentParser:
                                       "for every training option. Flags override --config.")
     add_demo_arguments(demo)
 
+    train = sub.add_parser(
+        "train", help="train on a checkpoint file (SD1.x, SD2.x, SDXL), without the WebUI",
+        description="Train a LoRA / LyCORIS on a checkpoint file (.safetensors as the WebUI loads "
+                    "it): --checkpoint FILE --dataset DIR --out DIR, any setting as a flag. "
+                    "Writes the same files as the tab, and NAME.config.toml (give it to --config "
+                    "to run the same training again). Ctrl-C stops and saves the state (continue "
+                    "with --resume OUT/NAME-state).")
+    add_train_arguments(train)
+
     prev = sub.add_parser("preview", help="serve the Train LoRA tab with the tiny model (no WebUI)")
     prev.add_argument("--port", type=positive_int("--port", 1024, 65535), default=7861)
     prev.add_argument("--out", default="preview_out", help="folder for LoRA files and grids")
@@ -329,6 +403,8 @@ def build_parser() -> ArgumentParser:
 
     from .cli_files import add_file_commands  # merge, merge-loras, extract, resize
     COMMANDS.update(add_file_commands(sub))
+    from .cli_configs import add_config_commands  # presets, import-config
+    COMMANDS.update(add_config_commands(sub))
     return parser
 
 
@@ -355,16 +431,117 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def _log(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
 def cmd_demo(args) -> int:
+    from .core.distributed import env_world_size
     from .demo import run_demo
 
+    if env_world_size() > 1:
+        raise UserError("torchrun", "the demo runs in one process; under torchrun train on a "
+                                    "checkpoint: torchrun --nproc_per_node N -m lora_train_ext "
+                                    "train --checkpoint FILE ...")
     cfg, given, from_file = demo_run_config(args)
     try:
         result = run_demo(cfg=cfg, progress=StderrProgress(), stop_after=args.stop_after or 0,
-                          resume_dir=args.resume or "")
+                          resume_dir=args.resume or "", log=_log)
     except UserError as e:
         raise named_by_flag(e, given, from_file) from None
     print(json.dumps(result))
+    return 0
+
+
+EXIT_INTERRUPTED = 130
+
+
+def cmd_train(args) -> int:
+    """Exit 0 when the run finished (or stopped by --stop-after), 130 when Ctrl-C stopped it
+    (its state saved), 2 on bad input (every problem, one line each).
+
+    Under torchrun (WORLD_SIZE > 1) every process runs this: they join one process group
+    (core/distributed.py), rank 0 prints and writes, the others print only their own failure."""
+    from .core.distributed import launched
+
+    with launched(args.device) as dist:
+        if dist is None or dist.writes:
+            return _train(args, dist)
+        try:
+            return _train(args, dist)
+        except UserError:
+            return EXIT_USER_ERROR  # the same inputs: rank 0 names the problems
+        except TrainingError as e:
+            if str(e).startswith("process "):
+                raise
+            raise TrainingError(f"process {dist.rank} of {dist.world}: {e}") from None
+
+
+def _quiet(line: str) -> None:
+    pass
+
+
+def _train(args, dist) -> int:
+    import torch
+
+    from .core.errors import UserErrors
+    from .core.preflight import preflight
+    from .headless import pick_device, train_on_checkpoint
+
+    writes = dist is None or dist.writes
+    cfg, given, from_file = train_run_config(args)
+    device = pick_device(args.device) if dist is None else dist.device
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    problems: list[UserError] = []
+    if not cfg.model.checkpoint:
+        problems.append(UserError("model.checkpoint", "give the checkpoint file to train on "
+                                                      "(--checkpoint FILE)"))
+    if not cfg.save.output_dir:
+        problems.append(UserError("save.output_dir", "give the folder for the files (--out DIR)"))
+    problems += preflight(cfg, device=device, dataset=not args.resume,
+                          allow_pickle=args.allow_ckpt).problems
+    if args.resume:  # before the checkpoint is loaded: resumed with as many processes
+        from .core.distributed import check_resume, saved_world_size, world_size
+
+        saved = saved_world_size(args.resume)
+        if saved is not None:
+            try:
+                check_resume(saved, world_size(dist), args.resume)
+            except UserError as e:
+                problems.append(e)
+    if problems:
+        raise named_by_flag(UserErrors(problems), given, from_file)
+    t0 = time.time()
+    try:
+        run = train_on_checkpoint(cfg, progress=StderrProgress() if writes else None,
+                                  stop_after=args.stop_after or 0,
+                                  resume_dir=args.resume or "", allow_ckpt=args.allow_ckpt,
+                                  device=device, log=_log if writes else _quiet, checked=True,
+                                  interruptible=True, dist=dist)
+    except UserError as e:
+        raise named_by_flag(e, given, from_file) from None
+    if not writes:
+        return EXIT_INTERRUPTED if run.interrupted else 0
+    r, info = run.result, run.load
+    print(json.dumps({
+        "lora_path": os.path.abspath(r.path),
+        "config_path": os.path.abspath(run.config_path),
+        "checkpoint": info.path, "arch": info.arch, "prediction": info.prediction,
+        "prediction_from": info.how, "model_hash": info.sha256[:10],
+        "base_dtype": info.base_dtype, "device": str(device), "load_seconds": info.seconds,
+        "steps": r.steps, "total_steps": r.total_steps, "stopped": r.stopped,
+        "state_dir": os.path.abspath(r.state_dir) if r.state_dir else "",
+        "first_loss": round(r.first_loss, 6), "final_loss": round(r.final_loss, 6),
+        "warnings": r.warnings, "snapshots": [os.path.abspath(p) for p in r.snapshots],
+        "history_path": os.path.abspath(r.history_path) if r.history_path else "",
+        "modules": r.modules, "seconds": round(time.time() - t0, 2),
+    }))
+    if run.interrupted:
+        how = "python -m" if dist is None else f"torchrun --nproc_per_node {dist.world} -m"
+        _log(f"stopped at step {r.steps} of {r.total_steps}; continue with: {how} "
+             f"lora_train_ext train --resume {r.state_dir}")
+        return EXIT_INTERRUPTED
     return 0
 
 
@@ -407,8 +584,8 @@ def cmd_settings(args) -> int:
     return 0
 
 
-COMMANDS = {"settings": cmd_settings, "demo": cmd_demo, "inspect": cmd_inspect, "preview": cmd_preview,
-            "check-dataset": cmd_check_dataset}
+COMMANDS = {"settings": cmd_settings, "demo": cmd_demo, "train": cmd_train, "inspect": cmd_inspect,
+            "preview": cmd_preview, "check-dataset": cmd_check_dataset}
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -110,7 +110,8 @@ def add_file_commands(sub) -> dict:
     ml = sub.add_parser(
         "merge-loras", help="merge several LoRA files into one",
         description="Without --rank: exact (the ranks add up; LoRA / LoCon files). With --rank: "
-                    "the SVD of each module's summed delta (any algorithm but IA3 / DoRA).")
+                    "the SVD of each module's summed delta (any algorithm but IA3 / DoRA / OFT / "
+                    "BOFT).")
     ml.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
                     help="repeat for each file")
     ml.add_argument("--out", required=True, metavar="FILE")

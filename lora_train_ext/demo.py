@@ -6,7 +6,8 @@ default; any algorithm of `networks.SUPPORTED_ALGOS`), saves it, loads it back (
 be exact), merges it into a copy of the checkpoint and checks that the merged model predicts what
 the base model with the network hooked in predicts.
 
-It doubles as a headless trainer on the tiny model: `run_demo(cfg=...)` takes any RunConfig
+It is `train` (headless.py) on a checkpoint it writes itself, and so doubles as a headless trainer
+on the tiny model: `run_demo(cfg=...)` takes any RunConfig
 (optimizer, scheduler, loss, snapshots, ...), `stop_after` stops the run as an interrupt would
 (its state is saved), and `resume_dir` continues a saved run to its configured end.
 """
@@ -19,7 +20,6 @@ from importlib import resources
 
 import torch
 
-from .core.bundle import TrainControl
 from .core.config import RunConfig
 from .core.errors import UserError
 from .core.lora_file import load_lora
@@ -28,7 +28,7 @@ from .core.models.tiny import (build_bundle, checkpoint_state_dict, load_checkpo
                                write_checkpoint)
 from .core.networks import build_network
 from .core.preflight import preflight
-from .core.trainer import train
+from .headless import train_on_checkpoint
 
 DEMO_RESOLUTION = 64
 DEMO_NAME = "demo_lora"
@@ -81,14 +81,22 @@ def run_demo(out_dir: str = "demo_out", steps: int = 120, seed: int = 0, rank: i
              alpha: float | None = None, lr: float = 1e-3, batch_size: int = 4,
              grad_accum: int = 1, dataset: str = "", progress=None, *,
              cfg: RunConfig | None = None, stop_after: int = 0, resume_dir: str = "",
-             arch: str = "sd1", prediction: str = "auto", algo: str = "lora") -> dict:
+             arch: str = "sd1", prediction: str = "auto", algo: str = "lora",
+             log=None) -> dict:
     """Train on the tiny model and check the file; return the summary the CLI prints.
+
+    The demo is `train` on a checkpoint it writes itself: the tiny model of `model.arch` as
+    OUT/base.safetensors, then the same path as `python -m lora_train_ext train --checkpoint`
+    (headless.train_on_checkpoint: load, NAME.config.toml, train), then its own checks: the file
+    re-loads exactly, and the LoRA merged into the checkpoint predicts what the hooked model does.
 
     cfg: the whole run (then the single settings before `progress`, and arch / prediction / algo,
     are ignored): `model.arch` picks the tiny model, `model.prediction` its prediction type
-    ('auto': the arch's own), `network.algo` the algorithm.
+    ('auto': the arch's own), `network.algo` the algorithm; a `model.checkpoint` in it is
+    replaced by the demo's own.
     stop_after: request a stop once this step is done, as an interrupt would; the state is saved.
     resume_dir: a NAME-state folder to continue (cfg should be its config.json).
+    log: receives the `checkpoint: ...` line.
     """
     t0 = time.time()
     if cfg is None:
@@ -96,6 +104,7 @@ def run_demo(out_dir: str = "demo_out", steps: int = 120, seed: int = 0, rank: i
                           arch=arch, prediction=prediction, algo=algo)
     if cfg.model.arch != "sd1" and cfg.save.comment == demo_comment("sd1"):
         cfg.save.comment = demo_comment(cfg.model.arch)  # the demo's defaults, another arch
+    cfg.model.checkpoint = ""  # the demo writes its own; checked once it is there
     # every setting, the folders, the dataset and the optimizer's package, before model work
     preflight(cfg, device="cpu", dataset=not resume_dir).raise_if_failed()
     out_dir = cfg.save.output_dir or "."
@@ -106,32 +115,29 @@ def run_demo(out_dir: str = "demo_out", steps: int = 120, seed: int = 0, rank: i
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the tiny model is too small to gain from threads; they cost here
     try:
-        return _run(cfg, out_dir, progress, t0, stop_after, resume_dir)
+        return _run(cfg, out_dir, progress, t0, stop_after, resume_dir, log)
     finally:
         torch.set_num_threads(threads)
 
 
+def write_demo_checkpoint(cfg: RunConfig, out_dir: str) -> str:
+    """OUT/base.safetensors: the tiny model of cfg.model.arch from the run's seed (its
+    prediction type in the metadata: the given one, or the arch's own)."""
+    prediction = None if cfg.model.prediction == "auto" else cfg.model.prediction
+    bundle = build_bundle(cfg.model.arch, "tiny", seed=cfg.train.seed, prediction=prediction)
+    return write_checkpoint(bundle, os.path.join(out_dir, "base.safetensors"))
+
+
 def _run(cfg: RunConfig, out_dir: str, progress, t0: float, stop_after: int,
-         resume_dir: str) -> dict:
+         resume_dir: str, log) -> dict:
     seed = cfg.train.seed
     arch = cfg.model.arch
-    prediction = None if cfg.model.prediction == "auto" else cfg.model.prediction
-    bundle = build_bundle(arch, "tiny", seed=seed, prediction=prediction)
-    base_path = write_checkpoint(bundle, os.path.join(out_dir, "base.safetensors"))
-    control = TrainControl(progress)
-    if cfg.sample.prompts.strip():  # samples from the tiny model, with the adapter as it trains
-        from .core.sampling import sampler_for
-        from .host.standalone import sample_image
-
-        control.sampler = sampler_for(
-            lambda p: sample_image(bundle, p.prompt, p.negative, p.seed, p.steps, p.width,
-                                   p.height, p.cfg_scale), cfg.save)
-    if stop_after:
-        def stop_when_due(event) -> None:
-            if event.kind == "step" and event.step >= stop_after and not control.stop_requested:
-                control.request_stop(f"stopped after step {event.step} (--stop-after)")
-        control.add_listener(stop_when_due)
-    result = train(bundle, cfg, control, resume_dir=resume_dir)
+    base_path = write_demo_checkpoint(cfg, out_dir)
+    cfg.model.checkpoint = base_path
+    preflight(cfg, device="cpu", dataset=False).raise_if_failed()  # the file just written
+    run = train_on_checkpoint(cfg, progress=progress, stop_after=stop_after,
+                              resume_dir=resume_dir, device="cpu", log=log, checked=True)
+    bundle, result = run.bundle, run.result
 
     # re-load: a fresh network filled from the file must equal the trained one
     tensors, meta = load_lora(result.path)

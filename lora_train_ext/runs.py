@@ -3,6 +3,9 @@
 A run executes either in the caller's thread (the tab's Train button, which the WebUI already
 runs under its queue lock) or in a background thread that takes the host's lock itself (the API).
 Either way the same `execute()` does the work, so the tab and the API behave alike.
+
+Records of ended runs (finished, stopped, failed, cancelled) are kept up to `keep_finished`
+(100): past that the oldest ended ones are dropped; queued, running and paused runs never are.
 """
 
 from __future__ import annotations
@@ -20,9 +23,12 @@ from .core.bundle import Progress, TrainControl
 from .core.config import PRESETS, RunConfig, preset as config_preset
 from .core.errors import TrainingError, UserError, UserErrors
 from .core.preflight import preflight
+from .core.run_files import ema_path
 from .core.trainer import train
 
 STATES = ("queued", "running", "finished", "stopped", "failed", "cancelled")
+ENDED_STATES = ("finished", "stopped", "failed", "cancelled")
+KEEP_FINISHED_RUNS = 100
 
 
 @dataclass
@@ -48,6 +54,7 @@ class RunRecord:
     memory_history: list[tuple[int, float]] = field(default_factory=list)  # (step, MiB)
     images_per_s: float | None = None
     samples: list[tuple[int, str]] = field(default_factory=list)  # (step, image path)
+    val_history: list[tuple[int, float]] = field(default_factory=list)  # (step, validation loss)
     paused_snapshot: str = ""  # the file written when the run last paused
     last_elapsed: float = field(default=0.0, repr=False)  # seconds into the run at the last step
     control: TrainControl = field(default_factory=TrainControl, repr=False)
@@ -61,13 +68,16 @@ class RunRecord:
             "output_name": self.config.save.output_name, "images_per_s": self.images_per_s,
             "memory_mib": self.memory_history[-1][1] if self.memory_history else None,
             "samples": [{"step": s, "path": p} for s, p in self.samples],
+            "val_loss": self.val_history[-1][1] if self.val_history else None,
+            "val_history": [{"step": s, "val_loss": v} for s, v in self.val_history],
         }
 
 
 class RunManager:
-    def __init__(self, host):
+    def __init__(self, host, keep_finished: int = KEEP_FINISHED_RUNS):
         self.host = host
         self.runs: dict[str, RunRecord] = {}
+        self.keep_finished = keep_finished
         self._lock = threading.Lock()
         self.last_warnings: list[str] = []
         self._queue: list[str] = []  # ids of queued runs, in the order they will run
@@ -79,17 +89,58 @@ class RunManager:
 
     # -- settings (what the tab and the API offer) --------------------------------------------
     def presets(self) -> list[str]:
-        return list(PRESETS)
+        """The built-in presets, then the user's saved ones."""
+        from .core.presets import list_presets
+
+        try:
+            return list_presets()
+        except OSError:
+            return list(PRESETS)
 
     def preset_config(self, name: str) -> RunConfig:
         """A preset's settings (or the defaults for any other name) with what suits the loaded
         model: its resolution (unless the preset sets one) and a precision its device runs."""
-        cfg = config_preset(name) if name in PRESETS else RunConfig()
-        info = self.host.model_info()
-        if name not in PRESETS or "resolution" not in PRESETS[name].get("data", {}):
+        from .core.presets import load_preset, user_presets
+
+        known = name in PRESETS or name in user_presets()
+        cfg = load_preset(name) if known else RunConfig()
+        default, info = RunConfig(), self.host.model_info()
+        # what the preset leaves at the defaults follows the model and its device
+        if cfg.data.resolution == default.data.resolution:
             cfg.data.resolution = str(info.default_resolution)
-        cfg.train.dtype = info.default_dtype
+        if cfg.train.dtype == default.train.dtype:
+            cfg.train.dtype = info.default_dtype
         return cfg
+
+    def save_preset(self, name: str, cfg: RunConfig) -> str:
+        from .core.presets import save_preset
+
+        return save_preset(name, cfg)
+
+    def delete_preset(self, name: str) -> str:
+        from .core.presets import delete_preset
+
+        return delete_preset(name)
+
+    def load_config_file(self, path: str):
+        """(RunConfig, notes) from our config file (JSON/TOML) or a kohya_ss / sd-scripts one."""
+        from .core.config import read_config_file
+
+        if not path or not os.path.isfile(path):
+            raise UserError("config file", f"file not found: {path}")
+        try:
+            raw = read_config_file(path)
+            if set(raw) - {"version"} <= set(RunConfig().to_dict()):
+                return RunConfig.from_dict(raw, validate=True), []
+        except UserError:
+            pass  # not ours: try kohya's formats
+        from .core.kohya_import import import_kohya
+
+        imported = import_kohya(path)
+        notes = [f"{len(imported.mapped)} kohya settings taken"]
+        if imported.unsupported:
+            notes.append("not supported (left out): " + ", ".join(sorted(imported.unsupported)))
+        return imported.config, notes + list(imported.notes)
 
     def optimizer_choices(self) -> list[str]:
         from .core.optim import available_optimizers
@@ -133,7 +184,22 @@ class RunManager:
         record = RunRecord(id=uuid.uuid4().hex[:12], config=cfg)
         with self._lock:
             self.runs[record.id] = record
+            self._prune_locked()
         return record
+
+    def _prune_locked(self) -> None:
+        """Drop the oldest ended runs (by end time) beyond `keep_finished`; the lock is held."""
+        ended = [r for r in self.runs.values() if r.state in ENDED_STATES]
+        excess = len(ended) - self.keep_finished
+        if excess <= 0:
+            return
+        ended.sort(key=lambda r: (r.finished if r.finished is not None else r.created, r.created))
+        for record in ended[:excess]:
+            del self.runs[record.id]
+
+    def _ended(self) -> None:
+        with self._lock:
+            self._prune_locked()
 
     # -- executing --------------------------------------------------------------------------
     def execute(self, record: RunRecord) -> RunRecord:
@@ -162,7 +228,8 @@ class RunManager:
         try:
             with self.host.prepared_model() as bundle:
                 result = train(bundle, record.config, control)
-            record.files = [result.path, *result.snapshots]
+            record.files = [result.path, *([result.ema_path] if result.ema_path else []),
+                            *result.snapshots]
             record.loss_avg = result.final_loss
             self.host.hot_load(record.files)
             # the final state only once the files are usable in prompts
@@ -180,6 +247,8 @@ class RunManager:
             traceback.print_exc()
         finally:
             record.finished = record.finished or time.time()
+            self.host.clear_conditioning_cache()  # failed runs too: samples cached their prompts
+            self._ended()
         return record
 
     # -- the queue: runs one after another in a worker thread that takes the host's lock ------
@@ -242,6 +311,7 @@ class RunManager:
                     record.state, record.finished = "stopped", time.time()
                 else:
                     self.execute(record)
+            self._ended()
             self.host.free_memory()
 
     def _on_event(self, record: RunRecord, event: Progress) -> None:
@@ -265,9 +335,12 @@ class RunManager:
             record.step, record.total = event.step, event.total
         elif event.kind == "sample" and event.path:
             record.samples.append((event.step, event.path))
+        elif event.kind == "validation" and event.loss is not None:
+            record.val_history.append((event.step, float(event.loss)))
         elif event.kind == "snapshot" and event.path:
             record.files.append(event.path)
-            self.host.hot_load([event.path])
+            twin = ema_path(event.path)
+            self.host.hot_load([event.path, *([twin] if record.config.train.ema else [])])
         if event.message:
             record.message = event.message
         self.host.on_progress(event)
@@ -282,7 +355,9 @@ class RunManager:
         return record
 
     def list(self) -> list[RunRecord]:
-        return sorted(self.runs.values(), key=lambda r: r.created, reverse=True)
+        with self._lock:  # a run ending in another thread may drop records meanwhile
+            records = list(self.runs.values())
+        return sorted(records, key=lambda r: r.created, reverse=True)
 
     def latest(self) -> RunRecord | None:
         runs = self.list()

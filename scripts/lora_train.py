@@ -1,4 +1,5 @@
-"""Registers lora-train-ext with the WebUI: the Train LoRA tab, its settings and its API."""
+"""Registers lora-train-ext with the WebUI: the Train LoRA tab, its settings and its API. The host
+is Forge's when Forge's `backend/` is there (`host.select()`), else the WebUI's."""
 
 import os
 import sys
@@ -7,10 +8,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from modules import call_queue, script_callbacks, shared  # noqa: E402
 
-from lora_train_ext.host.webui import SETTINGS_SECTION, WebUIHost  # noqa: E402
+from lora_train_ext.host import select  # noqa: E402
+from lora_train_ext.host.webui import API_OPTION, SETTINGS_SECTION, api_requested  # noqa: E402
 from lora_train_ext.runs import RunManager  # noqa: E402
 
-host = WebUIHost()
+host = select()
 manager = RunManager(host)
 
 
@@ -30,9 +32,19 @@ def on_ui_settings():
     shared.opts.add_option("lora_train_run_dir", shared.OptionInfo(
         "", "Folder for runs' own files: state, history, samples, latent cache "
             "(empty: outputs/lora-train)", section=SETTINGS_SECTION))
+    info = shared.OptionInfo(
+        False, "HTTP API under /lora-train/v1/ without --api (honours --api-auth)",
+        section=SETTINGS_SECTION)
+    if hasattr(info, "needs_restart"):
+        info = info.needs_restart()  # the routes are added once, when the app starts
+    shared.opts.add_option(API_OPTION, info)
 
 
 def on_app_started(_demo, app):
+    if not api_requested():
+        print("lora-train-ext: HTTP API off (start the WebUI with --api, or turn on "
+              "Settings > Train LoRA > HTTP API and restart)")
+        return
     from lora_train_ext.api import add_routes, parse_api_auth
 
     add_routes(app, host, manager, credentials=parse_api_auth(shared.cmd_opts.api_auth))

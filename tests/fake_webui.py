@@ -18,6 +18,11 @@ Each fact below was checked in the WebUI's source (paths relative to its root):
   StableDiffusionProcessingTxt2Img.
 - modules/sd_hijack.py: `optimizers` (objects with `name`, `is_available()`, `apply()`),
   `current_optimizer`, `apply_optimizations()`.
+- modules/script_callbacks.py: `on_ui_tabs(fn)`, `on_ui_settings(fn)`, `on_app_started(fn)`
+  register callbacks; `app_started_callback(demo, app)` calls the app-started ones (webui.py calls
+  it with demo=None under --nowebui). modules/options.py: `OptionInfo(default, label,
+  section=...)` with `needs_restart()` returning itself; `opts.add_option(key, info)`; reading an
+  option gives the stored value or its default. cmd_opts has `api`, `nowebui`, `api_auth`.
 """
 
 from __future__ import annotations
@@ -97,10 +102,35 @@ def install(bundle, monkeypatch):
     shared.sd_model = FakeLatentDiffusion(bundle)
     shared.state = State()
     shared.cmd_opts = types.SimpleNamespace(lora_dir="", medvram=False, lowvram=False,
-                                            medvram_sdxl=False, api_auth=None)
+                                            medvram_sdxl=False, api_auth=None, api=False,
+                                            nowebui=False)
     shared.opts = types.SimpleNamespace(lora_train_output_dir="", lora_train_run_dir="",
                                         outdir_grids="", outdir_txt2img_grids="",
-                                        grid_format="png")
+                                        grid_format="png", data_labels={})
+
+    class OptionInfo:
+        def __init__(self, default=None, label="", component=None, component_args=None,
+                     onchange=None, section=None, **_):
+            self.default, self.label, self.section = default, label, section
+            self.restart = False
+
+        def needs_restart(self):
+            self.restart = True
+            return self
+
+    def add_option(key, info):
+        shared.opts.data_labels[key] = info
+        if not hasattr(shared.opts, key):
+            setattr(shared.opts, key, info.default)
+
+    shared.OptionInfo = OptionInfo
+    shared.opts.add_option = add_option
+    script_callbacks = types.ModuleType("modules.script_callbacks")
+    script_callbacks.registered = {"ui_tabs": [], "ui_settings": [], "app_started": []}
+    for kind in script_callbacks.registered:
+        setattr(script_callbacks, f"on_{kind}", script_callbacks.registered[kind].append)
+    script_callbacks.app_started_callback = lambda demo, app: [
+        fn(demo, app) for fn in script_callbacks.registered["app_started"]]
     # modules/paths_internal.py: data_path, the folder of the WebUI's user data (--data-dir)
     paths_internal = types.ModuleType("modules.paths_internal")
     paths_internal.data_path = os.path.join(tempfile.mkdtemp(prefix="fake-webui-"), "data")
@@ -151,12 +181,14 @@ def install(bundle, monkeypatch):
                       ("modules.call_queue", call_queue), ("modules.devices", devices),
                       ("modules.processing", processing), ("modules.sd_hijack", sd_hijack),
                       ("modules.sd_vae", sd_vae), ("modules.paths_internal", paths_internal),
+                      ("modules.script_callbacks", script_callbacks),
                       ("networks", networks)):
         monkeypatch.setitem(sys.modules, name, mod)
         if "." in name:
             setattr(modules, name.split(".", 1)[1], mod)
     return types.SimpleNamespace(shared=shared, networks=networks, processing=processing,
-                                 call_queue=call_queue, sd_hijack=sd_hijack)
+                                 call_queue=call_queue, sd_hijack=sd_hijack,
+                                 script_callbacks=script_callbacks)
 
 
 @contextmanager

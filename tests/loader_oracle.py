@@ -2,16 +2,25 @@
 
 Written for these tests from reading that extension's source (`network.py` NetworkModule:
 `calc_scale`, `finalize_updown`, `apply_weight_decompose`; `network_lora.py`, `network_hada.py`,
-`network_lokr.py`, `network_ia3.py`, `network_full.py` `calc_updown`; `lyco_helpers.py`), not
-copied from it. It follows the loader step by step, reshapes included, so a file whose tensors
-the loader would read differently from our modules (a wrong axis, a missing scale, a shape the
-loader cannot reshape) fails here. Everything is computed in float64 so the oracle's own
-rounding is far below the tolerances the tests use.
+`network_lokr.py`, `network_ia3.py`, `network_full.py`, `network_oft.py` (v1.10.1) `calc_updown`;
+`lyco_helpers.py`), not copied from it. It follows the loader step by step, reshapes included, so
+a file whose tensors the loader would read differently from our modules (a wrong axis, a missing
+scale, a shape the loader cannot reshape) fails here. Everything is computed in float64 so the
+oracle's own rounding is far below the tolerances the tests use.
 
 Facts it encodes:
 - Module type: the first of LoRA (`lora_up.weight` + `lora_down.weight`), LoHa (all four
   `hada_w*`), IA3 (`weight`), LoKr (`lokr_w1` or `_a`/`_b`, and `lokr_w2` or `_a`/`_b`), full
-  (`diff`) whose tensors are all present.
+  (`diff`), OFT (`oft_blocks` or `oft_diag`) whose tensors are all present.
+- OFT (v1.10.1): scale is fixed at 1 (alpha is the constraint). `oft_blocks` B: Q = B - B^T;
+  when alpha is present and alpha x out != 0 (out: the layer's output channels, a
+  MultiheadAttention's embed_dim), Q *= (min(|Q|, alpha x out) + 1e-8) / (|Q| + 1e-8), |Q| over
+  the whole tensor; R = (I + Q)(I - Q)^-1 per block. 3 axes: blocks = B.shape[0], block size =
+  out // blocks; each block of rows W_k becomes R_k^T W_k (einsum 'k n m, k n ... -> k m ...').
+  4 axes (BOFT): stages = B.shape[0], blocks = B.shape[1], block size b = B.shape[2]; stage i
+  regroups the rows (c, 2, k) -> (c, k, 2) with k = 2^i b / 2, applies R_d W_d per block of b
+  rows, and regroups back. `rescale`, when present, multiplies the result's rows. The delta is
+  the result - W.
 - scale = the `scale` tensor if present, else alpha / dim when both are known, else 1. dim:
   LoRA `lora_down.shape[0]`; LoHa `hada_w1_b.shape[0]`; LoKr `lokr_w1_b.shape[0]`, overridden by
   `lokr_w2_b.shape[0]`; IA3 and full have none.
@@ -45,6 +54,8 @@ def module_type(w: dict[str, torch.Tensor]) -> str:
         return "lokr"
     if "diff" in w:
         return "full"
+    if "oft_blocks" in w or "oft_diag" in w:
+        return "oft"
     raise AssertionError(f"the loader accepts no module with tensors {sorted(w)}")
 
 
@@ -134,17 +145,58 @@ def _full(w, orig):
     return diff, list(diff.shape), None
 
 
+def _regroup(x: torch.Tensor, first: int, second: int) -> torch.Tensor:
+    """Rows indexed (c, first, second) -> (c, second, first)."""
+    rest = x.shape[1:]
+    return x.reshape(-1, first, second, *rest).permute(0, 2, 1, *range(3, 3 + len(rest))) \
+        .reshape(-1, *rest)
+
+
+def _oft(w, orig, out_dim):
+    if "oft_diag" in w:
+        raise AssertionError("old LyCORIS oft_diag is not made by us")
+    blocks = _d(w["oft_blocks"])
+    alpha = _d(w["alpha"]) if "alpha" in w else None
+    constraint = 0.0 if alpha is None else float(alpha) * out_dim
+    b = blocks.shape[-1]
+    eye = torch.eye(b, dtype=torch.float64)
+    q = blocks - blocks.transpose(-1, -2)
+    if constraint != 0:
+        norm = torch.norm(q.flatten())
+        q = q * ((torch.clamp(norm, max=constraint) + 1e-8) / (norm + 1e-8))
+    r = torch.matmul(eye + q, torch.linalg.inv(eye - q))
+    if blocks.dim() == 3:
+        k, n = blocks.shape[0], out_dim // blocks.shape[0]
+        merged = torch.einsum("knm,kn...->km...", r, orig.reshape(k, n, *orig.shape[1:]))
+        merged = merged.reshape(orig.shape)
+    else:
+        x = orig
+        for i in range(blocks.shape[0]):
+            k = 2 ** i * (b // 2)
+            x = _regroup(x, 2, k)
+            x = torch.einsum("dij,dj...->di...", r[i], x.reshape(-1, b, *orig.shape[1:]))
+            x = _regroup(x.reshape(orig.shape), k, 2)
+        merged = x
+    if "rescale" in w:
+        merged = _d(w["rescale"]).reshape(-1, *([1] * (orig.dim() - 1))) * merged
+    return merged - orig, list(orig.shape), None
+
+
 def loader_delta(w: dict[str, torch.Tensor], orig_weight: torch.Tensor, multiplier: float = 1.0,
-                 module_weight_shape: tuple[int, ...] | None = None
-                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+                 module_weight_shape: tuple[int, ...] | None = None,
+                 oft_out_dim: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(weight change, bias change or None), float64, for one module's tensors `w` applied to a
     layer whose weight is `orig_weight` (for an OpenCLIP q/k/v: that row block).
     `module_weight_shape`: the shape the loader takes the module's axis count from (the layer's
-    own weight; a MultiheadAttention's `out_proj.weight`)."""
+    own weight; a MultiheadAttention's `out_proj.weight`). `oft_out_dim`: the output channels
+    OFT reads from the layer (default the rows of `orig_weight`; a MultiheadAttention's
+    embed_dim, which is the rows of a q / k / v block)."""
     orig = _d(orig_weight)
     kind = module_type(w)
     is_conv = orig.dim() == 4
-    if kind == "lora":
+    if kind == "oft":
+        updown, shape, dim = _oft(w, orig, oft_out_dim or orig.shape[0])
+    elif kind == "lora":
         updown, shape, dim = _lora(w, orig, is_conv)
     elif kind == "hada":
         updown, shape, dim = _hada(w, orig)

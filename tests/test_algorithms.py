@@ -1,6 +1,6 @@
-"""Every algorithm (LoRA, LoCon, LoHa, LoKr, IA3, DoRA, full) on the tiny SD1 model and on single
-Linear / 1x1 conv / 3x3 conv layers: zero-init identity, hooked == merged, detach bit-exact,
-save -> load exact, our delta == the WebUI loader's delta from the saved tensors (tests/
+"""Every algorithm (LoRA, LoCon, LoHa, LoKr, IA3, DoRA, full, OFT, BOFT) on the tiny SD1 model and
+on single Linear / 1x1 conv / 3x3 conv layers: zero-init identity, hooked == merged, detach
+bit-exact, save -> load exact, our delta == the WebUI loader's delta from the saved tensors (tests/
 loader_oracle.py), module_delta (merge) == our delta, checkpoint merge == hooked model, a short
 training run moves the adapter, inspect reports the algorithm. Cross-checked with the real
 `lycoris-lora` package when it is importable (test-only)."""
@@ -32,7 +32,8 @@ from lora_train_ext.demo import demo_config
 
 RANK, ALPHA, CONV_RANK, CONV_ALPHA = 4, 2.0, 3, 1.5  # alpha != rank everywhere
 
-# name -> NetworkConfig changes; the first seven are the algorithms, the rest their layouts
+# name -> NetworkConfig changes; the first nine are the algorithms, the rest their layouts
+# (OFT / BOFT: more of their layouts in tests/test_oft.py)
 CASES = {
     "lora": dict(algo="lora"),
     "locon": dict(algo="locon", conv_rank=CONV_RANK, conv_alpha=CONV_ALPHA),
@@ -41,6 +42,8 @@ CASES = {
     "ia3": dict(algo="ia3"),
     "dora": dict(algo="dora", conv_rank=CONV_RANK, conv_alpha=CONV_ALPHA),
     "full": dict(algo="full", conv_rank=1),
+    "oft": dict(algo="oft", oft_block_size=4, conv_rank=1),
+    "boft": dict(algo="boft", oft_block_size=4, conv_rank=1),
     "loha_tucker": dict(algo="loha", conv_rank=CONV_RANK, conv_alpha=CONV_ALPHA, use_tucker=True),
     "lokr_decompose_both": dict(algo="lokr", rank=2, alpha=0.5, decompose_both=True,
                                 conv_rank=2, conv_alpha=CONV_ALPHA),
@@ -59,6 +62,8 @@ TENSOR_NAMES = {
              "alpha"},
     "ia3": {"weight", "on_input"},
     "full": {"diff", "diff_b"},
+    "oft": {"oft_blocks", "alpha", "rescale"},
+    "boft": {"oft_blocks", "alpha", "rescale"},
 }
 TENSOR_NAMES["locon"] = TENSOR_NAMES["lora"]
 
@@ -235,6 +240,9 @@ def _check_inspect(path: str, case: str, modules: int) -> None:
         assert set(report["alphas"]) == {cfg.alpha} | ({cfg.conv_alpha} if conv else set())
     if cfg.algo in ("ia3", "full"):
         assert report["ranks"] == [] and report["alphas"] == []
+    if cfg.algo in ("oft", "boft"):
+        assert report["ranks"] == [] and report["alphas"] == [cfg.oft_constraint]
+        assert report["block_sizes"] == [cfg.oft_block_size]
     if case.endswith("tucker"):
         assert "tucker" in report["options"]
     if case == "lokr_decompose_both":
@@ -251,7 +259,7 @@ def test_tensor_layouts_and_counts(bundle):
     nets = {case: build(bundle, case) for case in CASES}
     lora_names = set(nets["lora"].names())
     assert len(lora_names) == 264  # 192 UNet + 72 TE
-    for case in ("loha", "lokr", "dora", "full", "locon"):
+    for case in ("loha", "lokr", "dora", "full", "locon", "oft", "boft"):
         assert lora_names < set(nets[case].names())  # plus the conv layers (conv_rank > 0)
         assert set(nets[case].names()) == set(nets["locon"].names())
     ia3 = nets["ia3"]
@@ -410,7 +418,7 @@ def test_lokr_layout_rules():
 
 ZERO_INIT = {"lora": ("lora_up.weight",), "locon": ("lora_up.weight",), "dora": ("lora_up.weight",),
              "loha": ("hada_w2_a",), "lokr": ("lokr_w2", "lokr_w2_b"), "ia3": ("weight",),
-             "full": ("diff",)}
+             "full": ("diff",), "oft": ("oft_blocks",), "boft": ("oft_blocks",)}
 
 
 @pytest.mark.parametrize("algo", ALGOS)

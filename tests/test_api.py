@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 import time
 
 import pytest
@@ -97,3 +98,140 @@ def test_stop_a_running_run(client, demo_dataset):
         time.sleep(0.1)
     status = client.get(f"{PREFIX}/runs/{run_id}", auth=auth).json()
     assert status["state"] == "stopped" and status["step"] < 5000 and status["files"]
+
+
+# -- request bodies: size limit and shape ---------------------------------------------------------
+JSON_POST_ROUTES = ["/runs", "/runs/someid/move", "/test", "/snapshot-grid", "/merge",
+                    "/merge/compare", "/merge/save"]
+
+
+def test_every_post_route_with_a_body_is_limited(client):
+    """No POST route lets FastAPI read a body itself (no limit, its own error shape): the ones
+    that take a body read it through the limit, and they are JSON_POST_ROUTES."""
+    import inspect
+
+    limited = []
+    for r in client.app.routes:
+        if "POST" not in getattr(r, "methods", ()):
+            continue
+        params = list(inspect.signature(r.endpoint).parameters)
+        assert "body" not in params, f"{r.path} reads its body without the limit"
+        if params == ["request"]:
+            limited.append(r.path.replace(PREFIX, "").replace("{run_id}", "someid"))
+    assert sorted(limited) == sorted(JSON_POST_ROUTES)
+
+
+@pytest.mark.parametrize("route", JSON_POST_ROUTES)
+def test_post_bodies_over_the_limit_get_413_in_the_error_shape(client, route):
+    from lora_train_ext.api import MAX_BODY_BYTES
+
+    auth = ("alice", "secret")
+    big = b'{"save": {"comment": "' + b"x" * MAX_BODY_BYTES + b'"}}'
+    r = client.post(PREFIX + route, content=big, auth=auth,
+                    headers={"Content-Type": "application/json"})
+    assert r.status_code == 413
+    assert r.json() == {"error": f"the body is larger than {MAX_BODY_BYTES} bytes", "field": "body"}
+
+    def chunks():  # no Content-Length: the limit holds while reading
+        for i in range(0, len(big), 64 * 1024):
+            yield big[i:i + 64 * 1024]
+
+    r = client.post(PREFIX + route, content=chunks(), auth=auth)
+    assert r.status_code == 413 and r.json()["field"] == "body"
+    assert client.post(PREFIX + route, content=big, headers={
+        "Content-Type": "application/json"}).status_code == 401  # auth comes first
+
+
+@pytest.mark.parametrize("body, says", [
+    (b"[1, 2]", "not an array"), (b'"text"', "not a string"), (b"3", "not a number"),
+    (b"null", "not null"), (b"true", "not true/false"), (b"{", "not valid JSON"),
+    (b"\xff\xfe", "not valid JSON"), (b"", "empty")])
+def test_bodies_that_are_not_json_objects_get_422_in_the_error_shape(client, body, says):
+    auth = ("alice", "secret")
+    for route in JSON_POST_ROUTES:
+        r = client.post(PREFIX + route, content=body, auth=auth,
+                        headers={"Content-Type": "application/json"})
+        assert r.status_code == 422, r.text
+        data = r.json()
+        assert set(data) == {"error", "field"} and data["field"] == "body"
+        assert says in data["error"].replace("must be a JSON object, ", ""), data
+
+
+def test_a_body_just_under_the_limit_is_read(client):
+    from lora_train_ext.api import MAX_BODY_BYTES
+
+    head, tail = b'{"network": {"rank": 0}, "pad": "', b'"}'
+    body = head + b"x" * (MAX_BODY_BYTES - len(head) - len(tail)) + tail
+    assert len(body) == MAX_BODY_BYTES
+    r = client.post(PREFIX + "/runs", content=body, auth=("alice", "secret"),
+                    headers={"Content-Type": "application/json"})
+    assert r.status_code == 422 and r.json()["field"] in ("network.rank", "pad")  # read, judged
+
+
+# -- the WebUI entry point adds the routes only when asked ---------------------------------------
+def _load_script(monkeypatch):
+    import importlib.util
+    import sys
+
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the script puts the repo on sys.path
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts",
+                        "lora_train.py")
+    spec = importlib.util.spec_from_file_location("lora_train_script_under_test", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _routes(app) -> list[str]:
+    return sorted(r.path for r in app.routes if getattr(r, "path", "").startswith(PREFIX))
+
+
+@pytest.mark.parametrize("api, nowebui, setting, offered", [
+    (False, False, None, False),   # plain WebUI, setting never registered (no settings page)
+    (False, False, False, False),  # plain WebUI, setting off
+    (True, False, None, True),     # --api
+    (False, True, None, True),     # --nowebui (the API is all it serves)
+    (False, False, True, True),    # the extension's setting on
+])
+def test_routes_only_with_api_flag_or_setting(api, nowebui, setting, offered, monkeypatch,
+                                              sd1_bundle):
+    import fake_webui
+    from lora_train_ext.host.webui import API_OPTION, SETTINGS_SECTION
+
+    fake = fake_webui.install(sd1_bundle, monkeypatch)
+    fake.shared.cmd_opts.api, fake.shared.cmd_opts.nowebui = api, nowebui
+    script = _load_script(monkeypatch)
+    registered = fake.script_callbacks.registered
+    assert registered["app_started"] == [script.on_app_started]
+    if setting is not None:
+        for fn in registered["ui_settings"]:
+            fn()
+        info = fake.shared.opts.data_labels[API_OPTION]
+        assert (info.default, info.section, info.restart) == (False, SETTINGS_SECTION, True)
+        setattr(fake.shared.opts, API_OPTION, setting)
+    app = FastAPI()
+    fake.script_callbacks.app_started_callback(None, app)
+    routes = _routes(app)
+    if not offered:
+        assert routes == []
+        assert TestClient(app).get(PREFIX + "/settings").status_code == 404
+        return
+    from lora_train_ext.api import add_routes as add_all
+
+    every = FastAPI()
+    add_all(every, script.host, script.manager)
+    assert routes == _routes(every) and PREFIX + "/runs" in routes and len(routes) >= 8
+    assert TestClient(app).get(PREFIX + "/settings").status_code == 200
+
+
+def test_routes_from_the_script_honour_api_auth(monkeypatch, sd1_bundle):
+    import fake_webui
+
+    fake = fake_webui.install(sd1_bundle, monkeypatch)
+    fake.shared.cmd_opts.api, fake.shared.cmd_opts.api_auth = True, "carol:pw"
+    _load_script(monkeypatch)
+    app = FastAPI()
+    fake.script_callbacks.app_started_callback(None, app)
+    client = TestClient(app)
+    assert client.get(PREFIX + "/runs").status_code == 401
+    assert client.get(PREFIX + "/runs", auth=("carol", "pw")).json() == {"runs": []}

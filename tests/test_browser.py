@@ -1,12 +1,17 @@
 """The tab in a real browser (Debian's chromium, headless, driven by playwright) against
 `python -m lora_train_ext preview`: fill in the demo dataset, train, watch progress, see the
-file, run a 2x2 TE/UNet grid."""
+file, run a 2x2 TE/UNet grid.
+
+Every wait is for a state (the page answers, a text appears, the run ends) with one generous
+bound, WAIT_S: on a busy 2-core machine the grid alone took over 180 s. Nothing races a short
+fixed timeout, playwright's own 5 s / 30 s defaults included."""
 
 from __future__ import annotations
 
 import base64
 import io
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -19,6 +24,15 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+WAIT_S = 600  # the bound of every wait below: generous, since each ends as soon as its state is
+WAIT_MS = WAIT_S * 1000
+ERROR_WATCH = """() => {
+  window.__loraTrainErrors = [];
+  const keep = () => document.querySelectorAll('#lora_train_status .lora-train-error').forEach(
+    (e) => { if (!window.__loraTrainErrors.includes(e.innerText)) window.__loraTrainErrors.push(e.innerText); });
+  new MutationObserver(keep).observe(document.body, {subtree: true, childList: true,
+                                                     characterData: true});
+}"""
 
 
 def _need(condition: bool, why: str) -> None:
@@ -49,10 +63,10 @@ def preview(tmp_path):
                              "--out", str(tmp_path / "out")], cwd=ROOT, env=env, stdout=log,
                             stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
+    deadline = time.time() + WAIT_S
     while time.time() < deadline:
         try:
-            urllib.request.urlopen(url, timeout=2)
+            urllib.request.urlopen(url, timeout=30)  # one poll; a busy machine renders slowly
             break
         except OSError:
             if proc.poll() is not None:
@@ -71,6 +85,15 @@ def preview(tmp_path):
     log.close()
 
 
+def _log_tail(out: Path, lines: int = 40) -> str:
+    """The end of the preview server's log, for a failure message."""
+    try:
+        return "\n--- preview log ---\n" + "\n".join(
+            (out.parent / "preview.log").read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
 def _set(page, elem_id: str, value: str) -> None:
     box = page.locator(f"#{elem_id} textarea, #{elem_id} input").first
     box.fill(value)
@@ -82,11 +105,14 @@ def test_train_then_grid_in_the_browser(preview):
 
     url, out = preview
     dataset = str(ROOT / "lora_train_ext" / "demo_data")
+    expect.set_options(timeout=WAIT_MS)
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
             "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
             "--disable-background-networking", "--disable-component-update", "--disable-sync"])
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.set_default_timeout(WAIT_MS)  # fill / click / inner_text wait for their element
+        page.set_default_navigation_timeout(WAIT_MS)
         page.goto(url)
         expect(page.locator("#lora_train_model").first).to_contain_text("tiny-sd1")
 
@@ -98,25 +124,34 @@ def test_train_then_grid_in_the_browser(preview):
         _set(page, "lora_train_optim_lr", "0.01")
 
         page.locator("#lora_train_check").click()
-        expect(page.locator("#lora_train_dataset_report textarea")).to_have_value(
-            __import__("re").compile("8"), timeout=60_000)
+        report = page.locator("#lora_train_dataset_report textarea")
+        expect(report).to_have_value(re.compile(r"readable image|error"))  # the check's answer
+        assert "8 readable image(s)" in report.input_value(), report.input_value()
 
+        # a refused start shows its error in the status only until the next refresh (1 s): keep
+        # every error that appears there, so that the wait ends on it instead of the bound
+        page.evaluate(ERROR_WATCH)
         page.locator("#lora_train_start").click()
         status = page.locator("#lora_train_status").first
         seen_step = False
-        deadline = time.time() + 300
+        errors: list[str] = []
+        deadline = time.time() + WAIT_S
         while time.time() < deadline:
             text = status.inner_text()
             seen_step = seen_step or ("step " in text and "running" in text)
-            if "finished" in text or "failed" in text:
+            errors = page.evaluate("window.__loraTrainErrors")
+            if "finished" in text or "failed" in text or errors:
                 break
             time.sleep(0.3)
         text = status.inner_text()
-        assert "finished" in text, text
+        assert not errors, f"the run was refused or failed: {errors}" + _log_tail(out)
+        assert "finished" in text, text + _log_tail(out)
         assert seen_step, "no live progress was shown while training"
         assert "browser_lora.safetensors" in text
         assert (out / "Lora" / "browser_lora.safetensors").is_file()
-        assert page.locator("#lora_train_status svg").count() == 1  # the loss chart
+        charts = page.locator("#lora_train_status svg")
+        assert charts.count() == 4, charts.count()  # loss, learning rate, speed, memory
+        assert "Loss" in charts.first.inner_html()
 
         expect(page.locator("#lora_train_test_lora input").first).to_have_value("browser_lora")
         _set(page, "lora_train_test_prompt", "shp style, red circle")
@@ -124,7 +159,10 @@ def test_train_then_grid_in_the_browser(preview):
         _set(page, "lora_train_test_size", "64")
         page.locator("#lora_train_test_run").click()
         info = page.locator("#lora_train_test_info").first
-        expect(info).to_contain_text("4 images", timeout=180_000)
+        # the grid's answer or its error (while it works, gradio shows "processing | ...")
+        expect(page.locator("#lora_train_test_info .lora-train-message, "
+                            "#lora_train_test_info .lora-train-error").first).to_be_visible()
+        assert "4 images" in info.inner_text(), info.inner_text() + _log_tail(out)
         expect(info).to_contain_text("rows TE [0.0, 1.0], columns UNet [0.0, 1.0]")
         img = page.locator("#lora_train_test_grid img").first
         src = img.get_attribute("src")

@@ -23,8 +23,8 @@ from lora_train_ext.demo import _merge_check, run_demo
 
 SUMMARY_KEYS = {"lora_path", "base_path", "merged_path", "steps", "total_steps", "stopped",
                 "state_dir", "optimizer", "scheduler", "first_loss", "final_loss", "lr",
-                "warnings", "snapshots", "history_path", "modules", "file_bytes",
-                "roundtrip_exact", "merged_modules", "merge_max_abs_diff", "seconds"}
+                "warnings", "snapshots", "history_path", "samples", "sample_seconds", "modules",
+                "file_bytes", "roundtrip_exact", "merged_modules", "merge_max_abs_diff", "seconds"}
 
 
 def _demo(capsys, *args: str) -> dict:

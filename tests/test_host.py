@@ -218,3 +218,86 @@ def test_run_leaves_the_global_rngs_as_they_were(webui, demo_dataset):
     after = np.random.get_state()
     assert after[0] == nps[0] and np.array_equal(after[1], nps[1]) and after[2:] == nps[2:]
     assert torch.equal(torch.get_rng_state(), pt)
+
+
+def test_snapshots_after_a_lora_generation_do_not_fail_the_run(webui, demo_dataset):
+    """After a generation with a LoRA, the Lora extension keeps backups on every module it
+    touched (with no network applied any more). A snapshot's hot-load mid-run must not write
+    those weights again: that bumped their version counters and failed the run."""
+    fake, host = webui
+    model = fake.shared.sd_model
+    with fake_webui.baked_lora(model, fake.networks):
+        host.unload_baked_networks()  # the next plain generation: restored, backups kept
+    kept = [m for m in model.modules() if getattr(m, "network_weights_backup", None) is not None]
+    assert kept
+    versions = [m.weight._version for m in kept]
+    manager = RunManager(host)
+    cfg = _cfg(demo_dataset, steps=4, name="snap")
+    cfg.save.save_every_steps = 2
+    record = manager.create(cfg)
+    with host.exclusive("test"):
+        manager.execute(record)
+    assert record.state == "finished", record.error
+    assert [os.path.basename(p) for p in record.files] == ["snap.safetensors",
+                                                           "snap-step00000002.safetensors"]
+    assert [m.weight._version for m in kept] == versions  # nothing written again
+
+
+def test_the_prompt_cache_is_cleared_after_any_run(webui, demo_dataset):
+    fake, host = webui
+    processing = fake.processing
+    manager = RunManager(host)
+    cfg = _cfg(demo_dataset, steps=2, name="cache")
+    cfg.data.dataset_dir = demo_dataset
+    record = manager.create(cfg)
+    processing.StableDiffusionProcessing.cached_c = ["stale", "stale"]
+    record.config.data.dataset_dir = "/nonexistent/for/this/test"  # it fails at set-up
+    with host.exclusive("test"):
+        manager.execute(record)
+    assert record.state == "failed"
+    assert processing.StableDiffusionProcessing.cached_c == [None, None]
+
+
+def test_run_records_keep_at_most_100_ended_runs_oldest_dropped_first(tmp_path, monkeypatch):
+    """Ended runs (finished / stopped / failed / cancelled) beyond 100 are dropped, the one that
+    ended longest ago first; queued, running and paused records stay however old they are."""
+    import lora_train_ext.runs as runs_mod
+    from lora_train_ext.core.errors import TrainingError
+    from lora_train_ext.host.standalone import StandaloneHost
+
+    host = StandaloneHost(str(tmp_path))
+    manager = RunManager(host)
+    assert manager.keep_finished == runs_mod.KEEP_FINISHED_RUNS == 100
+    monkeypatch.setattr(manager, "prepare_config", lambda cfg: cfg)
+    active = [manager.create(RunConfig()) for _ in range(5)]
+    for record, state in zip(active, ["running", "paused", "queued", "queued", "queued"]):
+        record.state, record.created = state, 1.0  # older than everything else
+    ended = []
+    for i in range(110):
+        record = manager.create(RunConfig())
+        # ended in the reverse order of creation: the oldest *ended* are the last created
+        record.state = ("finished", "stopped", "failed", "cancelled")[i % 4]
+        record.created, record.finished = 100.0 + i, 10_000.0 - i
+        ended.append(record)
+    newest = manager.create(RunConfig())  # creating prunes
+    kept = {r.id for r in manager.list()}
+    assert len(kept) == 5 + 100 + 1
+    assert {r.id for r in active} <= kept and newest.id in kept
+    dropped = [r.id for r in ended if r.id not in kept]
+    assert dropped == [r.id for r in ended[-10:]]  # the 10 that ended first
+    with pytest.raises(KeyError):
+        manager.get(dropped[0])
+
+    # a run that ends drops the oldest ended record at once (here: fails in training)
+    def fail(*args, **kwargs):
+        raise TrainingError("boom")
+
+    monkeypatch.setattr(runs_mod, "train", fail)
+    oldest_kept = min((r for r in ended if r.id in kept), key=lambda r: r.finished)
+    with host.exclusive("test"):
+        manager.execute(newest)
+    assert newest.state == "failed" and newest.error == "training failed: boom"
+    ids = {r.id for r in manager.list()}
+    assert newest.id in ids and oldest_kept.id not in ids
+    assert sum(r.state in runs_mod.ENDED_STATES for r in manager.list()) == 100
+    assert sum(r.state in ("queued", "running", "paused") for r in manager.list()) == 5

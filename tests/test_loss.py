@@ -235,3 +235,97 @@ def test_compute_loss_is_finite_on_zero_terminal_snr_schedule():
         assert torch.isfinite(out)
         out.backward()
         assert torch.isfinite(pred.grad).all()
+
+
+# -- masked loss: the area outside the mask ------------------------------------------------------
+def test_masked_loss_weighs_the_unmasked_area_by_hand():
+    """One sample, 2x2 latent, squared errors 1, 4, 9, 16, a mask of only the first element.
+    Weights are w + (1 - w) * mask: 1 inside, w outside; the loss is the weighted mean."""
+    pred = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]]])
+    target = torch.zeros(1, 1, 2, 2)
+    mask = torch.tensor([[[[1.0, 0.0], [0.0, 0.0]]]])
+    t = torch.tensor([1])
+    cfg = LossConfig()
+    assert cfg.masked_loss_unmasked_weight == 0.0
+    assert L.compute_loss(pred, target, t, cfg, SMALL_AC, "epsilon", mask=mask).item() == 1.0
+    cfg.masked_loss_unmasked_weight = 0.25
+    expected = (1 * 1 + 0.25 * (4 + 9 + 16)) / (1 + 3 * 0.25)  # 8.25 / 1.75
+    assert L.compute_loss(pred, target, t, cfg, SMALL_AC, "epsilon", mask=mask).item() == \
+        pytest.approx(expected, rel=1e-6)
+    # a half-grey mask element: weight 0.25 + 0.75 * 0.5
+    grey = torch.tensor([[[[1.0, 0.5], [0.0, 0.0]]]])
+    w = [1.0, 0.25 + 0.75 * 0.5, 0.25, 0.25]
+    expected = sum(wi * e for wi, e in zip(w, (1, 4, 9, 16))) / sum(w)
+    assert L.compute_loss(pred, target, t, cfg, SMALL_AC, "epsilon", mask=grey).item() == \
+        pytest.approx(expected, rel=1e-6)
+    # weight 1: the mask no longer matters, the plain mean
+    cfg.masked_loss_unmasked_weight = 1.0
+    assert L.compute_loss(pred, target, t, cfg, SMALL_AC, "epsilon", mask=mask).item() == \
+        pytest.approx(7.5, rel=1e-6)
+    # an all-black mask with weight w > 0: every element weighs w, again the plain mean
+    cfg.masked_loss_unmasked_weight = 0.1
+    assert L.compute_loss(pred, target, t, cfg, SMALL_AC, "epsilon",
+                          mask=torch.zeros(1, 1, 2, 2)).item() == pytest.approx(7.5, rel=1e-6)
+
+
+# -- timestep distributions ----------------------------------------------------------------------
+def _cdf(sampling: str, f: float, mean=0.0, std=1.0, scale=1.29) -> float:
+    """P(fraction < f) of each distribution, from its definition."""
+    if f <= 0:
+        return 0.0
+    if f >= 1:
+        return 1.0
+    if sampling == "uniform":
+        return f
+    if sampling == "logit_normal":
+        z = (math.log(f / (1 - f)) - mean) / std
+        return 0.5 * (1 + math.erf(z / math.sqrt(2)))
+    if sampling == "cosmap":  # f = 1 - 1 / (tan(pi u / 2) + 1)  <=>  u = 2/pi atan(f / (1 - f))
+        return 2 / math.pi * math.atan(f / (1 - f))
+    if sampling == "mode":  # f(u) decreases from 1 to 0: P(f(u) < x) = 1 - f^-1(x), by bisection
+        def fm(u):
+            return 1 - u - scale * (math.cos(math.pi / 2 * u) ** 2 - 1 + u)
+        lo, hi = 0.0, 1.0
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if fm(mid) > f else (lo, mid)
+        return 1 - lo
+    raise AssertionError(sampling)
+
+
+@pytest.mark.parametrize("sampling, extra", [
+    ("uniform", {}), ("logit_normal", {"logit_mean": 0.5, "logit_std": 0.8}),
+    ("mode", {"mode_scale": 1.29}), ("mode", {"mode_scale": -0.8}), ("cosmap", {})])
+def test_timestep_histogram_follows_the_distribution(sampling, extra):
+    cfg = LossConfig(timestep_sampling=sampling, **extra)
+    n, bins = 100000, 20
+    hist = L.timestep_histogram(cfg, bins=bins, n=n)
+    assert len(hist.counts) == bins and len(hist.edges) == bins + 1 and sum(hist.counts) == n
+    assert hist.edges[0] == 0 and hist.edges[-1] == 1000
+    assert hist == L.timestep_histogram(cfg, bins=bins, n=n)  # a fixed preview
+    # bins of 50 steps: t = floor(1000 f) is in bin j exactly when j/20 <= f < (j+1)/20
+    kw = dict(mean=cfg.logit_mean, std=cfg.logit_std, scale=cfg.mode_scale)
+    expected = [n * (_cdf(sampling, (j + 1) / bins, **kw) - _cdf(sampling, j / bins, **kw))
+                for j in range(bins)]
+    for got, want in zip(hist.counts, expected):
+        assert abs(got - want) <= 5 * math.sqrt(want) + 5, (sampling, hist.counts, expected)
+    if sampling in ("logit_normal", "cosmap") or extra.get("mode_scale", 0) > 0:
+        assert hist.counts[bins // 2] > 1.5 * hist.counts[0]  # the middle favoured
+    if extra.get("mode_scale", 0) < 0:
+        assert hist.counts[0] > 1.5 * hist.counts[bins // 2]  # both ends favoured
+
+
+def test_timestep_histogram_takes_a_run_config_and_its_range():
+    from lora_train_ext.core.config import RunConfig
+
+    cfg = RunConfig()
+    cfg.loss.timestep_min, cfg.loss.timestep_max, cfg.loss.timestep_sampling = 200, 600, "cosmap"
+    hist = L.timestep_histogram(cfg, bins=8, n=5000)
+    assert hist.edges == [200 + 50 * i for i in range(9)] and sum(hist.counts) == 5000
+    t = L.timesteps_for(5000, _gen(0), cfg.loss)
+    assert t.min() >= 200 and t.max() <= 599
+    assert L.timestep_histogram(cfg, bins=1, n=10).counts == [10]
+    # mode with scale 0 is uniform: f = 1 - u
+    t = L.sample_timesteps(4, _gen(1), 0, 1000, "mode", mode_scale=0.0)
+    u = torch.rand(4, generator=_gen(1)).double()
+    assert torch.equal(t, ((1.0 - u) * 1000).floor().long().clamp(0, 999))

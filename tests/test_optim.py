@@ -253,7 +253,10 @@ def test_adaptive_warnings():
     assert adaptive_warnings("no-such", 1.0, 1.0, "constant") == []
 
 
-@pytest.mark.parametrize("key", list(PRESETS))
+EASY = [k for k in PRESETS if k.startswith("easy-")]
+
+
+@pytest.mark.parametrize("key", EASY)
 def test_presets_are_valid_configs_without_warnings(key):
     preset = PRESETS[key]
     cfg = RunConfig.from_dict(preset).validate()
@@ -270,6 +273,17 @@ def test_presets_are_valid_configs_without_warnings(key):
         p = torch.nn.Parameter(torch.ones(2))
         build_optimizer(cfg.optim.optimizer, [{"params": [p], "lr": cfg.unet_lr}],
                         cfg.optim.optimizer_args)
+
+
+@pytest.mark.parametrize("key", [k for k in PRESETS if k.startswith(("lowvram", "sdxl"))])
+def test_low_vram_presets_are_valid_configs_without_warnings(key):
+    cfg = RunConfig.from_dict(PRESETS[key]).validate()
+    assert cfg.train.gradient_checkpointing and cfg.train.batch_size == 1
+    assert cfg.data.cache_latents and 16 <= cfg.network.rank <= 32
+    assert cfg.optim.optimizer == ("AdamW8bit" if AVAILABLE["AdamW8bit"][0] else "AdamW")
+    assert adaptive_warnings(cfg.optim.optimizer, cfg.unet_lr, cfg.te_lr, cfg.optim.scheduler,
+                             warmup_steps=cfg.optim.warmup_steps,
+                             args_text=cfg.optim.optimizer_args) == []
 
 
 def test_presets_cover_the_guide():

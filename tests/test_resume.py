@@ -80,8 +80,9 @@ def assert_same_tensors(path_a: str, path_b: str) -> None:
 
 
 def history(result) -> list:
+    """NAME.history.json without the wall-clock seconds (the one value that is not computed)."""
     with open(result.history_path) as f:
-        return json.load(f)
+        return [{k: v for k, v in entry.items() if k != "seconds"} for entry in json.load(f)]
 
 
 def straight_and_resumed(bundle, tmp_path, dataset, total, stop, **settings):
@@ -134,6 +135,25 @@ def test_resume_equals_uninterrupted_adaptive_and_schedule_free(name, bundle, fi
         [os.path.basename(p) for p in straight.snapshots] == ["demo_lora-step00000003.safetensors"]
     assert not os.path.exists(first.snapshots[0])  # retention went on after the resume
     assert_same_tensors(straight.snapshots[0], resumed.snapshots[0])
+
+
+def test_resume_with_ema_and_validation_equals_uninterrupted(bundle, five_images, tmp_path):
+    """The EMA of the weights is in the state: the EMA file of a resumed run is the one of an
+    uninterrupted run, bit for bit; so are the validation losses in the history (one image held
+    out, measured every step; the resumed run does not measure its start again)."""
+    straight, first, resumed = straight_and_resumed(
+        bundle, tmp_path, five_images, total=5, stop=2, train__ema=True, train__ema_decay=0.7,
+        train__ema_start_step=1, data__validation_count=1, train__validate_every_steps=1,
+        network__dropout=0.1)
+    assert_same_tensors(straight.path, resumed.path)
+    assert_same_tensors(straight.ema_path, resumed.ema_path)
+    a, b = load_lora(straight.path)[0], load_lora(straight.ema_path)[0]
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    assert [s for s, _ in first.val_losses] == [0, 1, 2]
+    assert resumed.val_losses == straight.val_losses
+    assert [s for s, _ in straight.val_losses] == [0, 1, 2, 3, 4, 5]
+    assert history(resumed) == history(straight)
+    assert resumed.warnings == []
 
 
 # -- continuing a plain LoRA file ----------------------------------------------------------------

@@ -133,29 +133,23 @@ def test_lr_zero_means_do_not_train_and_empty_means_inherit_everywhere():
         cfg = make("optim.te_lr", 0)
         assert cfg.optim.te_lr == 0 and trained_parts(cfg) == ["unet"]
     values = tab.form_values(RunConfig())
-    assert values[[f.path for f in tab.ALL_FIELDS].index("optim.te_lr")] is None  # empty field
+    assert values[[f.path for f in tab.ALL_FIELDS].index("optim.te_lr")] == ""  # an empty field
     cfg = tab.config_from_form(values)
     assert cfg.optim.te_lr is None and cfg.te_lr == cfg.optim.lr
     assert RunConfig.from_dict({"optim": {"te_lr": ""}}).optim.te_lr is None
 
 
 # -- settings that do nothing yet ----------------------------------------------------------------
-NOT_BUILT = [("train.ema", True), ("train.ema_decay", 0.9), ("model.checkpoint", "x.safetensors")]
+def test_a_setting_not_built_yet_is_refused_not_ignored():
+    """The table's `not_built` mark: any value but the default is refused with the reason (every
+    setting of this version is built; the mark is how a new one waits for its feature)."""
+    import dataclasses
 
-
-@pytest.mark.parametrize("path, value", NOT_BUILT)
-def test_settings_not_built_are_refused_not_ignored(path, value, tmp_path, demo_dataset):
-    spec = SETTINGS[path]
-    assert spec.not_built
-    assert _field_of(via_config, path, value) == path
-    flag = [spec.cli_flag] if value is True else [spec.cli_flag, str(value)]
-    assert f"({path})" in _cli_error(["demo", "--out", str(tmp_path), *flag])
-    cfg = RunConfig()
-    cfg.set(path, value)
-    cfg.data.dataset_dir = demo_dataset
-    assert path in {p.field for p in preflight(cfg).problems}
-    assert path not in {f.path for f in tab.ALL_FIELDS}  # the tab does not offer them
-    assert not os.listdir(tmp_path)
+    spec = dataclasses.replace(SETTINGS["train.ema"], not_built="EMA is not built yet")
+    assert spec.problem(spec.default) is None
+    problem = spec.problem(True)
+    assert problem.field == "train.ema" and "not built yet" in problem.message
+    assert not [s for s in SETTINGS.values() if s.not_built]
 
 
 # -- presets --------------------------------------------------------------------------------------
@@ -178,8 +172,10 @@ def test_a_preset_chosen_in_the_tab_reaches_the_run_whole(name, tmp_path, demo_d
     assert captured, "the run was not created"
     cfg = captured[0].config
     expected = preset(name)
-    assert cfg.data.max_token_length == expected.data.max_token_length == 225
-    assert cfg.data.min_bucket_side == expected.data.min_bucket_side == 320
+    assert cfg.data.max_token_length == expected.data.max_token_length
+    assert cfg.data.min_bucket_side == expected.data.min_bucket_side
+    if name.startswith("easy-"):
+        assert (expected.data.max_token_length, expected.data.min_bucket_side) == (225, 320)
     assert cfg.get(hidden.path) == base.get(hidden.path)
     for section, entries in PRESETS[name].items():
         for key, value in entries.items():
@@ -234,7 +230,8 @@ def _bad_configs(tmp_path, dataset):
         ("save.output_name", with_("save.output_name", "x" * 300)),
         ("network.rank", with_("network.rank", 0)),
         ("optim.lr", with_("optim.lr", 0)),
-        ("train.ema", with_("train.ema", True)),
+        ("data.validation_count", with_("data.validation_count", 8)),  # all 8 demo images
+        ("data.validation_dir", with_("data.validation_dir", str(empty))),
     ]
 
 
@@ -330,7 +327,7 @@ def test_readme_settings_table_is_the_settings_table():
 def test_settings_json_and_command(capsys):
     rows = {r["key"]: r for r in settings_json()}
     assert rows["network.rank"]["low"] == 1 and rows["network.rank"]["high"] == 1024
-    assert rows["train.ema"]["available"] is False
+    assert all(r["available"] for r in rows.values())  # every setting is built now
     assert cli.main(["settings"]) == 0
     assert capsys.readouterr().out == settings_markdown()
 
@@ -344,3 +341,18 @@ def test_reference_data_lives_in_the_repository():
     with pytest.raises(FileNotFoundError):
         fixture_file("no_such.tsv")  # a missing file fails the test; it never skips
     assert len(fixture_file("checkpoint_keys", "sd15_unet.tsv").read_text().splitlines()) == 686
+
+
+def test_optional_numbers_are_text_fields_so_empty_stays_empty():
+    """gradio's Number sends 0 for an empty field, and 0 means "do not train this part": the
+    settings that may be empty are text fields in the tab (a browser saw every run refused)."""
+    optional = [f for f in tab.ALL_FIELDS if f.optional]
+    assert {f.path for f in optional} >= {"optim.unet_lr", "optim.te_lr"}
+    assert all(tab.widget_kind(f) == "text" for f in optional)
+    values = tab.form_values(RunConfig())
+    cfg = tab.config_from_form(values)
+    assert cfg.optim.unet_lr is None and cfg.optim.te_lr is None
+    assert trained_parts(cfg) == ["unet", "te"]
+    index = [f.path for f in tab.ALL_FIELDS].index("optim.te_lr")
+    values[index] = "5e-05"
+    assert tab.config_from_form(values).optim.te_lr == 5e-05

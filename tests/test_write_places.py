@@ -47,3 +47,26 @@ def test_files_go_to_the_lora_folder_or_the_run_folder_and_nowhere_else(tmp_path
     assert os.path.join("placed-state", "training_state.pth") in names
     assert any(n.startswith("samples" + os.sep) and n.endswith(".png") for n in names)
     assert any(n.startswith("latent_cache" + os.sep) for n in names)
+
+
+def test_a_shared_file_names_no_folder_of_the_machine(tmp_path, demo_dataset):
+    """The LoRA file's metadata holds the run's settings, but no path of the machine it was
+    trained on: folders cut to their last name, the folders written to left out."""
+    import json
+
+    from lora_train_ext.core.lora_file import load_lora
+
+    host = StandaloneHost(str(tmp_path / "webui"))
+    manager = RunManager(host)
+    cfg = RunConfig.from_dict({
+        "data": {"dataset_dir": demo_dataset, "resolution": "64", "enable_buckets": False},
+        "train": {"max_steps": 1, "dtype": "fp32", "batch_size": 2},
+        "network": {"rank": 2}, "save": {"output_name": "private"}})
+    record = manager.execute(manager.create(cfg))
+    assert record.state == "finished", record.error
+    _, meta = load_lora(record.files[0])
+    for value in meta.values():
+        assert str(tmp_path) not in value and os.path.dirname(demo_dataset) not in value
+    embedded = json.loads(meta["lora_train_ext.config"])
+    assert embedded["data"]["dataset_dir"] == os.path.basename(demo_dataset)
+    assert embedded["save"]["output_dir"] == "" and embedded["save"]["run_dir"] == ""

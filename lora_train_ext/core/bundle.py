@@ -65,7 +65,8 @@ class ModelBundle:
 
 @dataclass
 class Progress:
-    """One progress event. `kind`: 'start', 'step', 'log', 'snapshot', 'sample', 'end'."""
+    """One progress event. `kind`: 'start', 'step', 'log', 'snapshot', 'sample', 'validation'
+    (the validation loss in `loss`), 'end'."""
 
     kind: str
     step: int = 0

@@ -28,9 +28,10 @@ CONFIG_VERSION = 1
 
 ARCHES = ("sd1", "sd2", "sdxl")
 PREDICTIONS = ("auto", "epsilon", "v")
-ALGOS = ("lora", "locon", "loha", "lokr", "ia3", "dora", "full")
+ALGOS = ("lora", "locon", "loha", "lokr", "ia3", "dora", "full", "oft", "boft")
 TARGETS = ("both", "unet", "te")
 DTYPES = ("fp32", "bf16", "fp16")
+BASE_DTYPES = ("auto", "fp32", "fp16", "bf16")
 ADAPTER_DTYPES = ("fp32", "bf16")
 SAVE_DTYPES = ("fp16", "bf16", "fp32")
 LOSSES = ("mse", "l1", "huber", "smooth_l1")
@@ -40,17 +41,20 @@ SCHEDULERS = (
 )
 RESIZE_MODES = ("crop", "stretch", "pad", "none")
 CROP_MODES = ("center", "random")
-TIMESTEP_SAMPLING = ("uniform", "logit_normal")
+TIMESTEP_SAMPLING = ("uniform", "logit_normal", "mode", "cosmap")
 TOKEN_LENGTHS = (75, 150, 225)
 MAX_RANK = 1024
-# the longest suffix a run adds to the output name: "-step00001234.safetensors" / ".history.json"
-NAME_SUFFIX_MAX = len("-step00000000.safetensors")
+# the longest suffix a run adds to the output name: "-step00001234-ema.safetensors" (a snapshot's
+# EMA twin) / ".history.json"
+NAME_SUFFIX_MAX = len("-step00000000-ema.safetensors")
 MAX_NAME_BYTES = 255 - NAME_SUFFIX_MAX - 2  # most filesystems allow 255 bytes per name
 RESERVED_NAMES = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(1, 10)),
                   *(f"lpt{i}" for i in range(1, 10))}
 
 # tab groups, in the order the accordions appear; "" = the simple fields shown at the top
-GROUPS = ("", "Network", "Optimizer and learning rate", "Training", "Dataset", "Captions",
+MODES = ("images", "slider")
+SLIDER_ACTIONS = ("slider", "enhance", "erase")
+GROUPS = ("", "Training mode", "Network", "Optimizer and learning rate", "Training", "Dataset", "Captions",
           "Loss and noise", "Samples", "Saving")
 
 
@@ -214,9 +218,17 @@ class ModelConfig:
         "auto", "What the UNet predicts: auto takes the model's own (v for SD2-768 models)",
         "Prediction", "Training", choices=PREDICTIONS)
     checkpoint: str = setting(
-        "", "A checkpoint file to train on instead of the loaded model", "Checkpoint", None,
-        not_built="training on a checkpoint file is not built yet (it comes with the headless "
-                  "`train` command); runs train the loaded model")
+        "", "Headless `train` only: the checkpoint file to train on (SD1.x, SD2.x or SDXL base, "
+            "one .safetensors file as the WebUI loads it); the tab and the API train the loaded "
+            "model", "Checkpoint", None)
+    vae: str = setting(
+        "", "Headless `train` only: a VAE file to use instead of the checkpoint's own (empty = "
+            "the checkpoint's)", "VAE file", None)
+    base_dtype: str = setting(
+        "auto", "Headless `train` only: precision the base model's weights are kept in (auto = "
+                "fp32 on the CPU, the training precision on a GPU; fp16 / bf16 halve the memory "
+                "and need that training precision)", "Base model precision", None,
+        choices=BASE_DTYPES)
     zero_terminal_snr: bool = setting(
         False, "Rescale the noise schedule to zero SNR at the last step (for v-prediction models)",
         "Zero terminal SNR", "Loss and noise")
@@ -226,8 +238,10 @@ class ModelConfig:
 class NetworkConfig:
     algo: str = setting(
         "lora", "lora: attention and feed-forward layers; locon: also the 3x3 convs; loha, lokr, "
-        "ia3, dora, full: the LyCORIS kinds. ia3 files load in the WebUI, not in ComfyUI, Forge "
-        "or diffusers; diffusers misreads dora's magnitude", "Algorithm", "Network",
+        "ia3, dora, full, oft (diag-OFT), boft (butterfly OFT): the LyCORIS kinds. ia3 files "
+        "load in the WebUI, not in ComfyUI, Forge or diffusers; diffusers misreads dora's "
+        "magnitude; oft and boft load in the WebUI 1.10 and ComfyUI, not in Forge or diffusers",
+        "Algorithm", "Network",
         choices=ALGOS)
     rank: int = setting(8, "Size of the adapter (dim); 8-32 for a character or style, 64-128 "
                            "for more detail", "Rank (dim)", "Network", low=1, high=MAX_RANK)
@@ -272,6 +286,20 @@ class NetworkConfig:
                                 "LoKr: full matrix", "Network")
     use_tucker: bool = setting(False, "LoHa / LoKr: CP/Tucker cores for the 3x3 convs",
                                "Tucker decomposition", "Network")
+    oft_block_size: int = setting(
+        16, "OFT / BOFT: size of the rotation blocks (LyCORIS's dim for these). OFT: a divisor "
+            "of each layer's channels, at most their square root (LyCORIS's split: 320 channels "
+            "with 32 give blocks of 10); BOFT: the largest even size up to this whose block "
+            "count is a power of two. conv_rank > 0 adds the convs", "OFT block size",
+        "Network", low=2, high=MAX_RANK)
+    oft_constraint: float = setting(
+        0.0, "OFT / BOFT: COFT constraint, the norm of the rotation's Q at most this x "
+             "channels (0 = none; saved as alpha). ComfyUI bounds the norm by alpha itself; "
+             "SD.Next and WebUI before 1.10 apply nothing at 0", "OFT constraint", "Network",
+        low=0)
+    oft_rescaled: bool = setting(
+        False, "OFT / BOFT: also learn a scale per output channel (LyCORIS's rescaled); ComfyUI "
+               "ignores it for oft", "OFT rescaled", "Network")
 
 
 @dataclass
@@ -343,6 +371,13 @@ class DataConfig:
                                        "else the image's alpha channel", "Masked loss", "Dataset")
     mask_dir: str = setting("", "Grey masks named like the images (white = train, black = "
                                 "ignore)", "Mask folder", "Dataset")
+    validation_count: int = setting(
+        0, "Hold this many training images out of training (picked by the seed) and measure the "
+           "validation loss on them (0 = none)", "Validation images held out", "Dataset",
+        low=0, high=10**6)
+    validation_dir: str = setting(
+        "", "A folder of validation images (same layout as the dataset) to measure the "
+            "validation loss on, instead of holding images out", "Validation folder", "Dataset")
 
 
 @dataclass
@@ -410,12 +445,22 @@ class LossConfig:
                                 "Loss and noise", low=0, high=999)
     timestep_max: int = setting(1000, "... up to this (exclusive)", "Max timestep",
                                 "Loss and noise", low=1, high=1000)
-    timestep_sampling: str = setting("uniform", "How timesteps are drawn", "Timestep sampling",
-                                     "Loss and noise", choices=TIMESTEP_SAMPLING)
+    timestep_sampling: str = setting(
+        "uniform", "How timesteps are drawn: uniform, every step alike; logit_normal, the middle "
+                   "favoured (logit mean / std); mode, SD3's mode sampling (mode scale); cosmap, "
+                   "SD3's CosMap (the middle favoured, long tails)", "Timestep sampling",
+        "Loss and noise", choices=TIMESTEP_SAMPLING)
     logit_mean: float = setting(0.0, "logit_normal: mean", "Logit mean", "Loss and noise",
                                 low=-10, high=10)
     logit_std: float = setting(1.0, "logit_normal: standard deviation", "Logit std",
                                "Loss and noise", low=0, low_open=True, high=10)
+    mode_scale: float = setting(
+        1.29, "mode: how strongly the middle steps are favoured (SD3's mode sampling; 0 = "
+              "uniform, negative favours both ends)", "Mode scale", "Loss and noise",
+        low=-1, high=1.75)
+    masked_loss_unmasked_weight: float = setting(
+        0.0, "Masked loss: weight of the area outside the mask (0 = ignored, 1 = as much as the "
+             "masked area)", "Unmasked area weight", "Loss and noise", low=0, high=1)
 
 
 @dataclass
@@ -439,10 +484,23 @@ class TrainConfig:
                                  "Adapter precision", "Training", choices=ADAPTER_DTYPES)
     gradient_checkpointing: bool = setting(False, "Less VRAM, about 20-30% slower",
                                            "Gradient checkpointing", "Training")
-    ema: bool = setting(False, "Keep an exponential moving average of the adapter's weights",
-                        "EMA", None, not_built="EMA of the adapter weights is not built yet")
-    ema_decay: float = setting(0.999, "EMA decay per step", "EMA decay", None, low=0, high=1,
-                               not_built="EMA of the adapter weights is not built yet")
+    ema: bool = setting(False, "Keep an exponential moving average of the adapter's weights, "
+                               "saved beside the file as NAME-ema.safetensors", "EMA", "Training")
+    ema_decay: float = setting(0.999, "EMA decay per step: 0.999 averages about the last 1000 "
+                                      "steps, 0.99 the last 100 (for short runs)", "EMA decay",
+                               "Training", low=0, high=1)
+    ema_start_step: int = setting(0, "The average starts after this many steps; until then the "
+                                     "EMA copy equals the weights", "EMA start step", "Training",
+                                  low=0, high=10**7, unit="steps")
+    ema_on_cpu: bool = setting(False, "Keep the EMA copy in CPU memory instead of the GPU's",
+                               "EMA on the CPU", "Training")
+    validate_every_steps: int = setting(
+        0, "Validation loss every N steps (0 = only at the start and the end); needs validation "
+           "images held out or a validation folder", "Validate every N steps", "Training",
+        low=0, high=10**7, unit="steps")
+    validation_timesteps: int = setting(
+        4, "Fixed timesteps, spread over the timestep range, each validation image is measured "
+           "at (more: steadier, slower)", "Validation timesteps", "Training", low=1, high=100)
 
 
 @dataclass
@@ -480,6 +538,35 @@ def _ok_sample_prompts(v: str) -> None:
 
 def _multiple_of_8(v: int) -> None:
     _raise_if(v % 8, "must be a multiple of 8")
+
+
+@dataclass
+class ModeConfig:
+    kind: str = setting(
+        "images", "What the LoRA learns from: images (a captioned dataset) or slider (prompts "
+                  "only: a concept slider / LECO, no images)", "Training mode", "Training mode",
+        choices=MODES, flag="--mode")
+    target: str = setting("", "Slider: the prompt the LoRA acts on, e.g. 'a photo of a person'",
+                          "Slider target prompt", "Training mode", flag="--slider-target")
+    positive: str = setting("", "Slider: where +1 goes, e.g. 'a photo of a smiling person'",
+                            "Slider positive prompt", "Training mode", flag="--slider-positive")
+    negative: str = setting("", "Slider: where -1 goes (empty = the empty prompt)",
+                            "Slider negative prompt", "Training mode", flag="--slider-negative")
+    neutral: str = setting("", "Slider: the prediction the change starts from (empty = the "
+                               "target prompt)", "Slider neutral prompt", "Training mode",
+                           flag="--slider-neutral")
+    action: str = setting(
+        "slider", "slider: +s toward the positive, -s toward the negative; enhance: the "
+                  "positive concept stronger; erase: the positive concept removed",
+        "Slider action", "Training mode", choices=SLIDER_ACTIONS, flag="--slider-action")
+    guidance: float = setting(1.0, "Slider: how far one unit of strength moves (the target is "
+                                   "neutral + guidance x (positive - negative))",
+                              "Slider guidance", "Training mode", low=0, low_open=True, high=100,
+                              flag="--slider-guidance")
+    denoise_steps: int = setting(
+        3, "Slider: steps of the frozen model from noise to the trained timestep, so the "
+           "latents look like what that timestep sees (0 = pure noise)", "Slider denoise steps",
+        "Training mode", low=0, high=50, flag="--slider-denoise-steps")
 
 
 @dataclass
@@ -524,7 +611,7 @@ def _raise_if(bad: Any, message: str) -> None:
 
 SECTIONS = {"model": ModelConfig, "network": NetworkConfig, "data": DataConfig,
             "optim": OptimConfig, "loss": LossConfig, "train": TrainConfig, "save": SaveConfig,
-            "sample": SampleConfig}
+            "sample": SampleConfig, "mode": ModeConfig}
 
 
 def _specs() -> dict[str, Spec]:
@@ -548,6 +635,11 @@ def _cross_field_problems(cfg: "RunConfig") -> list[UserError]:
     """Rules between fields (each field's own range is checked by its Spec)."""
     out = []
     d, l = cfg.data, cfg.loss
+    mode = cfg.mode
+    if mode.kind == "slider":
+        for name in ("target", "positive"):
+            if isinstance(getattr(mode, name), str) and not getattr(mode, name).strip():
+                out.append(UserError(f"mode.{name}", f"a slider needs a {name} prompt"))
     if isinstance(d.max_bucket_side, int) and isinstance(d.min_bucket_side, int) and \
             d.max_bucket_side < d.min_bucket_side:
         out.append(UserError("data.max_bucket_side", f"{d.max_bucket_side} is below "
@@ -556,6 +648,16 @@ def _cross_field_problems(cfg: "RunConfig") -> list[UserError]:
             l.timestep_max <= l.timestep_min:
         out.append(UserError("loss.timestep_max", f"{l.timestep_max} must be above "
                                                   f"loss.timestep_min {l.timestep_min}"))
+    m, t = cfg.model, cfg.train
+    if m.base_dtype in ("fp16", "bf16") and t.dtype in DTYPES and t.dtype != m.base_dtype:
+        out.append(UserError("model.base_dtype", f"{m.base_dtype} base weights need training "
+                                                 f"precision {m.base_dtype} (train.dtype is "
+                                                 f"{t.dtype}); use auto or fp32, or set "
+                                                 f"train.dtype {m.base_dtype}"))
+    if d.validation_dir and isinstance(d.validation_count, int) and d.validation_count > 0:
+        out.append(UserError("data.validation_dir", "give a validation folder or a number of "
+                                                    "images held out (data.validation_count), "
+                                                    "not both"))
     return out
 
 
@@ -570,6 +672,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     save: SaveConfig = field(default_factory=SaveConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    mode: ModeConfig = field(default_factory=ModeConfig)
 
     # -- values by path ----------------------------------------------------------------------
     def get(self, path: str) -> Any:
@@ -735,11 +838,27 @@ def parse_resolution(text: str | int) -> tuple[int, int]:
     return values[0], values[1]
 
 
+# Steps that bring a config dict from version N to N + 1, by N. Version 1 is the first and the
+# current one, so there are none yet; a change that renames or re-means a setting bumps
+# CONFIG_VERSION and adds its step here (with a test that the older file still loads).
+MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {}
+
+
 def migrate(data: dict[str, Any]) -> dict[str, Any]:
-    """Bring an older config dict up to CONFIG_VERSION (version 1 is the first)."""
+    """Bring a config dict of an older version up to CONFIG_VERSION. A dict without `version` is
+    taken as the current version; a newer or unknown version is refused (UserError)."""
     version = data.get("version", CONFIG_VERSION)
-    if not isinstance(version, int) or version < 1 or version > CONFIG_VERSION:
-        raise UserError("version", f"unsupported config version {version!r}; this build reads 1..{CONFIG_VERSION}")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise UserError("version", f"{version!r} is not a config version; versions are whole "
+                                   f"numbers 1..{CONFIG_VERSION}")
+    if version > CONFIG_VERSION:
+        raise UserError("version", f"config version {version!r} was written by a newer "
+                                   f"lora-train-ext; this one reads versions 1..{CONFIG_VERSION} "
+                                   "(update the extension)")
+    while version < CONFIG_VERSION:
+        data = MIGRATIONS[version](dict(data))
+        version += 1
+        data["version"] = version
     return data
 
 
@@ -761,40 +880,21 @@ def read_config_file(path: str) -> dict[str, Any]:
     return data
 
 
-# -- presets (the guide's "easy settings", seed 003) ------------------------------------------
-_EASY_COMMON: dict[str, dict[str, Any]] = {
-    "network": {"algo": "lora", "rank": 64, "alpha": 1.0},
-    "data": {"resolution": "512", "min_bucket_side": 320, "max_bucket_side": 1024,
-             "max_token_length": 225},
-    "loss": {"min_snr_gamma": 5.0},
-    "train": {"max_steps": 1000},
-}
-
-
-def _easy(optimizer: str, args: str) -> dict[str, dict[str, Any]]:
-    preset = {section: dict(values) for section, values in _EASY_COMMON.items()}
-    preset["optim"] = {"optimizer": optimizer, "optimizer_args": args, "lr": 1.0,
-                       "unet_lr": 1.0, "te_lr": 1.0, "scheduler": "constant",
-                       "warmup_steps": 0, "warmup_ratio": 0.0}
-    return preset
-
-
-PRESETS: dict[str, dict[str, dict[str, Any]]] = {
-    # The guide's table: DAdaptAdam, LR 1.0 for both, constant, alpha 1, dim 64, ~1000 steps,
-    # buckets 320..768-1024, min_snr_gamma 5, 225 tokens.
-    "easy-dadaptadam": _easy("DAdaptAdam", "decouple=True weight_decay=0.01 betas=0.9,0.999"),
-    # "The same settings with Prodigy (only the optimizer args changed)", args from its section.
-    "easy-prodigy": _easy("Prodigy", "decouple=True weight_decay=0.01 d_coef=2 "
-                                     "use_bias_correction=True safeguard_warmup=False "
-                                     "betas=0.9,0.999"),
-}
-
-
+# -- presets: core/presets.py (built-in and the user's own) -----------------------------------------
 def preset(name: str) -> RunConfig:
-    """A preset's settings over the defaults; UserError for an unknown name."""
-    if name not in PRESETS:
-        raise UserError("preset", f"{name!r} is not a preset; choose one of {', '.join(PRESETS)}")
-    return RunConfig.from_dict(PRESETS[name])
+    """A built-in preset's settings over the defaults; UserError for an unknown name."""
+    from .presets import builtin_preset
+
+    return builtin_preset(name)
+
+
+def __getattr__(name: str) -> Any:
+    """`PRESETS` (the built-in presets) lives in core/presets.py and is importable from here."""
+    if name == "PRESETS":
+        from .presets import PRESETS
+
+        return PRESETS
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # -- the settings table in words (README, `settings` command) ------------------------------------
@@ -842,7 +942,8 @@ def _toml_value(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, (int, float)):
         return repr(value)
-    return json.dumps(str(value), ensure_ascii=False)
+    # a TOML basic string: JSON's escapes are TOML's, but TOML also wants DEL escaped
+    return json.dumps(str(value), ensure_ascii=False).replace("\x7f", "\\u007f")
 
 
 def _load_toml(text: str) -> dict[str, Any]:

@@ -66,9 +66,11 @@ def load_existing(existing: ExistingLora, network: AdapterNetwork, arch: str,
     for key, t in existing.tensors.items():
         if key.endswith(".alpha") and key in own and not torch.equal(
                 t.float().reshape(()), own[key].float().reshape(())):
+            setting = "network.oft_constraint" if cfg.algo in ("oft", "boft") else \
+                "network.alpha / conv_alpha"
             raise UserError(FIELD, f"{existing.name} has alpha {float(t):g} "
                                    f"({key.split('.')[0]}), this network {float(own[key]):g}; "
-                                   "set network.alpha / conv_alpha to the file's values")
+                                   f"set {setting} to the file's values")
     try:
         network.load_kohya_state_dict(existing.tensors)
     except (KeyError, ValueError) as e:

@@ -15,7 +15,10 @@ from .lora_file import read_metadata
 from .networks import algo_of_tensors
 from .networks.base import part_of
 
-OTHER_ALGO_MARKERS = (("oft_blocks", "oft"), ("oft_diag", "oft"))  # loaded by others, not made here
+# loaded by others, not made here: old LyCORIS OFT, R itself under `oft_diag` (the WebUI 1.10.1
+# reads it; ComfyUI and LyCORIS 4 no longer do)
+OTHER_ALGO_MARKERS = (("oft_diag", "oft_diag"),)
+OFT_FAMILY = ("oft", "boft")
 
 
 @lru_cache(maxsize=None)
@@ -48,13 +51,13 @@ def describe(path: str) -> dict:
     except Exception as e:  # truncated, non-string metadata, ...: safetensors' own errors
         raise UserError("file", f"{os.path.basename(path)} cannot be read as safetensors: "
                                 f"{e}") from None
-    modules: dict[str, set[str]] = {}
+    modules: dict[str, dict[str, list[int]]] = {}  # name -> tensor name -> shape
     for key in shapes:
         name, _, rest = key.partition(".")
         if not rest or not name.startswith("lora_"):
             raise UserError("file", f"{os.path.basename(path)} is not a LoRA file "
                                     f"(tensor {key!r} has no lora_unet_/lora_te_ module prefix)")
-        modules.setdefault(name, set()).add(rest)
+        modules.setdefault(name, {})[rest] = shapes[key]
     if not modules:
         raise UserError("file", f"{os.path.basename(path)} holds no tensors")
     module_algos = {n: _algo_of(p) for n, p in modules.items()}
@@ -84,16 +87,29 @@ def describe(path: str) -> dict:
         "conv_ranks": conv_ranks,
         "options": _options(module_algos, modules),
         "alphas": alphas,
+        "block_sizes": sorted({p["oft_blocks"][-1] for n, p in modules.items()
+                               if module_algos[n] in OFT_FAMILY}),
+        "oft_over_alpha": _oft_over_alpha(path, modules, module_algos),
         "modules": parts,
         "module_count": len(modules),
         "tensor_count": len(shapes),
         "unknown_modules": unknown[:20],
         "unknown_module_count": len(unknown),
         "metadata": meta,
+        "training_mode": _training_mode(meta),
     }
     report["loaders"] = loader_verdicts(report, list(modules))
     report["loader_notes"] = loader_notes(report)
     return report
+
+
+def _training_mode(meta: dict[str, str]) -> dict:
+    """How the file was trained (our `lora_train_ext.mode`): images, slider or difference."""
+    try:
+        mode = json.loads(meta.get("lora_train_ext.mode") or "{}")
+    except ValueError:
+        return {}
+    return mode if isinstance(mode, dict) else {}
 
 
 LORA_FAMILY = ("lora", "locon", "dora")  # one layout (down, up): kernel size, dora_scale tell
@@ -101,17 +117,20 @@ LORA_FAMILY = ("lora", "locon", "dora")  # one layout (down, up): kernel size, d
 
 def algo_of_file(meta: Mapping[str, str], shapes: Mapping[str, Sequence[int]]) -> str:
     """A file's algorithm, by the one rule inspect and continue-from-file share: 'lora',
-    'locon', 'loha', 'lokr', 'ia3', 'dora', 'full', 'oft', 'mixed:A+B' or 'unknown'.
+    'locon', 'loha', 'lokr', 'ia3', 'dora', 'full', 'oft', 'boft', 'oft_diag' (old LyCORIS
+    OFT), 'mixed:A+B' or 'unknown'.
 
     Metadata first: the algorithm `ss_network_module` / `ss_network_args` state (LyCORIS names
     it; kohya's networks.lora is LoRA). Tensor shapes then, where the metadata states none, and
     inside the LoRA family, which one layout serves: a kxk conv kernel makes it LoCon, a
     `dora_scale` DoRA (LyCORIS writes DoRA as algo lora with dora_wd). `shapes`: tensor key ->
-    shape, as in the file.
+    shape, as in the file. A stated OFT whose tensors say otherwise (BOFT's 4-axis blocks, old
+    LyCORIS's `oft_diag`) is what the tensors say: the loaders go by them.
     """
     stated = stated_algo(meta)
     shown = _algo_of_shapes(shapes)
-    if not stated or (stated in LORA_FAMILY and shown in LORA_FAMILY):
+    if not stated or (stated in LORA_FAMILY and shown in LORA_FAMILY) or \
+            (stated in OFT_FAMILY and shown in OFT_FAMILY + ("oft_diag",)):
         return shown
     return stated
 
@@ -126,14 +145,16 @@ def stated_algo(meta: Mapping[str, str]) -> str:
     algo = str(args.get("algo", "")) if isinstance(args, dict) else ""
     if module == "networks.lora":
         return algo if algo in ("lora", "locon") else "lora"
-    return algo
+    if module == "networks.oft":  # kohya's own OFT
+        return "oft"
+    return {"diag-oft": "oft"}.get(algo, algo)  # LyCORIS's name
 
 
 def _algo_of_shapes(shapes: Mapping[str, Sequence[int]]) -> str:
-    modules: dict[str, set[str]] = {}
-    for key in shapes:
+    modules: dict[str, dict[str, Sequence[int]]] = {}
+    for key, shape in shapes.items():
         name, _, rest = key.partition(".")
-        modules.setdefault(name, set()).add(rest)
+        modules.setdefault(name, {})[rest] = shape
     algos = sorted({_algo_of(parts) for parts in modules.values()})
     if algos == ["lora"] and any(len(shape) == 4 and shape[2] * shape[3] > 1
                                  for key, shape in shapes.items()
@@ -144,8 +165,9 @@ def _algo_of_shapes(shapes: Mapping[str, Sequence[int]]) -> str:
     return algos[0] if len(algos) == 1 else "mixed:" + "+".join(algos)
 
 
-def _algo_of(parts: set[str]) -> str:
-    algo = algo_of_tensors(parts)
+def _algo_of(parts: Mapping[str, Sequence[int]]) -> str:
+    """One module's algorithm from its tensor names and shapes."""
+    algo = algo_of_tensors(dict(parts))
     if algo:
         return algo
     for marker, other in OTHER_ALGO_MARKERS:
@@ -175,7 +197,7 @@ def _kinds(arch: str) -> dict[str, str]:
         return {}
 
 
-def _is_kxk_conv(algo: str, name: str, parts: set[str], shapes: dict[str, list[int]],
+def _is_kxk_conv(algo: str, name: str, parts: Mapping, shapes: dict[str, list[int]],
                  kinds: dict[str, str]) -> bool:
     """A module of a kxk conv: from the tensors' own kernel axes where they have them (LoRA's
     down, CP cores, LoKr's 4-d w2), else from the model's module kinds (LoHa / LoKr fold the
@@ -187,10 +209,10 @@ def _is_kxk_conv(algo: str, name: str, parts: set[str], shapes: dict[str, list[i
     return kinds.get(name) == "conv3x3"
 
 
-def _options(module_algos: dict[str, str], modules: dict[str, set[str]]) -> list[str]:
+def _options(module_algos: dict[str, str], modules: Mapping[str, Mapping]) -> list[str]:
     """Layout options visible in the tensor names: CP/Tucker cores ('tucker'), LoKr with a
     low-rank small factor ('decompose_both') or no low-rank factor in any module ('full_matrix'),
-    full with bias changes ('diff_b')."""
+    full with bias changes ('diff_b'), OFT / BOFT with a scale per output row ('rescaled')."""
     found = set()
     lokr = [parts for name, parts in modules.items() if module_algos[name] == "lokr"]
     for parts in modules.values():
@@ -200,12 +222,32 @@ def _options(module_algos: dict[str, str], modules: dict[str, set[str]]) -> list
             found.add("decompose_both")
         if "diff_b" in parts:
             found.add("diff_b")
+        if "rescale" in parts:
+            found.add("rescaled")
     if lokr and all("lokr_w2" in parts for parts in lokr):
         found.add("full_matrix")
     return sorted(found)
 
 
-def _alphas(path: str, modules: dict[str, set[str]]) -> list[float]:
+def _oft_over_alpha(path: str, modules: Mapping[str, Mapping], algos: dict[str, str]) -> int:
+    """How many OFT / BOFT modules have a constraint alpha > 0 below their |Q| (Q = B - B^T
+    over all blocks): ComfyUI takes alpha itself as the bound and shrinks those rotations, where
+    the WebUI and LyCORIS bound |Q| by alpha x channels."""
+    count = 0
+    with safe_open(path, "pt") as f:
+        for name, parts in modules.items():
+            if algos[name] not in OFT_FAMILY or "alpha" not in parts:
+                continue
+            alpha = float(f.get_tensor(f"{name}.alpha").float())
+            if alpha <= 0:
+                continue
+            b = f.get_tensor(f"{name}.oft_blocks").double()
+            if float((b - b.transpose(-1, -2)).norm()) + 1e-8 > alpha:
+                count += 1
+    return count
+
+
+def _alphas(path: str, modules: Mapping[str, Mapping]) -> list[float]:
     values = set()
     with safe_open(path, "pt") as f:
         for name, parts in modules.items():
@@ -256,23 +298,43 @@ def _unknown_modules(arch: str, names: list[str]) -> list[str]:
 # listed: "no"). Facts, from the loaders' sources and issue trackers:
 # - webui: AUTOMATIC1111's built-in Lora extension (network_lora / _hada / _lokr / _ia3 / _full /
 #   _oft); DoRA's `dora_scale` since 1.9 (PR #15160): older releases apply the plain low-rank
-#   update and drop the magnitude without a word.
-# - sdnext: SD.Next's lora module, the same module types (IA3 included).
+#   update and drop the magnitude without a word. OFT / BOFT (v1.10.1 `network_oft.py`): a
+#   3-axis `oft_blocks` is OFT (blocks from its first axis, |Q| clamped to alpha x channels
+#   unless alpha is 0 or absent), a 4-axis one BOFT, `rescale` applied to both, `oft_diag` (old
+#   LyCORIS) taken as R itself. Its einsum mixes the fp32 R with the weight's dtype: fp32
+#   weights (--no-half, CPU) or autocast (the CUDA fp16 default) work, half weights outside
+#   autocast raise a dtype error per module (counted as a network error, nothing applied).
+#   Earlier releases (1.7-1.9) read 3-axis `oft_blocks` only and clamp |Q| to alpha x channels
+#   even at alpha 0, i.e. apply nothing then.
+# - sdnext: SD.Next's lora module, the same module types (IA3 included); its `network_oft.py`
+#   (the stored copy of modules/lora/) is the WebUI 1.7-1.9 one: 3-axis `oft_blocks` with a
+#   clamp at alpha x channels (nothing at alpha 0), no `rescale`, no BOFT.
 # - forge, comfyui: ComfyUI's LoRA code (Forge's backend uses it) reads LoRA / LoCon, LoHa,
-#   LoKr, full, OFT and DoRA, not IA3: every `.weight` / `.on_input` key is reported "lora key
-#   not loaded" (ComfyUI #1071, Forge #635).
+#   LoKr, full and DoRA, not IA3: every `.weight` / `.on_input` key is reported "lora key
+#   not loaded" (ComfyUI #1071, Forge #635). ComfyUI reads OFT (`weight_adapter/oft.py`:
+#   3-axis `oft_blocks`, `rescale` loaded but not applied) and BOFT (`boft.py`: 4-axis, rescale
+#   applied), clamping |Q| to alpha itself (not x channels; 0 = no clamp) and applying its
+#   strength twice (s^2 (R - I) W; BOFT also blends each stage): equal to the WebUI at 1.
+#   Forge's copy of that code (packages_3rdparty/comfyui_lora_collection) predates OFT: the
+#   keys stay unloaded.
 # - diffusers: `load_lora_weights` converts `lora_down` / `lora_up` / `alpha` only. It maps
 #   `dora_scale` onto PEFT's magnitude vector, which is per output row, while kohya / LyCORIS
 #   store it per input column, (1, in): non-square layers fail to load, square ones load wrong
 #   (LyCORIS #216).
-# - kohya: sd-scripts' `networks.lora` reads LoRA / LoCon; the others load through LyCORIS.
-_ALL = ("lora", "locon", "loha", "lokr", "ia3", "dora", "full", "oft")
+# - kohya: sd-scripts' `networks.lora` reads LoRA / LoCon; the others load through LyCORIS
+#   (4.0: `diag-oft` / `boft` from `oft_blocks` with 3 / 4 axes, not `oft_diag`).
+_ALL = ("lora", "locon", "loha", "lokr", "ia3", "dora", "full", "oft", "boft")
 _NO_IA3 = "no: IA3 is not read (every key is skipped as 'lora key not loaded')"
+_NO_OFT_FORGE = "no: Forge's loader (ComfyUI's code of mid-2024) has no OFT / BOFT; the keys " \
+                "stay unloaded"
+_NO_OFT_DIAG = "no: old LyCORIS OFT (oft_diag) is not read"
 LOADER_SUPPORT: dict[str, dict[str, str]] = {
-    "webui": {a: "yes" for a in _ALL},
-    "forge": {**{a: "yes" for a in _ALL}, "ia3": _NO_IA3},
-    "sdnext": {a: "yes" for a in _ALL},
-    "comfyui": {**{a: "yes" for a in _ALL}, "ia3": _NO_IA3},
+    "webui": {**{a: "yes" for a in _ALL}, "oft_diag": "yes"},
+    "forge": {**{a: "yes" for a in _ALL}, "ia3": _NO_IA3, "oft": _NO_OFT_FORGE,
+              "boft": _NO_OFT_FORGE, "oft_diag": _NO_OFT_DIAG},
+    "sdnext": {**{a: "yes" for a in _ALL}, "oft_diag": "yes",
+               "boft": "no: SD.Next's OFT reads 3-axis oft_blocks only"},
+    "comfyui": {**{a: "yes" for a in _ALL}, "ia3": _NO_IA3, "oft_diag": _NO_OFT_DIAG},
     "diffusers": {"lora": "yes", "locon": "yes",
                   "dora": "no: dora_scale is per input column here, PEFT's magnitude per output "
                           "row (fails on non-square layers, wrong on square ones)"},
@@ -284,7 +346,34 @@ LOADER_NOTES = {
             "drop dora_scale and apply the plain low-rank update, without a warning",
     "ia3": "IA3: applied by the WebUI's built-in Lora extension and SD.Next only; ComfyUI and "
            "Forge skip it, diffusers refuses it",
+    "oft": "OFT: the WebUI 1.10 and ComfyUI apply it (ComfyUI scales by strength twice: equal "
+           "at strength 1); WebUI 1.7-1.9 and SD.Next apply nothing when alpha (the "
+           "constraint) is 0; Forge skips it",
+    "boft": "BOFT: the WebUI 1.10 and ComfyUI apply it (equal at strength 1); earlier WebUI "
+            "releases, SD.Next and Forge do not",
 }
+
+
+def _oft_verdicts(report: dict, verdicts: dict[str, str], algos: list[str]) -> None:
+    """What the file's own values change for OFT / BOFT (`report`'s alphas, options and
+    oft_over_alpha): a 0 constraint in SD.Next, rescale in ComfyUI (OFT) and SD.Next, a
+    constraint ComfyUI reads as a tighter bound."""
+    oft = "oft" in algos
+    rescaled = "rescaled" in report.get("options", [])
+    alphas = report.get("alphas", [])
+    if oft and verdicts.get("sdnext") == "yes":
+        if not alphas or min(alphas) <= 0:
+            verdicts["sdnext"] = "no: alpha (the constraint) is 0 or absent; SD.Next clamps the " \
+                                 "rotation to alpha x channels, i.e. to nothing"
+        elif rescaled:
+            verdicts["sdnext"] = "partial: SD.Next ignores rescale"
+    if verdicts.get("comfyui") == "yes":
+        if oft and rescaled:
+            verdicts["comfyui"] = "partial: ComfyUI loads rescale for OFT but does not apply it"
+        elif report.get("oft_over_alpha"):
+            verdicts["comfyui"] = (f"partial: {report['oft_over_alpha']} modules' |Q| is over "
+                                   "alpha, which ComfyUI takes as the bound itself (the WebUI "
+                                   "and LyCORIS: alpha x channels): smaller rotations there")
 
 
 def _algo_verdict(loader: str, algos: list[str]) -> str:
@@ -304,6 +393,8 @@ def loader_verdicts(report: dict, names: list[str]) -> dict[str, str]:
     bad_names = f"{unknown} module names match no module of {arch}" if unknown else ""
     for loader in ("webui", "forge", "sdnext", "comfyui"):
         verdicts[loader] = "partial: " + bad_names if bad_names else _algo_verdict(loader, algos)
+    if not bad_names and set(algos) & set(OFT_FAMILY):
+        _oft_verdicts(report, verdicts, algos)
     if bad_names:
         verdicts["diffusers"] = "partial: " + bad_names
     elif _algo_verdict("diffusers", algos) != "yes":
@@ -338,6 +429,8 @@ def format_report(report: dict) -> str:
         f"rank:       {', '.join(map(str, report['ranks'])) or '-'}"
         + (f" (conv {', '.join(map(str, report['conv_ranks']))})" if report["conv_ranks"] else ""),
         f"alpha:      {', '.join(f'{a:g}' for a in report['alphas']) or '-'}",
+        *([f"blocks:     {', '.join(map(str, report['block_sizes']))} (OFT block size)"]
+          if report.get("block_sizes") else []),
         *([f"options:    {', '.join(report['options'])}"] if report.get("options") else []),
         "modules:    " + ", ".join(f"{k} {v}" for k, v in sorted(report["modules"].items()))
         + f" (total {report['module_count']}, {report['tensor_count']} tensors)",
@@ -350,6 +443,10 @@ def format_report(report: dict) -> str:
     interesting = ("ss_output_name", "ss_base_model_version", "ss_steps", "ss_network_module",
                    "ss_network_args", "ss_optimizer", "ss_learning_rate", "ss_sd_model_name",
                    "modelspec.architecture", "modelspec.title", "sshs_model_hash")
+    mode = report.get("training_mode") or {}
+    if mode.get("mode", "images") != "images":
+        lines.append("made by:    " + mode["mode"] + " training: " + ", ".join(
+            f"{k} {v!r}" for k, v in mode.items() if k != "mode" and v not in ("", None)))
     lines.append(f"metadata:   {len(meta)} keys")
     for k in interesting:
         if k in meta:

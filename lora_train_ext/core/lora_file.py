@@ -54,12 +54,14 @@ def _hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple
 
 
 def atomic_save_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str],
-                            path: str) -> None:
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+                            path: str, field: str = "disk") -> None:
+    """`field`: the setting that chooses the folder, named when the disk is full."""
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata), field=field)
 
 
 def save_lora(tensors: dict[str, torch.Tensor], info: LoraInfo, path: str,
-              save_dtype: str = "fp16", sidecar: bool = True) -> dict[str, str]:
+              save_dtype: str = "fp16", sidecar: bool = True,
+              field: str = "save.output_dir") -> dict[str, str]:
     """Write the adapter file (+ NAME.json sidecar) atomically; return the metadata written.
 
     Floating tensors are cast to `save_dtype`, except `alpha` scalars which stay fp32 (kohya
@@ -76,23 +78,28 @@ def save_lora(tensors: dict[str, torch.Tensor], info: LoraInfo, path: str,
     model_hash, legacy = _hashes(final, meta)
     meta["sshs_model_hash"] = model_hash
     meta["sshs_legacy_hash"] = legacy
-    atomic_save_safetensors(final, meta, path)
+    atomic_save_safetensors(final, meta, path, field=field)
     if sidecar:
-        write_sidecar(path, info)
+        write_sidecar(path, info, field=field)
     return meta
 
 
-def write_sidecar(path: str, info: LoraInfo) -> str:
+def _size_word(algo: str) -> str:
+    return "block size" if algo in ("oft", "boft") else "rank"
+
+
+def write_sidecar(path: str, info: LoraInfo, field: str = "save.output_dir") -> str:
     """NAME.json as the WebUI's Lora card reads it."""
     side = os.path.splitext(path)[0] + ".json"
     data = {
-        "description": info.comment or f"{info.algo} rank {info.rank} trained with lora-train-ext",
+        "description": info.comment or f"{info.algo} {_size_word(info.algo)} {info.rank} trained "
+                                       "with lora-train-ext",
         "activation text": info.trigger_phrase,
         "preferred weight": 1.0,
         "sd version": SD_VERSION[info.arch],
         "notes": f"{info.steps} steps, seed {info.seed}, base {info.model_name or 'unknown'}",
     }
-    atomic_write_text(side, json.dumps(data, indent=2) + "\n")
+    atomic_write_text(side, json.dumps(data, indent=2) + "\n", field=field)
     return side
 
 

@@ -10,16 +10,16 @@ The loss itself is computed in fp32 whatever the model's dtype.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from .config import HUBER_SCHEDULES, LOSSES  # the settings table names them
+from .config import HUBER_SCHEDULES, LOSSES, TIMESTEP_SAMPLING  # the settings table names them
 from .errors import UserError
 
 if TYPE_CHECKING:
-    from .config import LossConfig
+    from .config import LossConfig, RunConfig
 
 
 PREDICTIONS = ("epsilon", "v")
@@ -138,24 +138,70 @@ def input_perturbation(noise: torch.Tensor, gamma: float, generator: torch.Gener
 
 def sample_timesteps(batch: int, generator: torch.Generator, t_min: int = 0, t_max: int = 1000,
                      sampling: str = "uniform", mean: float = 0.0, std: float = 1.0,
-                     device: torch.device | str | None = None) -> torch.Tensor:
+                     device: torch.device | str | None = None,
+                     mode_scale: float = 1.29) -> torch.Tensor:
     """(batch,) long timesteps in [t_min, t_max).
 
-    uniform: every step equally likely. logit_normal: u = sigmoid(mean + std * N(0, 1)) mapped
-    onto the range, which favours the middle steps (SD3's logit-normal sampling)."""
+    uniform: every step equally likely. The others draw a fraction f in [0, 1] and take
+    t = floor(t_min + f * (t_max - t_min)):
+    logit_normal: f = sigmoid(mean + std * N(0, 1)), which favours the middle steps (SD3's
+    logit-normal sampling).
+    mode: u ~ U(0, 1), f = 1 - u - s * (cos^2(pi/2 * u) - 1 + u) with s = mode_scale (SD3's
+    "mode sampling with heavy tails", section 3.1 of Esser et al. 2024): s = 0 is uniform,
+    s > 0 favours the middle, s < 0 both ends; monotone (a proper distribution) for
+    -1 <= s <= 2 / (pi - 2).
+    cosmap: u ~ U(0, 1), f = 1 - 1 / (tan(pi/2 * u) + 1) (SD3's CosMap): density
+    1 / (pi/2 * (f^2 + (1 - f)^2)), highest in the middle, with longer tails than logit_normal.
+    """
     if not 0 <= t_min < t_max:
         raise UserError("loss.timestep_max",
                         f"need 0 <= timestep_min < timestep_max, got {t_min}, {t_max}")
     if sampling == "uniform":
         t = torch.randint(int(t_min), int(t_max), (batch,), generator=generator,
                           device=generator.device)
-    elif sampling == "logit_normal":
-        u = torch.sigmoid(float(mean) + float(std) * _randn((batch,), generator).double())
-        t = (t_min + u * (t_max - t_min)).floor().long().clamp(t_min, t_max - 1)
     else:
-        raise UserError("loss.timestep_sampling",
-                        f"{sampling!r} is not valid; choose uniform or logit_normal")
+        if sampling == "logit_normal":
+            f = torch.sigmoid(float(mean) + float(std) * _randn((batch,), generator).double())
+        elif sampling == "mode":
+            u = _rand((batch,), generator).double()
+            f = 1.0 - u - float(mode_scale) * (torch.cos(math.pi / 2 * u) ** 2 - 1.0 + u)
+        elif sampling == "cosmap":
+            u = _rand((batch,), generator).double()
+            f = 1.0 - 1.0 / (torch.tan(math.pi / 2 * u) + 1.0)
+        else:
+            raise UserError("loss.timestep_sampling", f"{sampling!r} is not valid; choose one of "
+                                                      f"{', '.join(TIMESTEP_SAMPLING)}")
+        t = (t_min + f * (t_max - t_min)).floor().long().clamp(t_min, t_max - 1)
     return t.to(device if device is not None else generator.device)
+
+
+def timesteps_for(batch: int, generator: torch.Generator, cfg: "LossConfig") -> torch.Tensor:
+    """sample_timesteps with a LossConfig's range and distribution (on the generator's device)."""
+    return sample_timesteps(batch, generator, cfg.timestep_min, cfg.timestep_max,
+                            cfg.timestep_sampling, cfg.logit_mean, cfg.logit_std,
+                            mode_scale=cfg.mode_scale)
+
+
+class TimestepHistogram(NamedTuple):
+    """counts[i]: draws with edges[i] <= t < edges[i + 1] (len(edges) == len(counts) + 1)."""
+    counts: list[int]
+    edges: list[float]
+
+
+def timestep_histogram(cfg: "RunConfig | LossConfig", bins: int = 20,
+                       n: int = 100000) -> TimestepHistogram:
+    """A preview of the timestep distribution a config trains with: `n` draws (a generator
+    seeded with 0, so the preview is the same each time) counted in `bins` equal bins over
+    [timestep_min, timestep_max)."""
+    lc = cfg if hasattr(cfg, "timestep_sampling") else cfg.loss
+    if bins < 1 or n < 1:
+        raise ValueError(f"need bins >= 1 and n >= 1, got {bins}, {n}")
+    t_min, t_max = int(lc.timestep_min), int(lc.timestep_max)
+    t = timesteps_for(int(n), torch.Generator().manual_seed(0), lc)
+    index = ((t - t_min).double() * bins / (t_max - t_min)).floor().long().clamp(0, bins - 1)
+    counts = torch.bincount(index, minlength=bins)
+    edges = [t_min + (t_max - t_min) * i / bins for i in range(bins + 1)]
+    return TimestepHistogram([int(c) for c in counts], edges)
 
 
 # -- per-element loss ----------------------------------------------------------------------------
@@ -249,7 +295,9 @@ def compute_loss(pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tens
     mean over the batch.
 
     `mask`: (B, H, W), (B, 1, H, W) or (B, C, H, W) in 0..1, at latent or image size (resized
-    to the latent size by area averaging). A sample whose mask is all 0 contributes 0.
+    to the latent size by area averaging). With `cfg.masked_loss_unmasked_weight` w > 0 each
+    element's weight is w + (1 - w) * mask, so the area outside the mask counts w as much
+    (w = 1: the plain mean). A sample whose weights are all 0 contributes 0.
     """
     kind = cfg.loss
     c = None
@@ -260,6 +308,9 @@ def compute_loss(pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tens
         per_sample = loss.mean(dim=tuple(range(1, loss.dim())))
     else:
         m = _latent_mask(mask, loss)
+        outside = float(getattr(cfg, "masked_loss_unmasked_weight", 0.0) or 0.0)
+        if outside > 0:
+            m = outside + (1.0 - outside) * m
         dims = tuple(range(1, loss.dim()))
         total = (loss * m).sum(dim=dims)
         count = m.expand_as(loss).sum(dim=dims)

@@ -21,7 +21,7 @@ import torch
 
 from .errors import UserError
 from .lora_file import LoraInfo, _hashes, atomic_save_safetensors, build_metadata
-from .networks import algo_of_tensors
+from .networks import BASE_DEPENDENT_ALGOS, algo_of_tensors
 from .networks.loha import loha_delta_from_file
 from .networks.lokr import lokr_delta_from_file
 from .networks.lora import lora_delta
@@ -49,7 +49,7 @@ def module_kinds(arch: str, conv: bool = True) -> dict[str, str]:
 def natural_shape(parts: dict[str, torch.Tensor]) -> tuple[int, ...] | None:
     """The shape a module's delta has from its own tensors: LoRA / DoRA (out, in[, k, k]), full
     its `diff`, LoHa / LoKr (out, cols) with a conv's kernel folded into the columns unless a
-    4-d factor holds it. None for IA3 (its delta is the base weight's shape)."""
+    4-d factor holds it. None for IA3, OFT and BOFT (their delta is the base weight's shape)."""
     algo = algo_of_tensors(parts)
     if algo in ("lora", "dora"):
         down, up = parts["lora_down.weight"], parts["lora_up.weight"]
@@ -84,6 +84,8 @@ def fits(parts: dict[str, torch.Tensor], shape: tuple[int, ...]) -> bool:
         n = parts["weight"].numel()
         on_input = bool(int(parts["on_input"].reshape(-1)[0])) if "on_input" in parts else False
         return len(shape) == 2 and n == (shape[1] if on_input else shape[0])
+    if algo in ("oft", "boft"):
+        return _oft_fits(parts, shape)
     nat = natural_shape(parts)
     if nat is None or nat[0] != shape[0] or math.prod(nat) != math.prod(shape):
         return False
@@ -95,12 +97,28 @@ def fits(parts: dict[str, torch.Tensor], shape: tuple[int, ...]) -> bool:
         math.prod(shape[2:]) == 1
 
 
+def _oft_fits(parts: dict[str, torch.Tensor], shape: tuple[int, ...]) -> bool:
+    """OFT: blocks (n, b, b) with n * b rows; BOFT: (stages, n, b, b), n * b rows, b even and
+    every stage's butterfly group (b * 2^i rows) dividing them; `rescale` one value per row."""
+    blocks = tuple(parts["oft_blocks"].shape)
+    out = shape[0]
+    if len(blocks) == 3:
+        n, b = blocks[0], blocks[1]
+        ok = blocks[1] == blocks[2] and n * b == out
+    else:
+        stages, n, b = blocks[0], blocks[1], blocks[2]
+        ok = blocks[2] == blocks[3] and n * b == out and b % 2 == 0 and stages >= 1 and \
+            out % (b << (stages - 1)) == 0
+    rescale = parts.get("rescale")
+    return ok and (rescale is None or math.prod(rescale.shape) == out)
+
+
 def full_delta(parts: dict[str, torch.Tensor], name: str, arch: str) -> torch.Tensor:
     """A module's fp32 delta (strength 1) from its tensors alone, shaped like the weight it
-    changes: (out, in) for a linear, (out, in, k, k) for a conv. IA3 and DoRA depend on the
-    base weight and are refused."""
+    changes: (out, in) for a linear, (out, in, k, k) for a conv. IA3, DoRA, OFT and BOFT depend
+    on the base weight and are refused."""
     algo = algo_of_tensors(parts)
-    if algo in ("ia3", "dora"):
+    if algo in BASE_DEPENDENT_ALGOS:
         raise UserError("--lora", f"{name}: a {algo} module's change depends on the base "
                                   "weight; it can only be merged into a checkpoint (merge)")
     if not algo:

@@ -2,10 +2,11 @@
 several LoRA files into one.
 
 Only the key map (kohya name -> checkpoint weight key) and the delta math are needed, no model
-code. Every algorithm we save merges (LoRA / LoCon, LoHa, LoKr, IA3, DoRA, full) with the delta
-the WebUI's built-in loader computes from the same tensors. IA3 and DoRA deltas depend on the
-weight they modify: as in the WebUI (which applies networks one after another to the live
-weight), a file's module sees the weight with the earlier files already merged. `full`'s
+code. Every algorithm we save merges (LoRA / LoCon, LoHa, LoKr, IA3, DoRA, full, OFT, BOFT) with
+the delta the WebUI's built-in loader computes from the same tensors. IA3, DoRA, OFT and BOFT
+deltas depend on the weight they modify: as in the WebUI (which applies networks one after
+another to the live weight), a file's module sees the weight with the earlier files already
+merged. `full`'s
 `diff_b` changes the bias next to the weight.
 
 The checkpoint merge streams: the checkpoint is read one tensor at a time and the output written
@@ -38,13 +39,14 @@ from .lora_file import LoraInfo, data_section_sha256, load_lora
 from .lowrank import (LORA_TENSORS, Factors, factors_from_svd, fits, full_delta, is_kxk,
                       natural_shape, recipe_json, save_lora_file, svd_matrix, svd_of_product,
                       choose_rank, widest_dtype_name)
-from .networks import algo_of_tensors
+from .networks import BASE_DEPENDENT_ALGOS, algo_of_tensors
 from .networks.dora import dora_delta_from_file
 from .networks.full import full_delta_from_file
 from .networks.ia3 import ia3_delta_from_file
 from .networks.loha import loha_delta_from_file
 from .networks.lokr import lokr_delta_from_file
 from .networks.lora import lora_delta
+from .networks.oft import oft_delta_from_file
 from .stream_io import (CheckpointSource, SafetensorsReader, SafetensorsWriter, TensorSpec,
                         check_output_path, file_sha256, numel)
 
@@ -176,14 +178,14 @@ def group_modules(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch
     return dict(out)
 
 
-NEEDS_BASE_WEIGHT = ("ia3", "dora")  # algorithms whose delta scales the base weight itself
+NEEDS_BASE_WEIGHT = BASE_DEPENDENT_ALGOS  # deltas made from the base weight itself
 
 
 def module_delta(parts: dict[str, torch.Tensor], base_shape: tuple[int, ...], name: str,
                  base_weight: torch.Tensor | None = None) -> torch.Tensor:
     """The fp32 weight delta one module of a file makes (strength 1), shaped `base_shape`, as
-    the WebUI's loader computes it. IA3 and DoRA need `base_weight` (the weight being modified,
-    any float dtype, `base_shape` elements)."""
+    the WebUI's loader computes it. IA3, DoRA, OFT and BOFT need `base_weight` (the weight being
+    modified, any float dtype, `base_shape` elements)."""
     algo = algo_of_tensors(parts)
     if algo == "lora":
         return lora_delta(parts["lora_down.weight"], parts["lora_up.weight"], parts.get("alpha"),
@@ -198,12 +200,16 @@ def module_delta(parts: dict[str, torch.Tensor], base_shape: tuple[int, ...], na
         if base_weight is None:
             raise ValueError(f"{name}: a {algo} delta needs the base weight")
         base = base_weight.float().reshape(base_shape)
-        delta = ia3_delta_from_file(parts, base) if algo == "ia3" else \
-            dora_delta_from_file(parts, base)
+        if algo == "ia3":
+            delta = ia3_delta_from_file(parts, base)
+        elif algo == "dora":
+            delta = dora_delta_from_file(parts, base)
+        else:
+            delta = oft_delta_from_file(parts, base)
         return delta.reshape(base_shape)
     kinds = ", ".join(sorted(parts))
     raise UserError("lora", f"{name}: tensors ({kinds}) are not a module of a known algorithm "
-                            "(LoRA/LoCon, LoHa, LoKr, IA3, DoRA, full)")
+                            "(LoRA/LoCon, LoHa, LoKr, IA3, DoRA, full, OFT, BOFT)")
 
 
 def module_bias_delta(parts: dict[str, torch.Tensor]) -> torch.Tensor | None:
@@ -360,7 +366,8 @@ def _plan(loras: list[LoraSpec], lazies: list[_LazyLora], src: CheckpointSource,
                 continue
             full = src.specs[key].shape
             shape = full if rows is None else (rows.stop - rows.start, *full[1:])
-            c = _Contribution(lora, name, algo_of_tensors(modules[name]), rows, strength, shape)
+            c = _Contribution(lora, name, algo_of_tensors(lora.shapes(name)), rows, strength,
+                              shape)
             contributions[key].append(c)
             if "diff_b" in modules[name]:
                 biases[_bias_key(key)].append(c)
@@ -534,7 +541,8 @@ def _write_merged(src: CheckpointSource, contributions, biases, vae_src, vae_map
 
 def _merge_tensor(t: torch.Tensor, contributions, biases, out_dtype: torch.dtype
                   ) -> tuple[torch.Tensor, bool]:
-    """base + every contribution (files in order; IA3 / DoRA see the earlier ones merged)."""
+    """base + every contribution (files in order; IA3 / DoRA / OFT / BOFT see the earlier ones
+    merged)."""
     w = t.float()  # t itself when t is fp32
     acc: torch.Tensor | None = None  # the summed delta; few temporaries of the tensor's size
     for c in contributions:

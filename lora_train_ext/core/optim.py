@@ -391,6 +391,11 @@ def set_train_mode(optimizer: torch.optim.Optimizer, training: bool) -> None:
     method()
 
 
+def is_schedule_free(optimizer: Any) -> bool:
+    """Whether `optimizer` keeps a train and an eval point (`set_train_mode` switches them)."""
+    return _is_schedule_free(optimizer)
+
+
 def _is_schedule_free(optimizer: Any) -> bool:
     groups = getattr(optimizer, "param_groups", None) or []
     return (callable(getattr(optimizer, "train", None)) and callable(getattr(optimizer, "eval", None))

@@ -45,12 +45,17 @@ class Preflight:
 
 def preflight(cfg: RunConfig, *, arch: str | None = None, device: torch.device | str | None = None,
               dataset: bool = True, scan: bool = True,
-              host_check: Callable[[RunConfig], None] | None = None) -> Preflight:
+              host_check: Callable[[RunConfig], None] | None = None,
+              allow_pickle: bool = False, model_loaded: bool = False) -> Preflight:
     """Check `cfg` for a run on a model of `arch` (default: cfg.model.arch) on `device`.
 
     dataset: check the dataset, regularization and mask folders (False where the caller brings
     its own data, as tests do); scan: also scan the dataset for usable images (the trainer, which
-    scans it right after, says False); host_check: the host's own refusals (raises UserError)."""
+    scans it right after, says False); host_check: the host's own refusals (raises UserError); a
+    host trains its loaded model, so the headless settings (model.checkpoint, model.vae,
+    model.base_dtype) are refused with it. allow_pickle: a .ckpt checkpoint may be unpickled
+    (`train --allow-ckpt`); model_loaded: the model is built already (the trainer's own check),
+    so model.checkpoint and model.vae are not read again."""
     out = Preflight()
     out.problems += cfg.problems()
     arch = arch or cfg.model.arch
@@ -70,13 +75,16 @@ def preflight(cfg: RunConfig, *, arch: str | None = None, device: torch.device |
         if slow:
             out.warnings.append(slow)
     if host_check is not None:
+        out.problems += _headless_only(cfg)
         try:
             host_check(cfg)
         except UserError as e:
             out.problems.append(e)
+    elif not model_loaded and not bad_fields & {"model.checkpoint", "model.vae"}:
+        out.problems += _checkpoint_problems(cfg, arch, allow_pickle)
     out.problems += _output_problems(cfg)
     out.problems += _file_problems(cfg, arch)
-    if dataset:
+    if dataset and cfg.mode.kind != "slider":  # a slider trains from prompts alone
         folder_problems = _dataset_folder_problems(cfg)
         out.problems += folder_problems
         if scan and not folder_problems and "data.resolution" not in bad_fields:
@@ -96,6 +104,41 @@ def _output_problems(cfg: RunConfig) -> list[UserError]:
         probe_dir = parent
     if not os.path.isdir(probe_dir) or not os.access(probe_dir, os.W_OK | os.X_OK):
         return [UserError("save.output_dir", f"cannot write to {folder}")]
+    return []
+
+
+HEADLESS_SETTINGS = ("model.checkpoint", "model.vae", "model.base_dtype")
+
+
+def _headless_only(cfg: RunConfig) -> list[UserError]:
+    """The WebUI (and the preview) train the model they have loaded, in its own precision."""
+    from .config import RunConfig as _Defaults
+
+    default = _Defaults()
+    return [UserError(path, "only the headless `train` command uses it; the WebUI trains the "
+                            "model (and VAE) it has loaded: leave it "
+                            + (repr(default.get(path)) if default.get(path) else "empty"))
+            for path in HEADLESS_SETTINGS if cfg.get(path) != default.get(path)]
+
+
+def _checkpoint_problems(cfg: RunConfig, arch: str, allow_pickle: bool) -> list[UserError]:
+    """The checkpoint (and VAE) file: readable, a trainable arch, the arch the run is for, known
+    widths; nothing is built (a safetensors header is all that is read)."""
+    path = cfg.model.checkpoint
+    if not path:
+        if cfg.model.vae:
+            return [UserError("model.vae", "a VAE file goes with model.checkpoint (headless "
+                                           "`train`); give the checkpoint too")]
+        return []
+    from .models.checkpoint_file import inspect_checkpoint
+
+    try:
+        found = inspect_checkpoint(path, cfg.model.vae, allow_pickle)
+    except UserError as e:
+        return [e]
+    if found.arch != arch:
+        return [UserError("model.arch", f"the checkpoint is {found.arch}, not {arch}; leave "
+                                        "model.arch out (it is read from the checkpoint)")]
     return []
 
 
@@ -132,6 +175,8 @@ def _dataset_folder_problems(cfg: RunConfig) -> list[UserError]:
         out.append(UserError("data.dataset_dir", f"folder not found: {d.dataset_dir}"))
     if d.reg_dir and not os.path.isdir(d.reg_dir):
         out.append(UserError("data.reg_dir", f"folder not found: {d.reg_dir}"))
+    if d.validation_dir and not os.path.isdir(d.validation_dir):
+        out.append(UserError("data.validation_dir", f"folder not found: {d.validation_dir}"))
     if d.masked_loss and d.mask_dir and not os.path.isdir(d.mask_dir):
         out.append(UserError("data.mask_dir", f"folder not found: {d.mask_dir}"))
     if d.cache_to_disk and d.cache_dir and os.path.exists(d.cache_dir) and \
@@ -151,6 +196,14 @@ def _dataset_problems(cfg: RunConfig, out: Preflight) -> list[UserError]:
     if not report.ok:
         return [UserError("data.dataset_dir", f"no usable image in {cfg.data.dataset_dir}: "
                                               + report.summary_text().replace("\n", "; "))]
+    if cfg.data.validation_dir:
+        from .data import TrainData
+
+        try:
+            TrainData(cfg.data, batch_size=cfg.train.batch_size, seed=cfg.train.seed,
+                      split="validation")
+        except UserError as e:
+            return [e]
     return []
 
 
@@ -191,7 +244,12 @@ def check_settings(cfg: RunConfig, te_parts: tuple[str, ...] = ("te",)) -> list[
             groups.append({"params": [torch.zeros(1, requires_grad=True)],
                            "lr": lr * n.loraplus_ratio, "name": f"{p}_up"})
     O.build_optimizer(o.optimizer, groups, o.optimizer_args)
-    return O.adaptive_warnings(
+    warnings = []
+    if cfg.train.ema and "schedulefree" in o.optimizer.lower():
+        warnings.append(f"train.ema with {o.optimizer}: the optimizer already averages its "
+                        "weights; the EMA file averages its training point, not the averaged "
+                        "weights it saves")
+    return warnings + O.adaptive_warnings(
         o.optimizer, cfg.unet_lr if "unet" in parts else None,
         cfg.te_lr if any(p != "unet" for p in parts) else None, o.scheduler,
         args_text=o.optimizer_args, warmup_steps=o.warmup_steps, warmup_ratio=o.warmup_ratio,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +28,9 @@ MODELSPEC_ARCH = {
     "sd2v": "stable-diffusion-v2-768-v",
     "sdxl": "stable-diffusion-xl-v1-base",
 }
+# LyCORIS's names where ours differ (its `algo` network arg, kohya's ss_network_args)
+LYCORIS_ALGO_NAMES = {"oft": "diag-oft"}
+OFT_ALGOS = ("oft", "boft")
 
 
 def now_iso() -> str:
@@ -35,7 +39,8 @@ def now_iso() -> str:
 
 @dataclass
 class LoraInfo:
-    """Facts that go into a file's metadata. Only arch, algo, rank and alpha are required."""
+    """Facts that go into a file's metadata. Only arch, algo, rank and alpha are required.
+    OFT / BOFT: rank is the block size setting (LyCORIS's dim), alpha the constraint."""
 
     arch: str
     algo: str = "lora"
@@ -68,14 +73,19 @@ class LoraInfo:
     session_id: str = ""
     started_at: str = ""
     extra: dict[str, str] | None = None  # more keys, written after the others (run_settings)
+    network_args: dict[str, str] | None = None  # more ss_network_args (OFT's rescaled)
 
 
 def build_metadata(info: LoraInfo, file_name: str = "") -> dict[str, str]:
     """kohya `ss_*` and Stability `modelspec.*` keys; every value a string. file_name: the
     written file's name without extension (`ss_output_name`; default info.output_name)."""
-    args: dict[str, Any] = {"algo": info.algo}
+    lycoris_algo = LYCORIS_ALGO_NAMES.get(info.algo, info.algo)
+    args: dict[str, Any] = {"algo": lycoris_algo}
     if info.conv_rank:
         args.update(conv_dim=str(info.conv_rank), conv_alpha=str(info.conv_alpha))
+    if info.algo in OFT_ALGOS:
+        args["constraint"] = _num(info.alpha)  # LyCORIS's name; the files' alpha
+    args.update(info.network_args or {})
     is_lycoris = info.algo not in ("lora", "locon")
     arch_key = "sd2v" if info.arch == "sd2" and info.prediction == "v" else info.arch
     w, h = (info.resolution.split(",") + [info.resolution])[:2]
@@ -110,7 +120,8 @@ def build_metadata(info: LoraInfo, file_name: str = "") -> dict[str, str]:
         "ss_training_started_at": info.started_at,
         "ss_training_finished_at": now_iso(),
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": f"{MODELSPEC_ARCH[arch_key]}/{'lycoris-' + info.algo if is_lycoris else 'lora'}",
+        "modelspec.architecture": f"{MODELSPEC_ARCH[arch_key]}/"
+                                  f"{'lycoris-' + lycoris_algo if is_lycoris else 'lora'}",
         "modelspec.implementation": "https://github.com/Stability-AI/generative-models"
         if info.arch == "sdxl" else "diffusers",
         "modelspec.title": info.title or info.output_name,
@@ -135,10 +146,17 @@ def run_info(cfg: RunConfig, bundle: ModelBundle, data: TrainingData, *, predict
     """The facts of a run at `steps` (a continued file's steps included) in `epoch`.
     planned_steps: this run's optimizer steps; step_offset: the continued file's."""
     w, h = parse_resolution(cfg.data.resolution)
+    net = cfg.network
+    rank, alpha, conv_rank, conv_alpha, args = net.rank, net.alpha, net.conv_rank, \
+        net.conv_alpha, None
+    if net.algo in OFT_ALGOS:  # LyCORIS's dim / conv_dim are the block size, alpha unused
+        rank, alpha, args = net.oft_block_size, net.oft_constraint, \
+            {"rescaled": str(bool(net.oft_rescaled))}
+        conv_rank, conv_alpha = (net.oft_block_size, net.oft_constraint) if net.conv_rank \
+            else (0, 0.0)
     return LoraInfo(
-        arch=bundle.arch, algo=cfg.network.algo, rank=cfg.network.rank,
-        alpha=cfg.network.alpha, conv_rank=cfg.network.conv_rank,
-        conv_alpha=cfg.network.conv_alpha, prediction=prediction,
+        arch=bundle.arch, algo=net.algo, rank=rank, alpha=alpha, conv_rank=conv_rank,
+        conv_alpha=conv_alpha, network_args=args, prediction=prediction,
         output_name=cfg.save.output_name, trigger_phrase=cfg.data.trigger_word,
         resolution=f"{w},{h}", model_name=bundle.model_name,
         model_hash=bundle.model_hash, steps=steps, epoch=epoch,
@@ -179,8 +197,19 @@ def run_settings(cfg: RunConfig, planned_steps: int, step_offset: int) -> dict[s
         "ss_block_ranks": cfg.network.block_ranks,
         "ss_block_lr_weights": cfg.network.block_lr_weights,
         "ss_mixed_precision": cfg.train.dtype,
-        "lora_train_ext.config": cfg.to_json(),
+        "lora_train_ext.config": shareable_config_json(cfg),
+        "lora_train_ext.mode": training_mode_json(cfg),
     }
+
+
+def training_mode_json(cfg: RunConfig) -> str:
+    """How the file was made: the mode and, for a slider, its prompts (what inspect shows)."""
+    m = cfg.mode
+    out: dict[str, Any] = {"mode": m.kind}
+    if m.kind == "slider":
+        out.update(target=m.target, positive=m.positive, negative=m.negative,
+                   neutral=m.neutral or m.target, action=m.action, guidance=m.guidance)
+    return json.dumps(out)
 
 
 def optimizer_label(name: str, args_text: str) -> str:
@@ -193,3 +222,22 @@ def optimizer_label(name: str, args_text: str) -> str:
     if not args:
         return name
     return f"{name}({','.join(f'{k}={v}' for k, v in args.items())})"
+
+
+def shareable_config_json(cfg: RunConfig) -> str:
+    """The run's settings for a file that gets shared: paths of the user's machine are cut to
+    the last name (a dataset folder's name says what was trained, as kohya's ss_dataset_dirs
+    does; the folders above it are nobody's business), folders the run wrote to are left out."""
+    import os
+
+    from .run_files import PATH_SETTINGS
+
+    data = cfg.to_dict()
+    for setting in PATH_SETTINGS:
+        section, key = setting.split(".")
+        value = data.get(section, {}).get(key)
+        if value:
+            written = setting in ("save.output_dir", "save.run_dir", "data.cache_dir")
+            data[section][key] = "" if written else os.path.basename(os.path.normpath(value))
+    return json.dumps(data, indent=2)
+

@@ -1,11 +1,13 @@
 """A run's full state, for exact resume: `NAME-state/training_state.pth` + `NAME-state/config.json`.
 
 The state holds everything the rest of a run depends on: adapter weights, optimizer and scheduler
-state, the python / numpy / torch / CUDA RNGs and the noise generator, the data position (epoch,
-batch in epoch), losses, history and the snapshot list. A run resumed from it takes the same steps
+state, the EMA of the weights (train.ema; `ema.ema_for_run` takes it over), the python / numpy /
+torch / CUDA RNGs and the noise generator, the data position (epoch, batch in epoch), losses,
+history (validation losses included) and the snapshot list. A run resumed from it takes the same steps
 as one that was never stopped. Everything else is recomputed deterministically: the data order
 follows from (seed, epoch), cached latents from the frozen VAE, cached text conditioning from the
-frozen text encoder.
+frozen text encoder. A distributed run (core/distributed.py) saves from rank 0, with the number
+of processes and each process's own process RNGs; it resumes only with that number.
 
 The process's RNGs are the host's too (the WebUI's next generation draws from them): a run seeds
 them for itself, so `process_rngs_kept()` gives them back as they were when it ends.
@@ -36,7 +38,8 @@ STATE_FORMAT = 2
 # precision, how many snapshots are kept, whether the end state is saved).
 _RESUME_FREE = ("save.output_dir", "save.run_dir", "save.output_name", "save.save_dtype", "save.keep_last",
                 "save.save_state", "save.comment", "network.existing_lora", "data.cache_dir",
-                "data.cache_to_disk", "version")
+                "data.cache_to_disk", "data.validation_dir", "train.validate_every_steps",
+                "train.validation_timesteps", "train.ema_on_cpu", "version")
 
 
 def state_dir(cfg: RunConfig) -> str:
@@ -47,7 +50,16 @@ def state_dir(cfg: RunConfig) -> str:
 
 def save_state(run: Trainer) -> str:
     """Write NAME-state/training_state.pth (atomically) and NAME-state/config.json; return the
-    folder."""
+    folder. A distributed run: every process calls it (their RNGs are gathered), rank 0 writes
+    and the others get ''."""
+    dist = getattr(run, "dist", None)
+    per_process = None
+    if dist is not None:
+        from .distributed import gather_objects
+
+        per_process = gather_objects(dist, process_rng_states())
+        if not dist.writes:
+            return ""
     folder = state_dir(run.cfg)
     os.makedirs(folder, exist_ok=True)
     epoch, batch_in_epoch = run.epoch, run.batch_in_epoch
@@ -66,19 +78,24 @@ def save_state(run: Trainer) -> str:
         "network": {k: v.detach().cpu().clone() for k, v in run.network.state_dict().items()},
         "optimizer": run.optimizer.state_dict(),
         "scheduler": run.scheduler.state_dict(),
+        "ema": run.ema.state_dict() if getattr(run, "ema", None) is not None else None,
         "rng": rng_states(run.generator),
         "data": data,
         "config": run.cfg.to_dict(),
         "session_id": run.session_id,
         "started_at": run.started_at,
+        "world_size": 1 if dist is None else dist.world,  # a resume needs as many processes
+        "process_rngs": per_process,  # a distributed run: each process's own, in rank order
     }
     atomic_write(os.path.join(folder, STATE_FILE), lambda tmp: torch.save(state, tmp))
     run.cfg.write(os.path.join(folder, "config.json"))
     return folder
 
 
-def read_state(folder: str, cfg: RunConfig, warn: Callable[[str], None]) -> dict:
-    """The saved state, before any model work; `warn` hears of settings that changed since."""
+def read_state(folder: str, cfg: RunConfig, warn: Callable[[str], None],
+               world_size: int = 1) -> dict:
+    """The saved state, before any model work; `warn` hears of settings that changed since.
+    world_size: this run's number of processes; a state saved by another number is refused."""
     path = os.path.join(folder, STATE_FILE)
     if not os.path.isfile(path):
         raise UserError("resume", f"no saved state in {folder} (expected {STATE_FILE}, "
@@ -89,6 +106,9 @@ def read_state(folder: str, cfg: RunConfig, warn: Callable[[str], None]) -> dict
         raise UserError("resume", f"cannot read {path}: {e}") from None
     if not isinstance(state, dict) or state.get("format") not in (1, STATE_FORMAT):
         raise UserError("resume", f"{path} is not a state this version can resume")
+    from .distributed import check_resume
+
+    check_resume(int(state.get("world_size", 1)), int(world_size), folder)
     changed = _config_changes(state.get("config") or {}, cfg.to_dict())
     if changed:
         warn("resuming with settings that differ from the saved run ("

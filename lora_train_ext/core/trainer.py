@@ -9,7 +9,8 @@ finishes, is stopped, or fails.
 
 Beside it: run_state (save / resume the full state, RNGs, data position), run_metadata (the
 file's `ss_*` keys), continue_from (continuing a plain LoRA file), run_files (output paths,
-snapshots, history).
+snapshots, history), validation (the validation loss on held-out images), ema (the moving
+average of the adapter's weights).
 """
 
 from __future__ import annotations
@@ -23,15 +24,18 @@ from typing import Any
 
 import torch
 
+from . import distributed as D
 from . import loss as L
 from . import optim as O
 from . import run_files as F
 from . import sched as S
+from . import validation as V
 from .bundle import ModelBundle, Progress, TrainControl, TrainingData
 from .checkpointing import GradientCheckpointing
 from .config import RunConfig
 from .continue_from import ExistingLora, load_existing, read_existing
 from .dtypes import TORCH_DTYPES
+from .ema import AdapterEMA, ema_for_run
 from .errors import TrainingError, UserError
 from .guard import BaseGuard
 from .lora_file import save_lora
@@ -39,6 +43,7 @@ from .networks import AdapterNetwork, build_network, part_of
 from .networks.targets import block_value, parse_block_values
 from .preflight import preflight
 from .run_metadata import now_iso, run_info
+from .modes import ModeBatch, make_mode_data
 from .sampling import prompts_for, sample_due
 from .run_state import (process_rng_states, process_rngs_kept, read_state, restore_state,
                         save_state, seed_process_rngs, set_process_rng_states, set_rng_states)
@@ -66,10 +71,13 @@ class TrainResult:
     metadata: dict[str, str] = field(default_factory=dict)
     modules: dict[str, int] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)  # the guide's warnings, given before the run
-    history_path: str = ""  # NAME.history.json: [{step, loss, lr: {group: effective LR}}]
+    history_path: str = ""  # NAME.history.json: [{step, epoch, loss, lr, seconds, val_loss}]
     lrs: dict[str, float] = field(default_factory=dict)  # effective LR per group at the last step
     samples: list[str] = field(default_factory=list)  # sample images made during the run
     sample_seconds: float = 0.0  # time spent making them (not in `seconds` per step / ETA)
+    val_losses: list[tuple[int, float]] = field(default_factory=list)  # (step, validation loss)
+    validation_seconds: float = 0.0  # time spent measuring it (not in the ETA either)
+    ema_path: str = ""  # NAME-ema.safetensors with train.ema
 
 
 class Trainer:
@@ -78,13 +86,21 @@ class Trainer:
     data: the dataset (default: a TrainData from cfg.data).
     resume_dir: a `NAME-state` folder written by `run_state.save_state()`; the run goes on from
     there to its configured end (`cfg` should be the saved run's config, `NAME-state/config.json`).
+    dist: this process's place in a distributed run (`distributed.launched()`; the control a
+    `distributed.DistributedControl`, `data` one built with the global batch size), None for
+    one process.
     """
 
     def __init__(self, bundle: ModelBundle, cfg: RunConfig, control: TrainControl | None = None,
-                 data: TrainingData | None = None, resume_dir: str = ""):
+                 data: TrainingData | None = None, resume_dir: str = "",
+                 dist: D.Dist | None = None):
         self.bundle = bundle
+        self.dist = dist
+        self.writes = dist is None or dist.writes  # only rank 0 of a distributed run writes
         self.cfg = cfg  # checked by preflight() when the run starts
-        self.control = control or TrainControl()
+        self.control = control or (TrainControl() if dist is None else D.DistributedControl())
+        if dist is not None and not isinstance(self.control, D.DistributedControl):
+            raise TypeError("a distributed run needs a distributed.DistributedControl")
         self.data = data
         self.resume_dir = resume_dir
         self.device = bundle.device
@@ -116,6 +132,9 @@ class Trainer:
         self.samples: list[str] = []
         self.sample_seconds = 0.0
         self._pending_epoch_snapshot: int | None = None
+        self.log: F.RunLog | None = None
+        self.validation: V.Validation | None = None
+        self.ema: AdapterEMA | None = None
 
     # -- the run -----------------------------------------------------------------------------
     def run(self) -> TrainResult:
@@ -142,23 +161,35 @@ class Trainer:
     def _check(self) -> tuple[dict | None, ExistingLora | None]:
         """Settings, saved state, a file to continue, dataset, output folder: before model work."""
         cfg = self.cfg
+        as_given = cfg.to_dict()  # NAME.config.toml: the settings before the run fills any in
         # the same check as the tab, the API and the command line: every problem at once
         checked = preflight(cfg, arch=self.bundle.arch, device=self.device,
-                            dataset=self.data is None, scan=False).raise_if_failed()
+                            dataset=self.data is None, scan=False,
+                            model_loaded=True).raise_if_failed()
         for message in checked.warnings:
             self._warn(message)
-        state = read_state(self.resume_dir, cfg, self._warn) if self.resume_dir else None
+        state = read_state(self.resume_dir, cfg, self._warn,
+                           world_size=D.world_size(self.dist)) if self.resume_dir else None
         existing = None
         if cfg.network.existing_lora and state is None:
             existing = read_existing(cfg.network.existing_lora, self.bundle.arch, cfg.network)
         if cfg.data.cache_to_disk and not cfg.data.cache_dir:
             cfg.data.cache_dir = F.run_path(cfg.save, "latent_cache")  # never the dataset folder
         if self.data is None:
+            self.data = make_mode_data(cfg, self.bundle.arch)  # None: the captioned dataset
+        if self.data is None:
             from .data import TrainData
 
-            self.data = TrainData(cfg.data, batch_size=cfg.train.batch_size,
-                                  seed=cfg.train.seed, arch=self.bundle.arch)
-        F.check_writable(cfg.save)
+            self.data = TrainData(cfg.data, batch_size=cfg.train.batch_size * D.world_size(
+                self.dist), seed=cfg.train.seed, arch=self.bundle.arch)  # the global batch
+        if self.dist is not None:
+            D.shard(self.data, self.dist)
+        if V.wanted(cfg):
+            self.validation = V.Validation(cfg, self.bundle.arch)
+        if self.writes:
+            F.check_writable(cfg.save)
+            F.write_config(cfg.save, as_given)
+        self.log = F.RunLog(cfg.save, fresh=not self.resume_dir) if self.writes else D.NoLog()
         return state, existing
 
     def _set_up(self, state: dict | None, existing: ExistingLora | None) -> int:
@@ -190,14 +221,19 @@ class Trainer:
             power=cfg.optim.scheduler_power)
         if state is not None:
             restore_state(self, state, self._warn)
+        self.ema = ema_for_run(cfg.train, self.network, state, self._warn)
         if cfg.data.cache_latents:
             with torch.no_grad():
                 self.data.cache_latents(bundle.encode, bundle.vae_id, progress=self._cache_progress)
+        if self.validation is not None:
+            self.validation.prepare(bundle.encode, bundle.vae_id)
         if cfg.train.gradient_checkpointing:
             self.checkpointing = GradientCheckpointing([bundle.unet, *(
                 te for p, te in bundle.text_encoders.items() if self.te_trained)]).enable()
         if state is not None:
             set_rng_states(state["rng"], self.generator)  # last: nothing may draw after
+        if self.dist is not None:
+            D.set_up(self.dist, self, state)  # rank 0's weights; each process its own RNGs
         return self.step_offset + planned
 
     def _loop(self, total: int, t0: float) -> bool:
@@ -208,15 +244,18 @@ class Trainer:
         amp_dtype = COMPUTE_DTYPES[cfg.train.dtype]
         use_amp = amp_dtype != torch.float32
         start_step = self.step
+        seconds_before = self.history[-1].get("seconds", 0.0) if self.history else 0.0
         control.emit(Progress("start", step=self.step, total=total))
         if self.step == 0:
             self._maybe_sample(total)  # the baseline
+        if not self.resume_dir:
+            self._validate(total)  # the baseline
         while self.step < total:
             self._pause_if_requested(total)
             if control.stop_requested:
                 return True
             step_loss = torch.zeros((), device=self.device)
-            epoch_before = self.epoch
+            epoch_before = self.epoch  # of the step's first batch
             mark = self._step_mark()
             for _ in range(accum):
                 batch = self._next_batch()
@@ -227,6 +266,9 @@ class Trainer:
                 if control.stop_requested:  # asked during this step: it is not taken
                     self._rewind(mark)
                     return True
+            if self.dist is not None and D.sync_step(self.dist, params, step_loss, control):
+                self._rewind(mark)  # gradients, loss and stop flags summed over the processes
+                return True
             if cfg.optim.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm)
             self.optimizer.step()
@@ -241,14 +283,20 @@ class Trainer:
                     f"loss became {value} at step {self.step + 1}; lower the learning rate "
                     f"(optim.lr), use train.dtype fp32/bf16, or set optim.max_grad_norm")
             self.step += 1
+            if self.ema is not None:
+                self.ema.update(self.step)
             self.losses.append(value)
-            self.history.append({"step": self.step, "loss": value, "lr": lrs})
-            elapsed = time.time() - t0 - self.sample_seconds  # training time alone
+            self.history.append({"step": self.step, "epoch": epoch_before + 1, "loss": value,
+                                 "lr": lrs, "seconds": round(seconds_before + time.time() - t0, 3)})
+            self.log.step(self.history[-1])
+            elapsed = time.time() - t0 - self._aside_seconds()  # training time alone
             done = self.step - start_step
             eta = elapsed / done * (total - self.step) if done else None
             control.emit(Progress(
                 "step", step=self.step, total=total, loss=value, loss_avg=_tail_mean(self.losses),
                 lr=dict(lrs), epoch=self.epoch, elapsed=elapsed, eta=eta))
+            if self.validation is not None and self.validation.due(self.step, total):
+                self._validate(total)
             self._maybe_snapshot(total)
             self._maybe_sample(total, self.epoch if self.epoch != epoch_before else None)
         return False
@@ -291,8 +339,31 @@ class Trainer:
         for path in paths:
             self.control.emit(Progress("sample", step=self.step, total=total, path=path))
 
+    def _validate(self, total: int) -> None:
+        """Measure the validation loss now (when the run has validation images); keep it in the
+        history (the step's entry, or an entry of its own at the start) and tell the control."""
+        if self.validation is None:
+            return
+        value = self.validation.measure(self)
+        if self.history and self.history[-1].get("step") == self.step:
+            self.history[-1]["val_loss"] = value
+        else:
+            self.history.append({"step": self.step, "val_loss": value})
+        self.control.emit(Progress("validation", step=self.step, total=total, loss=value,
+                                   epoch=self.epoch))
+
+    def _aside_seconds(self) -> float:
+        """Time the run spent on samples and validation: not training, kept out of the ETA."""
+        return self.sample_seconds + (self.validation.seconds if self.validation else 0.0)
+
     def _micro_step(self, batch) -> torch.Tensor:
+        if isinstance(batch, ModeBatch):  # slider / difference: the mode computes its loss
+            return batch.loss(self)
         cfg, bundle = self.cfg, self.bundle
+        part = getattr(batch, "part", None)  # a distributed run: this process's share
+        if part is not None and not len(batch):  # draws the global batch's noise all the same
+            self._draws(D.noise_like(part, self.device))
+            return D.empty_loss(self.device)
         if batch.latents is not None:
             latents = batch.latents.to(self.device)
         else:
@@ -300,21 +371,35 @@ class Trainer:
                 latents = bundle.encode(batch.images.to(self.device))
         latents = latents.float()
         lc = cfg.loss
-        noise = L.make_noise(latents, self.generator, lc.noise_offset,
-                             lc.noise_offset_random_strength, lc.multires_noise_iterations,
-                             lc.multires_noise_discount)
-        timesteps = L.sample_timesteps(latents.shape[0], self.generator, lc.timestep_min,
-                                       lc.timestep_max, lc.timestep_sampling, lc.logit_mean,
-                                       lc.logit_std).to(self.device)
-        input_noise = L.input_perturbation(noise, lc.input_perturbation, self.generator)
+        if part is None:
+            noise, timesteps, input_noise = self._draws(latents)
+        else:  # drawn for the whole global batch, as one process would: this share's rows
+            noise, timesteps, input_noise = D.rows(
+                part, latents, *self._draws(D.noise_like(part, self.device)))
         noisy = L.noisy_latents(latents, input_noise, timesteps, self.alphas_cumprod)
         target = L.target_for(self.prediction, latents, noise, timesteps, self.alphas_cumprod)
         cond = self._condition(batch.captions, batch.sizes or [])
         pred = bundle.denoise(noisy, timesteps, cond)
         mask, weight = batch.mask, batch.loss_weight
-        return L.compute_loss(pred.float(), target.float(), timesteps, lc, self.alphas_cumprod,
+        loss = L.compute_loss(pred.float(), target.float(), timesteps, lc, self.alphas_cumprod,
                               self.prediction, mask=None if mask is None else mask.to(self.device),
                               sample_weight=None if weight is None else weight.to(self.device))
+        return loss if part is None else loss * D.weight(part)
+
+    def _draws(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Noise, timesteps and the input-perturbed noise for `latents`' shape, from the run's
+        generator."""
+        lc = self.cfg.loss
+        noise = L.make_noise(latents, self.generator, lc.noise_offset,
+                             lc.noise_offset_random_strength, lc.multires_noise_iterations,
+                             lc.multires_noise_discount)
+        timesteps = L.timesteps_for(latents.shape[0], self.generator, lc).to(self.device)
+        return noise, timesteps, L.input_perturbation(noise, lc.input_perturbation, self.generator)
+
+    def condition(self, captions: list[str]) -> Any:
+        """Text conditioning as the run computes it (cached while the TE is not trained; with
+        the adapters' current strength when it is)."""
+        return self._condition(captions, [])
 
     def _condition(self, captions: list[str], sizes: list) -> Any:
         """Text conditioning; cached per (caption, size) while no text encoder is trained.
@@ -373,7 +458,8 @@ class Trainer:
         self.network.eval()
         path = F.output_path(cfg.save)
         meta = self.save(path)
-        history_path = F.write_history(cfg.save, self.history)
+        history_path = self.log.write(self.history)
+        validation_seconds = self.validation.seconds if self.validation else 0.0
         return TrainResult(
             path=path, steps=self.step, total_steps=total,
             first_loss=self.losses[0] if self.losses else float("nan"),
@@ -382,12 +468,18 @@ class Trainer:
             stop_reason=self.control.stop_reason if stopped else "", state_dir=state_dir,
             metadata=meta, modules=self.network.parts(), warnings=list(self.warnings),
             history_path=history_path,
-            lrs=dict(self.history[-1]["lr"]) if self.history else self.current_lrs(),
-            samples=list(self.samples), sample_seconds=self.sample_seconds)
+            lrs=next((dict(h["lr"]) for h in reversed(self.history) if "lr" in h),
+                     self.current_lrs()),
+            samples=list(self.samples), sample_seconds=self.sample_seconds,
+            val_losses=[(h["step"], h["val_loss"]) for h in self.history if "val_loss" in h],
+            validation_seconds=validation_seconds,
+            ema_path=F.ema_path(path) if self.ema is not None else "")
 
     def _tear_down(self, guard: BaseGuard) -> None:
         """Detach everything and give the base model back, whatever happened."""
         self._close_epoch_iter()
+        if self.log is not None:
+            self.log.close()
         if self.checkpointing is not None:
             self.checkpointing.disable()
         if self.network is not None:
@@ -440,13 +532,22 @@ class Trainer:
 
     # -- files -------------------------------------------------------------------------------
     def save(self, path: str) -> dict[str, str]:
-        """Write the adapter as it is now (schedule-free optimizers in eval mode)."""
+        """Write the adapter as it is now (schedule-free optimizers in eval mode), and with EMA
+        its average beside it (`run_files.ema_path`); return the adapter file's metadata (a
+        distributed run: only rank 0 writes, the others get {})."""
+        if not self.writes:
+            return {}
         info = run_info(self.cfg, self.bundle, self.data, prediction=self.prediction,
                         steps=self.step, epoch=self.epoch, planned_steps=self.total_steps(),
                         step_offset=self.step_offset, session_id=self.session_id,
                         started_at=self.started_at)
-        return save_lora(self.network.kohya_state_dict(), info, path,
+        meta = save_lora(self.network.kohya_state_dict(), info, path,
                          save_dtype=self.cfg.save.save_dtype)
+        if self.ema is not None:
+            with self.ema.applied():
+                save_lora(self.network.kohya_state_dict(), self.ema.info(info), F.ema_path(path),
+                          save_dtype=self.cfg.save.save_dtype)
+        return meta
 
     def _maybe_snapshot(self, total: int) -> None:
         epoch_due, self._pending_epoch_snapshot = self._pending_epoch_snapshot, None
@@ -462,9 +563,10 @@ class Trainer:
         self.network.train()
         O.set_train_mode(self.optimizer, True)
         self.snapshots = [p for p in self.snapshots if p != path] + [path]
-        F.write_history(self.cfg.save, self.history)
+        self.log.write(self.history)
         self.control.emit(Progress("snapshot", step=self.step, total=total, path=path))
-        self.snapshots = F.prune_snapshots(self.snapshots, self.cfg.save.keep_last)
+        if self.writes:
+            self.snapshots = F.prune_snapshots(self.snapshots, self.cfg.save.keep_last)
         return path
 
     # -- pause and test ----------------------------------------------------------------------
@@ -513,8 +615,9 @@ class Trainer:
 
 
 def train(bundle: ModelBundle, cfg: RunConfig, control: TrainControl | None = None,
-          data: TrainingData | None = None, resume_dir: str = "") -> TrainResult:
-    return Trainer(bundle, cfg, control, data, resume_dir).run()
+          data: TrainingData | None = None, resume_dir: str = "",
+          dist: D.Dist | None = None) -> TrainResult:
+    return Trainer(bundle, cfg, control, data, resume_dir, dist).run()
 
 
 def _tail_mean(values: list[float], n: int = 10) -> float:

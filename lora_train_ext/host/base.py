@@ -151,6 +151,10 @@ class Host:
     def model_changed(self) -> None:
         """After weights changed in place: drop caches computed from the old ones."""
 
+    def clear_conditioning_cache(self) -> None:
+        """After a run, whatever its end: the host's cached prompt conditioning was computed
+        with the run's adapter in the text encoder."""
+
     def checkpoint_dir(self) -> str:
         raise NotImplementedError
 

@@ -36,6 +36,7 @@ from ..core.bundle import ModelBundle, Progress
 from .base import Host, ModelInfo
 
 SETTINGS_SECTION = ("lora_train", "Train LoRA")
+API_OPTION = "lora_train_api"  # the setting that offers the HTTP API without --api
 TRAIN_SAFE_ATTENTION = ("sdp", "sdp-no-mem", "xformers")
 _ABSENT = object()
 
@@ -100,6 +101,21 @@ def _encoder_sha256(vae: torch.nn.Module, scale_factor) -> str:
         if t.numel():
             h.update(t.contiguous().reshape(-1).view(torch.uint8).cpu().numpy().tobytes())
     return h.hexdigest()
+
+
+def api_requested() -> bool:
+    """Whether to add the /lora-train/v1/ routes: only when the user asked for an API, with
+    `--api` (or `--nowebui`, where the API is all the WebUI serves) or with this extension's
+    setting. The option is read with a default: under --nowebui no settings page registers it."""
+    from modules import shared
+
+    cmd_opts = shared.cmd_opts
+    if getattr(cmd_opts, "api", False) or getattr(cmd_opts, "nowebui", False):
+        return True
+    try:
+        return bool(getattr(shared.opts, API_OPTION, False))
+    except Exception:  # an Options object without the key and without a default
+        return False
 
 
 class WebUIHost(Host):
@@ -311,18 +327,20 @@ class WebUIHost(Host):
         restored = 0
         with torch.no_grad():
             for module in shared.sd_model.modules():
+                # only what holds a network now: a module whose current names are empty has
+                # its own weights already (the backups stay, as the Lora extension keeps them),
+                # and writing them again would change nothing but the tensors' version counters
+                if not getattr(module, "network_current_names", ()):
+                    continue
                 if getattr(module, "network_weights_backup", None) is not None or \
                         getattr(module, "network_bias_backup", None) is not None:
                     networks.network_restore_weights_from_backup(module)
                     restored += 1
-                if hasattr(module, "network_current_names"):
-                    module.network_current_names = ()
+                module.network_current_names = ()
         return restored
 
     def hot_load(self, paths: list[str]) -> None:
         """New files are listed at once; rewritten ones are re-read and re-applied."""
-        from modules import processing
-
         networks = _lora_networks_module()
         if networks is not None:
             networks.list_available_networks()
@@ -330,6 +348,13 @@ class WebUIHost(Host):
                 name = os.path.splitext(os.path.basename(path))[0]
                 networks.networks_in_memory.pop(name, None)
             self.unload_baked_networks()
+        self.clear_conditioning_cache()
+
+    def clear_conditioning_cache(self) -> None:
+        """The WebUI keeps the last prompt's conditioning across generations (class attributes):
+        stale once a run changed the text encoder's output, or an adapter was taken out."""
+        from modules import processing
+
         processing.StableDiffusionProcessing.cached_c = [None, None]
         processing.StableDiffusionProcessing.cached_uc = [None, None]
         processing.StableDiffusionProcessingTxt2Img.cached_hr_c = [None, None]
@@ -488,6 +513,7 @@ class WebUIHost(Host):
 
         images = []
         for prompt in prompts:
+            self.clear_conditioning_cache()  # the text encoder may have changed since (training)
             p = processing.StableDiffusionProcessingTxt2Img(
                 sd_model=shared.sd_model, prompt=prompt, negative_prompt=negative, seed=int(seed),
                 steps=int(steps), width=int(width), height=int(height), cfg_scale=float(cfg_scale),

@@ -32,6 +32,8 @@ def widget_kind(spec: Spec) -> str:
         return "check"
     if spec.choices or spec.path == "optim.optimizer":
         return "choice"
+    if spec.optional:
+        return "text"  # a number field cannot be left empty: gradio sends 0, which means else
     return {int: "int", float: "number", str: "text"}[spec.kind]
 
 
@@ -46,7 +48,9 @@ def form_values(cfg: RunConfig) -> list[Any]:
     out = []
     for f in ALL_FIELDS:
         v = cfg.get(f.path)
-        out.append("" if v is None and f.kind is str else v)
+        if widget_kind(f) == "text":
+            v = "" if v is None else str(v)
+        out.append(v)
     return out
 
 
@@ -196,8 +200,9 @@ def build_tab(host, manager: RunManager, wrap_gpu: Callable[[Callable], Callable
         if kind == "int":
             return gr.Number(value=value, precision=0, **kw)
         if kind == "number":
-            return gr.Number(value=value, **kw)  # None (empty) where the setting may be empty
-        return gr.Textbox(value=value or "", lines=1, **kw)
+            return gr.Number(value=value, **kw)
+        text = "" if value is None else str(value)
+        return gr.Textbox(value=text, lines=1, **kw)
 
     with gr.Blocks(analytics_enabled=False) as tab:
         with gr.Row():
@@ -206,6 +211,18 @@ def build_tab(host, manager: RunManager, wrap_gpu: Callable[[Callable], Callable
             with gr.Column(scale=3):
                 for f in SIMPLE_FIELDS:
                     widgets[f.path] = widget(f, defaults.get(f.path))
+                with gr.Accordion("Presets and config files", open=False):
+                    with gr.Row():
+                        preset_name = gr.Textbox(label="Preset name", elem_id="lora_train_preset_name",
+                                                 info="Save the form as a named preset (or delete one)")
+                        preset_save = gr.Button("Save preset", elem_id="lora_train_preset_save")
+                        preset_delete = gr.Button("Delete preset", elem_id="lora_train_preset_delete")
+                    with gr.Row():
+                        config_path = gr.Textbox(label="Config file", elem_id="lora_train_config_path",
+                                                 info="Our NAME.config.toml / .json, a kohya_ss GUI "
+                                                      "JSON or an sd-scripts TOML: fills the form")
+                        config_load = gr.Button("Load config", elem_id="lora_train_config_load")
+                    config_info = gr.HTML(elem_id="lora_train_config_info")
                 with gr.Row():
                     preset = gr.Dropdown(choices=[PRESET_DEFAULT, *manager.presets()],
                                          value=PRESET_DEFAULT,
@@ -401,6 +418,29 @@ def build_tab(host, manager: RunManager, wrap_gpu: Callable[[Callable], Callable
                 return [None, None, error_html(str(e))]
             return [a, b, merge_state_html(merger)]
 
+        def on_preset_file(action, name, path, preset_name_, *values):
+            """Save / delete a preset, or load a config file into the form."""
+            keep = [gr.update() for _ in values]
+            choices = gr.update()
+            try:
+                if action == "save":
+                    cfg = config_from_form(list(values), base=manager.preset_config(preset_name_))
+                    where = manager.save_preset(name or "", cfg)
+                    text = f"saved preset {name} ({os.path.basename(where)})"
+                    choices = gr.update(choices=[PRESET_DEFAULT, *manager.presets()], value=name)
+                elif action == "delete":
+                    manager.delete_preset(name or "")
+                    text = f"deleted preset {name}"
+                    choices = gr.update(choices=[PRESET_DEFAULT, *manager.presets()],
+                                        value=PRESET_DEFAULT)
+                else:
+                    cfg, notes = manager.load_config_file(path or "")
+                    keep = form_values(cfg)
+                    text = "loaded " + os.path.basename(path) + ("; " + "; ".join(notes) if notes else "")
+            except UserError as e:
+                return [*keep, choices, error_html(str(e))]
+            return [*keep, choices, f"<div class='lora-train-message'>{html.escape(text)}</div>"]
+
         def on_stop():
             run = manager.current()
             if run is not None and run.state in ("queued", "running"):
@@ -450,6 +490,12 @@ def build_tab(host, manager: RunManager, wrap_gpu: Callable[[Callable], Callable
             button.click(lambda pick, a=action: on_queue(a, pick), inputs=[queue_pick],
                          outputs=[queue_html, queue_pick])
         preset.change(on_preset, inputs=[preset], outputs=form)
+        for button, action in ((preset_save, "save"), (preset_delete, "delete"),
+                               (config_load, "load")):
+            button.click(lambda name, path, pname, *values, a=action:
+                         on_preset_file(a, name, path, pname, *values),
+                         inputs=[preset_name, config_path, preset, *form],
+                         outputs=[*form, preset, config_info])
         refresh.click(lambda: gr.update(choices=_lora_names(host)), inputs=[], outputs=[lora])
         lora.change(lambda name: gr.update(choices=snapshots_of(host, name or ""), value=[]),
                     inputs=[lora], outputs=[snaps])

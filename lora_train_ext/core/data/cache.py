@@ -101,8 +101,11 @@ class LatentCache:
             return
         from safetensors.torch import save_file
 
+        # a cache can be rebuilt: no fsync (thousands of small files); a full disk names the
+        # setting that moves the cache
         atomic_write(self._path(key), lambda tmp: save_file(
-            {LATENT_NAME: latent}, tmp, metadata={"key": key, "format": CACHE_FORMAT}))
+            {LATENT_NAME: latent}, tmp, metadata={"key": key, "format": CACHE_FORMAT}),
+            field="data.cache_dir", durable=False)
 
     def nbytes(self) -> int:
         if self.directory is None:

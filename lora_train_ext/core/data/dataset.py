@@ -28,6 +28,7 @@ from .captions import (CaptionRules, CountTokens, approx_token_count, process_ca
 from .images import ImageReadError, file_sha256, load_image, load_mask, parse_color
 from .report import DatasetReport
 from .scan import ImageItem, Problem, ScanResult, scan_dataset
+from .split import split_scan
 
 TOO_SMALL_UPSCALE = 2.0  # images enlarged more than this to fill their bucket are reported
 
@@ -58,9 +59,15 @@ class Batch:
     sizes: list[tuple[int, int, int, int, int, int]]
     keys: list[str] = field(default_factory=list)
     is_reg: list[bool] = field(default_factory=list)
+    part: BatchPart | None = None  # a sharded dataset (distributed run): which share this is
 
     def __len__(self) -> int:
         return len(self.captions)
+
+    @classmethod
+    def empty(cls, part: BatchPart) -> "Batch":
+        """A process's share of a global batch that holds no sample (a distributed run)."""
+        return cls(None, None, [], torch.zeros(0), None, [], part=part)
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "Batch":
         def move(t: torch.Tensor | None, cast: bool) -> torch.Tensor | None:
@@ -70,7 +77,29 @@ class Batch:
                         non_blocking=True)
         return Batch(move(self.images, True), move(self.latents, True), list(self.captions),
                      move(self.loss_weight, False), move(self.mask, False), list(self.sizes),
-                     list(self.keys), list(self.is_reg))
+                     list(self.keys), list(self.is_reg), self.part)
+
+
+@dataclass(frozen=True)
+class BatchPart:
+    """One process's share of a global batch (a distributed run, `TrainData.shard`).
+
+    slots: the global batch's slot of each sample in this share (in order; a slot whose image
+        could not be read is left out). size: the samples the global batch planned, every
+        process's share together. bucket: (W, H) of its images.
+    """
+
+    slots: tuple[int, ...]
+    size: int
+    bucket: tuple[int, int]
+
+
+def share_of(count: int, rank: int, world: int) -> tuple[int, int]:
+    """Slots [lo, hi) of a global batch of `count` that process `rank` of `world` reads: a
+    balanced split in rank order (the first count % world processes get one more)."""
+    base, extra = divmod(count, world)
+    lo = rank * base + min(rank, extra)
+    return lo, lo + base + (1 if rank < extra else 0)
 
 
 @dataclass
@@ -91,13 +120,24 @@ class TrainData:
         CLIP's tokenizer, see captions.approx_token_count).
     workers: threads that decode and resize images (default min(4, CPUs)).
     require_images: False only for check_dataset, which reports an empty dataset instead.
+    split: "train", the images trained on (without the ones `validation_count` holds out);
+        "validation", the validation images: the held-out ones or those of `validation_dir`,
+        each once, without random caption rules, flips, random crops or colour changes
+        (`validation.validation_view`).
     """
 
     def __init__(self, cfg: DataConfig, *, batch_size: int, seed: int, arch: str = "sd1",
                  count_tokens: CountTokens | None = None, workers: int | None = None,
-                 require_images: bool = True):
+                 require_images: bool = True, split: str = "train"):
         if not isinstance(batch_size, int) or batch_size < 1:
             raise UserError("train.batch_size", f"{batch_size!r} is not valid; give 1 or more")
+        if split not in ("train", "validation"):
+            raise ValueError(f"split {split!r}: expected 'train' or 'validation'")
+        self.split = split
+        if split == "validation":
+            from .split import validation_view
+
+            cfg = validation_view(cfg)
         self.cfg = cfg
         self.batch_size = batch_size
         self.seed = int(seed)
@@ -131,6 +171,7 @@ class TrainData:
         self._vae_id = ""
         self._cache_dtype: torch.dtype | None = None
         self._position = (0, 0)
+        self._shard: tuple[int, int] | None = None
         self.report = self._build_report()
 
     # -- scanning -------------------------------------------------------------------------------
@@ -147,8 +188,9 @@ class TrainData:
         common = dict(caption_extension=cfg.caption_extension,
                       default_caption=cfg.default_caption, trigger_word=cfg.trigger_word,
                       mask_dir=cfg.mask_dir, want_masks=cfg.masked_loss, workers=self.workers)
-        self.train_scan: ScanResult = scan_dataset(cfg.dataset_dir, repeats=cfg.repeats,
-                                                   **common)
+        self.train_scan: ScanResult = split_scan(
+            scan_dataset(cfg.dataset_dir, repeats=cfg.repeats, **common), cfg, self.seed,
+            self.split, require_images)
         self.reg_scan: ScanResult | None = None
         if cfg.reg_dir:
             self.reg_scan = scan_dataset(cfg.reg_dir, repeats=1, is_reg=True, **common)
@@ -159,6 +201,9 @@ class TrainData:
             self._notes += self.reg_scan.notes
         self.items: list[ImageItem] = self.train_scan.items + (
             self.reg_scan.items if self.reg_scan else [])
+        if require_images and not self.train_scan.items and self.split == "validation":
+            raise UserError("data.validation_dir", f"no readable images (png, jpg, jpeg, webp, "
+                                                   f"bmp) in {cfg.dataset_dir}")
         if require_images and not self.train_scan.items:
             hint = ""
             bad = [p for p in self.train_scan.problems
@@ -259,6 +304,17 @@ class TrainData:
             batches += [order[i:i + self.batch_size] for i in range(0, len(order),
                                                                     self.batch_size)]
         return [batches[i] for i in rng.permutation(len(batches))]
+
+    def shard(self, rank: int, world: int) -> None:
+        """Read only process `rank`'s share of every global batch (a distributed run of `world`
+        processes; `batch_size` is then the global batch). Every process plans the same epochs
+        (same seed) and takes its slots (`share_of`); samples keep their global slot, so crops,
+        flips and captions are those one process would draw. Every global batch is yielded, as
+        a Batch whose `part` says which share it is, with no sample where the share is empty
+        (the last batch of a bucket) or unreadable: the processes stay in step."""
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} of {world}")
+        self._shard = (int(rank), int(world))
 
     # -- contract -------------------------------------------------------------------------------
     @property
@@ -408,8 +464,10 @@ class TrainData:
             self.report.problems.append(problem)
 
     def _make_batch(self, epoch: int, batch_index: int, entries: np.ndarray) -> Batch | None:
-        samples = [self._sample(epoch, batch_index, slot, int(idx))
-                   for slot, idx in enumerate(entries)]
+        lo, hi = (0, len(entries)) if self._shard is None else share_of(len(entries),
+                                                                         *self._shard)
+        samples = [self._sample(epoch, batch_index, slot, int(entries[slot]))
+                   for slot in range(lo, hi)]
         samples = [s for s in samples if s.item not in self._broken]
         images, latents, masks, kept = [], [], [], []
         for s in samples:
@@ -436,8 +494,12 @@ class TrainData:
                 if mask is not None:
                     masks.append(mask)
             kept.append(s)
+        part = None
+        if self._shard is not None:
+            part = BatchPart(tuple(s.slot for s in kept), len(entries),
+                             self.buckets_of[int(entries[0])])
         if not kept:
-            return None
+            return None if part is None else Batch.empty(part)
         prior = float(self.cfg.prior_loss_weight)
         return Batch(
             images=torch.stack(images) if images else None,
@@ -448,7 +510,7 @@ class TrainData:
             mask=torch.stack(masks) if masks else None,
             sizes=[s.placement.sdxl_size(s.flip) for s in kept],
             keys=[self.items[s.item].path for s in kept],
-            is_reg=[self.items[s.item].is_reg for s in kept])
+            is_reg=[self.items[s.item].is_reg for s in kept], part=part)
 
     def batches(self, epoch: int, start: int = 0) -> Generator[Batch, None, None]:
         """The batches of `epoch` in their seeded order, from batch index `start` (resume:
@@ -511,7 +573,9 @@ class TrainData:
         done = total - len(todo)
         if progress:
             progress(done, total)
-        chunk = max(1, encode_batch_size or self.batch_size)
+        per_process = self.batch_size if self._shard is None else \
+            -(-self.batch_size // self._shard[1])  # a process's share of a global batch
+        chunk = max(1, encode_batch_size or per_process)
         groups: dict[tuple[int, int], list[tuple[int, bool]]] = {}
         for t in todo:
             groups.setdefault(self.buckets_of[t[0]], []).append(t)

@@ -89,10 +89,77 @@ def offline_tokenizer():
     )
 
 
-def tokenize(captions: list[str], max_length: int = 77, pad_id: int | None = None) -> torch.Tensor:
+CLIP_VOCAB = 49408  # the real text encoders' vocabulary (CLIP's byte-level BPE)
+BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"  # CLIP's merges, as open_clip_torch ships them
+
+
+def clip_bpe_path() -> str:
+    """CLIP's BPE merges file from the installed open_clip_torch (the WebUI ships it), or ''.
+
+    The package is only located, not imported (importing it needs torchvision)."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec("open_clip")
+    except (ImportError, ValueError):
+        return ""
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        path = os.path.join(folder, BPE_FILE)
+        if os.path.isfile(path):
+            return path
+    return ""
+
+
+def _bpe_byte_symbols() -> list[str]:
+    """The byte symbols in CLIP's vocabulary order: the printable bytes first, then the others
+    mapped past 255 (the order `_byte_symbols` does not keep: it is by byte)."""
+    table = _byte_symbols()
+    printable = [b for b in range(256) if ord(table[b]) == b]
+    return [table[b] for b in printable] + [table[b] for b in range(256) if ord(table[b]) != b]
+
+
+@lru_cache(maxsize=2)
+def clip_bpe_tokenizer(bpe_path: str = ""):
+    """The real CLIP tokenizer (ids as the SD text encoders were trained with: 49408, start
+    49406, end 49407) as a `transformers.CLIPTokenizer` made from CLIP's merges file: the vocabulary
+    is the 256 byte symbols, the same with the word end, one token per merge, then start and
+    end. UserError when no merges file is found."""
+    import gzip
+
+    from transformers import CLIPTokenizer
+
+    from ..errors import UserError
+
+    path = bpe_path or clip_bpe_path()
+    if not path:
+        raise UserError("model.checkpoint", "training a real-size checkpoint needs CLIP's "
+                                            "tokenizer vocabulary: pip install open_clip_torch "
+                                            "(the WebUI ships it), or run in the WebUI's venv")
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    merges = [line for line in lines[1:] if line.strip()][:CLIP_VOCAB - 2 - 512]
+    symbols = _bpe_byte_symbols()
+    tokens = symbols + [s + "</w>" for s in symbols] + ["".join(m.split()) for m in merges]
+    tokens += [START_TOKEN, END_TOKEN]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    folder = tempfile.mkdtemp(prefix="lora_train_ext_bpe_")
+    with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
+        json.dump(vocab, f, ensure_ascii=False)
+    with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
+    return CLIPTokenizer(
+        os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"),
+        bos_token=START_TOKEN, eos_token=END_TOKEN, pad_token=END_TOKEN, unk_token=END_TOKEN,
+        model_max_length=77,
+    )
+
+
+def tokenize(captions: list[str], max_length: int = 77, pad_id: int | None = None,
+             tokenizer=None) -> torch.Tensor:
     """captions -> (B, max_length) long ids, truncated, padded with the end token (CLIP) or with
-    `pad_id` after the first end token (OpenCLIP pads with 0)."""
-    tok = offline_tokenizer()
+    `pad_id` after the first end token (OpenCLIP pads with 0). tokenizer: default the offline
+    stand-in (the tiny models' 514 ids); `clip_bpe_tokenizer()` for real-size text encoders."""
+    tok = tokenizer or offline_tokenizer()
     out = tok(list(captions), padding="max_length", truncation=True, max_length=max_length,
               return_tensors="pt")
     ids = out.input_ids

@@ -80,18 +80,41 @@ def build_bundle(arch: str = "sd1", size: str = "tiny", seed: int = 0,
                  device: str | torch.device = "cpu", prediction: str | None = None) -> ModelBundle:
     """A bundle of in-code models. prediction: 'epsilon' or 'v' (None: the arch's default, v for
     SD2 (SD2.1-768), epsilon otherwise)."""
+    arch_spec(arch, size)
+    device = torch.device(device)
+    unet = build_unet(arch, size, device=device, seed=seed)
+    vae = build_vae(arch, size, device=device, seed=seed + 1)
+    text_encoders = build_text_encoders(arch, size, seed=seed + 2, device=device)
+    prediction = prediction or default_prediction(arch)
+    digest = hashlib.sha256(f"{arch}-{size}-{seed}-{prediction}".encode()).hexdigest()
+    prefix = "tiny" if size == "tiny" else "random"
+    return assemble_bundle(
+        arch, size, unet, vae, text_encoders, prediction=prediction, device=device,
+        model_name=f"{prefix}-{arch}{'-v' if arch == 'sd2' and prediction == 'v' else ''}-seed{seed}",
+        model_hash=digest[:10], vae_id=f"{arch}-{size}-vae-{seed}",
+        extras={"size": size, "seed": seed})
+
+
+def assemble_bundle(arch: str, size: str, unet: torch.nn.Module, vae: torch.nn.Module,
+                    text_encoders: dict[str, torch.nn.Module], *, prediction: str | None,
+                    device: str | torch.device = "cpu", model_name: str = "", model_hash: str = "",
+                    vae_id: str = "", extras: dict | None = None, tokenizer=None) -> ModelBundle:
+    """A ModelBundle around built models of `arch` at `size` (its spec gives the VAE's scale and
+    SDXL's size-embedding widths): the encode / condition / denoise callables as the WebUI's
+    models read them. tokenizer: None for the offline stand-in (tiny vocabularies), else a CLIP
+    tokenizer (`clip.clip_bpe_tokenizer()` for real-size text encoders)."""
     spec = arch_spec(arch, size)
     prediction = prediction or default_prediction(arch)
     if prediction not in PREDICTIONS:
         raise UserError("prediction", f"{prediction!r}; expected one of {', '.join(PREDICTIONS)}")
     device = torch.device(device)
-    unet = build_unet(arch, size, device=device, seed=seed)
-    vae = build_vae(arch, size, device=device, seed=seed + 1)
-    text_encoders = build_text_encoders(arch, size, seed=seed + 2, device=device)
     for m in (unet, vae, *text_encoders.values()):
         m.eval().requires_grad_(False)
     scale = spec.vae.scale_factor
     resolution = default_resolution(arch, size, prediction)
+
+    def ids(captions: list[str], pad_id: int | None = None) -> torch.Tensor:
+        return tokenize(captions, pad_id=pad_id, tokenizer=tokenizer).to(device)
 
     def encode(images: torch.Tensor) -> torch.Tensor:
         posterior = vae.encode(images.to(device=device, dtype=_dtype(vae)))
@@ -101,7 +124,7 @@ def build_bundle(arch: str = "sd1", size: str = "tiny", seed: int = 0,
         te = text_encoders["te"]
 
         def condition(captions: list[str], sizes=None) -> torch.Tensor:
-            return te(tokenize(captions).to(device)).last_hidden_state
+            return te(ids(captions)).last_hidden_state
 
         def denoise(x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
             return unet(x, t, context=cond)
@@ -110,8 +133,8 @@ def build_bundle(arch: str = "sd1", size: str = "tiny", seed: int = 0,
         te = text_encoders["te"]
 
         def condition(captions: list[str], sizes=None) -> torch.Tensor:
-            ids = tokenize(captions, pad_id=OPENCLIP_PAD_ID).to(device)
-            return te.encode(ids, layer="penultimate", final_norm=True)[0]
+            return te.encode(ids(captions, OPENCLIP_PAD_ID), layer="penultimate",
+                             final_norm=True)[0]
 
         def denoise(x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
             return unet(x, t, context=cond)
@@ -125,10 +148,9 @@ def build_bundle(arch: str = "sd1", size: str = "tiny", seed: int = 0,
                              f"does not split into {SIZE_FIELDS} size embeddings")
 
         def condition(captions: list[str], sizes=None) -> dict[str, torch.Tensor]:
-            ids1 = tokenize(captions).to(device)
-            ids2 = tokenize(captions, pad_id=OPENCLIP_PAD_ID).to(device)
-            h1 = te1(ids1, output_hidden_states=True).hidden_states[-2]
-            h2, pooled = te2.encode(ids2, layer="penultimate", final_norm=False, pooled=True)
+            h1 = te1(ids(captions), output_hidden_states=True).hidden_states[-2]
+            h2, pooled = te2.encode(ids(captions, OPENCLIP_PAD_ID), layer="penultimate",
+                                    final_norm=False, pooled=True)
             if sizes:
                 if len(sizes) != len(captions):
                     raise ValueError(f"{len(sizes)} sizes for {len(captions)} captions")
@@ -143,16 +165,12 @@ def build_bundle(arch: str = "sd1", size: str = "tiny", seed: int = 0,
         def denoise(x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
             return unet(x, t, context=cond["crossattn"], y=cond["vector"])
 
-    digest = hashlib.sha256(f"{arch}-{size}-{seed}-{prediction}".encode()).hexdigest()
-    prefix = "tiny" if size == "tiny" else "random"
     return ModelBundle(
         arch=arch, unet=unet, text_encoders=text_encoders, vae=vae, encode=encode,
         condition=condition, denoise=denoise, prediction=prediction,
-        alphas_cumprod=sd_alphas_cumprod(),
-        model_name=f"{prefix}-{arch}{'-v' if arch == 'sd2' and prediction == 'v' else ''}-seed{seed}",
-        model_hash=digest[:10], resolution=resolution, device=device,
-        vae_id=f"{arch}-{size}-vae-{seed}",
-        extras={"size": size, "seed": seed, "vae_scale": scale},
+        alphas_cumprod=sd_alphas_cumprod(), model_name=model_name, model_hash=model_hash,
+        resolution=resolution, device=device, vae_id=vae_id,
+        extras={"size": size, "vae_scale": scale, **(extras or {})},
     )
 
 
@@ -168,35 +186,39 @@ def _is_clip(arch: str, part: str) -> bool:
     return part not in ("unet", "vae") and keys.te_family(arch, part) == "clip"
 
 
+def checkpoint_key(arch: str, part: str, key: str) -> str | None:
+    """The checkpoint's name for a part's state-dict key (`keys.checkpoint_prefix` + key), or
+    None for a key that is no weight (CLIP's `position_ids` buffer: real checkpoints mostly omit
+    it, some hold it in another dtype)."""
+    if key.endswith("position_ids"):
+        return None
+    if _is_clip(arch, part) and not key.startswith("text_model."):
+        key = "text_model." + key  # transformers 5 drops the level; files keep it
+    return keys.checkpoint_prefix(arch, part) + key
+
+
+def checkpoint_keys(arch: str, parts: list[tuple[str, torch.nn.Module]]):
+    """(part, state-dict key, checkpoint key, tensor) of every weight of `parts`."""
+    for part, module in parts:
+        for key, t in module.state_dict(keep_vars=True).items():
+            full = checkpoint_key(arch, part, key)
+            if full is not None:
+                yield part, key, full, t
+
+
 def checkpoint_state_dict(bundle: ModelBundle) -> dict[str, torch.Tensor]:
     """The bundle's weights under a WebUI checkpoint's LDM key names (`keys.checkpoint_prefix`)."""
-    out: dict[str, torch.Tensor] = {}
-    for part, module in _parts(bundle):
-        prefix = keys.checkpoint_prefix(bundle.arch, part)
-        clip = _is_clip(bundle.arch, part)
-        for key, t in module.state_dict().items():
-            if key.endswith("position_ids"):
-                continue  # a buffer, not a weight; real checkpoints mostly omit it
-            if clip and not key.startswith("text_model."):
-                key = "text_model." + key  # transformers 5 drops the level; files keep it
-            out[prefix + key] = t.detach().contiguous().cpu()
-    return out
+    return {full: t.detach().contiguous().cpu()
+            for _, _, full, t in checkpoint_keys(bundle.arch, _parts(bundle))}
 
 
 def load_checkpoint_state_dict(bundle: ModelBundle, state: dict[str, torch.Tensor]) -> None:
     """Copy a checkpoint's tensors (LDM names, as `checkpoint_state_dict` writes them) into the
     bundle's modules in place. Every weight of the bundle must be there; other keys are ignored."""
     for part, module in _parts(bundle):
-        prefix = keys.checkpoint_prefix(bundle.arch, part)
-        clip = _is_clip(bundle.arch, part)
-        own = module.state_dict()
         missing = []
         with torch.no_grad():
-            for key, t in own.items():
-                if key.endswith("position_ids"):
-                    continue
-                full = prefix + ("text_model." + key if clip and not key.startswith("text_model.")
-                                 else key)
+            for _, _, full, t in checkpoint_keys(bundle.arch, [(part, module)]):
                 if full not in state:
                     missing.append(full)
                     continue
@@ -206,6 +228,9 @@ def load_checkpoint_state_dict(bundle: ModelBundle, state: dict[str, torch.Tenso
 
 
 def write_checkpoint(bundle: ModelBundle, path: str) -> str:
-    """Save as a `.safetensors` checkpoint the WebUI (and our merge tools) can read."""
-    atomic_save_safetensors(checkpoint_state_dict(bundle), {"format": "pt"}, path)
+    """Save as a `.safetensors` checkpoint the WebUI (and our merge tools) can read. Its
+    metadata names the prediction type (`modelspec.prediction_type`, as kohya's tools write it),
+    which `train --checkpoint` reads where no `--prediction` is given."""
+    atomic_save_safetensors(checkpoint_state_dict(bundle),
+                            {"format": "pt", "modelspec.prediction_type": bundle.prediction}, path)
     return os.path.abspath(path)

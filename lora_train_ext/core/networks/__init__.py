@@ -12,6 +12,8 @@ Algorithms (one file each; each module's state dict holds exactly its file tenso
 | full   | FullModule        | as loha                                                          |
 | ia3    | IA3Module         | attention to_k / to_v (output), ff.net.2 (input); text encoders  |
 |        |                   | k_proj / v_proj (output), mlp.fc2 (input): LyCORIS's ia3 preset  |
+| oft    | OFTModule         | as loha (convs when conv_rank > 0; oft_block_size sizes the      |
+| boft   | BOFTModule        | rotation blocks of every layer, conv_rank only switches convs on)|
 """
 
 from __future__ import annotations
@@ -28,14 +30,19 @@ from .ia3 import IA3Module
 from .loha import LoHaModule
 from .lokr import LoKrModule
 from .lora import LoRAModule
+from .oft import BOFTModule, OFTModule
 from .targets import Target, block_id, block_value, find_targets, parse_block_values
 
 __all__ = ["AdapterModule", "AdapterNetwork", "LoRAModule", "LoHaModule", "LoKrModule",
-           "IA3Module", "DoRAModule", "FullModule", "Target", "build_network", "find_targets",
+           "IA3Module", "DoRAModule", "FullModule", "OFTModule", "BOFTModule", "Target",
+           "build_network", "find_targets",
            "part_of", "SUPPORTED_ALGOS", "IA3_OUTPUT_SUFFIXES", "IA3_INPUT_SUFFIXES",
-           "algo_of_tensors", "adapter_from_tensors"]
+           "algo_of_tensors", "adapter_from_tensors", "BASE_DEPENDENT_ALGOS"]
 
 SUPPORTED_ALGOS = ALGOS  # the settings table names them
+# algorithms whose delta is computed from the base weight itself (merge needs the weight; a
+# merge of LoRA files cannot hold them)
+BASE_DEPENDENT_ALGOS = ("ia3", "dora", "oft", "boft")
 
 # IA3 targets by kohya name ending: scaled on the output (keys, values) or on the input (the
 # feed-forward's hidden activation, i.e. the input of its second layer).
@@ -99,13 +106,22 @@ def _make_adapter(cfg: NetworkConfig, t: Target, rank: int, alpha: float,
         return IA3Module(t.name, t.module, on_input=t.name.endswith(IA3_INPUT_SUFFIXES), **drop)
     if cfg.algo == "full":
         return FullModule(t.name, t.module, **drop)
+    if cfg.algo in ("oft", "boft"):
+        cls = OFTModule if cfg.algo == "oft" else BOFTModule
+        try:
+            return cls(t.name, t.module, cfg.oft_block_size, constraint=cfg.oft_constraint,
+                       rescaled=cfg.oft_rescaled, **drop)
+        except ValueError as e:  # a layer BOFT's butterfly cannot split
+            raise UserError("network.oft_block_size", f"{e}; choose another size") from None
     raise AssertionError(cfg.algo)
 
 
-def algo_of_tensors(parts: dict[str, torch.Tensor] | set[str]) -> str:
+def algo_of_tensors(parts: dict[str, object] | set[str]) -> str:
     """The algorithm of one module of a file, from its tensor names ('' when unknown):
     'lora' (lora_down/up; 'locon' is told apart only by kernel size), 'dora', 'loha', 'lokr',
-    'ia3', 'full'."""
+    'ia3', 'full', 'oft', 'boft'. OFT and BOFT share `oft_blocks` and differ in its axes (3 / 4):
+    `parts` values may be tensors or shapes; from names alone (a set, or values without a shape)
+    `oft_blocks` reads as 'oft'."""
     names = set(parts)
     if "lora_down.weight" in names and "lora_up.weight" in names:
         return "dora" if "dora_scale" in names else "lora"
@@ -118,11 +134,23 @@ def algo_of_tensors(parts: dict[str, torch.Tensor] | set[str]) -> str:
         return "ia3"
     if "diff" in names:
         return "full"
+    if "oft_blocks" in names:
+        axes = _axes(parts["oft_blocks"]) if isinstance(parts, dict) else None
+        return {None: "oft", 3: "oft", 4: "boft"}.get(axes, "")
     return ""
 
 
+def _axes(value: object) -> int | None:
+    """The number of axes of a tensor or a shape; None for anything else."""
+    if isinstance(value, torch.Tensor):
+        return value.dim()
+    if isinstance(value, (tuple, list, torch.Size)):
+        return len(value)
+    return None
+
+
 _FROM_TENSORS = {"dora": DoRAModule, "loha": LoHaModule, "lokr": LoKrModule, "ia3": IA3Module,
-                 "full": FullModule}
+                 "full": FullModule, "oft": OFTModule, "boft": BOFTModule}
 
 
 def adapter_from_tensors(name: str, base: nn.Module, parts: dict[str, torch.Tensor],

@@ -15,12 +15,37 @@ import torch
 from torch import nn
 
 
+CONV_ATTRS = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation")
+
+
 def module_kind(module: nn.Module) -> str:
-    """'linear', 'conv1x1', 'conv3x3' (any kxk with k > 1), or '' for unsupported modules."""
+    """'linear', 'conv1x1', 'conv3x3' (any kxk with k > 1), or '' for unsupported modules.
+
+    By class (nn.Linear, nn.Conv2d and their subclasses), else by what the layer is, for hosts
+    whose layers are their own classes (Forge's `ForgeOperations.Linear` is a plain nn.Module):
+    a linear layer holds a 2-D `weight` Parameter of shape (out_features, in_features) and says
+    `in_features` / `out_features`; a 2-D convolution holds a 4-D `weight` of shape (out_channels,
+    in_channels, kh, kw), says the nn.Conv2d geometry (in / out channels, kernel size, stride,
+    padding, dilation), is not transposed and has one group. Anything else (embeddings, norms,
+    fused attention, quantised layers whose weight has another shape) is ''."""
     if isinstance(module, nn.Linear):
         return "linear"
     if isinstance(module, nn.Conv2d):
         return "conv1x1" if tuple(module.kernel_size) == (1, 1) else "conv3x3"
+    weight = getattr(module, "_parameters", {}).get("weight")
+    if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
+        return ""
+    if weight.dim() == 2:
+        out_f, in_f = getattr(module, "out_features", None), getattr(module, "in_features", None)
+        if isinstance(in_f, int) and isinstance(out_f, int) and tuple(weight.shape) == (out_f, in_f):
+            return "linear"
+        return ""
+    if weight.dim() == 4 and all(hasattr(module, a) for a in CONV_ATTRS) and \
+            not getattr(module, "transposed", False) and getattr(module, "groups", 1) == 1:
+        kernel = tuple(module.kernel_size) if isinstance(module.kernel_size, (tuple, list)) else \
+            (module.kernel_size, module.kernel_size)
+        if tuple(weight.shape) == (module.out_channels, module.in_channels, *kernel):
+            return "conv1x1" if kernel == (1, 1) else "conv3x3"
     return ""
 
 

@@ -1,4 +1,5 @@
-"""Adapters whose change is a weight delta built from their factors (LoHa, LoKr, IA3, DoRA, full).
+"""Adapters whose change is a weight delta built from their factors (LoHa, LoKr, IA3, DoRA, full,
+OFT, BOFT).
 
 Their output change is the base layer's own operation (F.linear, or F.conv2d with the base's
 stride / padding / dilation / groups) applied with the delta as weight (and the bias change as
@@ -20,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import AdapterModule
+from .base import AdapterModule, module_kind
 
 
 class WeightDeltaModule(AdapterModule):
@@ -104,8 +105,9 @@ def weight_form_forward(adapter: AdapterModule, x: torch.Tensor) -> torch.Tensor
 def base_op(base: nn.Module, x: torch.Tensor, weight: torch.Tensor,
             bias: torch.Tensor | None = None) -> torch.Tensor:
     """The base layer's operation with another weight (and bias)."""
-    if isinstance(base, nn.Conv2d):
-        return F.conv2d(x, weight, bias, base.stride, base.padding, base.dilation, base.groups)
+    if module_kind(base).startswith("conv"):
+        return F.conv2d(x, weight, bias, base.stride, base.padding, base.dilation,
+                        getattr(base, "groups", 1))
     return F.linear(x, weight, bias)
 
 
