@@ -232,14 +232,16 @@ class SpatialTransformer(ContextBlock):
         x = self.norm(x)
         if not self.use_linear:
             x = self.proj_in(x)
-        x = x.flatten(2).transpose(1, 2)  # (B, H*W, C)
+        # contiguous as ldm's rearrange(...).contiguous(): a transposed view here would make the
+        # activations channels-last, and every later 3x3 conv would copy its weight to match
+        x = x.flatten(2).transpose(1, 2).contiguous()  # (B, H*W, C)
         if self.use_linear:
             x = self.proj_in(x)
         for block in self.transformer_blocks:
             x = block(x, context)
         if self.use_linear:
             x = self.proj_out(x)
-        x = x.transpose(1, 2).reshape(b, -1, h, w)
+        x = x.transpose(1, 2).reshape(b, -1, h, w).contiguous()
         if not self.use_linear:
             x = self.proj_out(x)
         return x + x_in
