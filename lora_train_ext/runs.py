@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .core.bundle import Progress, TrainControl
-from .core.config import PRESETS, RunConfig, preset as config_preset
+from .core.config import PRESETS, RunConfig
 from .core.errors import TrainingError, UserError, UserErrors
 from .core.preflight import preflight
 from .core.run_files import ema_path
