@@ -259,16 +259,45 @@ def build_optimizer(name: str, param_groups: list[dict], args_text: str = "") ->
         ctor_lr = None  # transformers refuses an explicit lr together with relative_step
     else:
         ctor_lr = first_lr
-    try:
-        if ctor_lr is None and spec.name != "AdaFactor":
-            optimizer = cls(groups, **kwargs)
-        else:
-            optimizer = cls(groups, lr=ctor_lr, **kwargs)
-    except (TypeError, ValueError) as e:
-        raise UserError(ARGS_FIELD, f"{spec.name} rejected its settings: {e}") from None
+    optimizer = _fused_if_supported(spec, cls, groups, ctor_lr, kwargs)
+    if optimizer is None:
+        try:
+            if ctor_lr is None and spec.name != "AdaFactor":
+                optimizer = cls(groups, **kwargs)
+            else:
+                optimizer = cls(groups, lr=ctor_lr, **kwargs)
+        except (TypeError, ValueError) as e:
+            raise UserError(ARGS_FIELD, f"{spec.name} rejected its settings: {e}") from None
     if spec.schedule_free:
         set_train_mode(optimizer, True)
     return optimizer
+
+
+# torch's Adam / AdamW step every tensor in one fused kernel where the device has one (CUDA since
+# torch 2.0, the CPU since 2.4): on a CPU about 5x faster than its default per-tensor loop, the
+# same update up to float rounding. Off (the plain path) for the benchmark's comparisons.
+FUSED_ADAM = True
+_FUSABLE = ("AdamW", "Adam")
+
+
+def _fused_if_supported(spec: OptimizerSpec, cls: type, groups: list[dict], lr,
+                        kwargs: dict[str, Any]) -> torch.optim.Optimizer | None:
+    """The optimizer with fused=True, or None where that does not apply: another optimizer, the
+    user chose an implementation (fused / foreach / differentiable in the args), or this torch
+    has no fused kernel for the parameters' device or dtype (it says so when built)."""
+    if not FUSED_ADAM or spec.name not in _FUSABLE or cls.__module__.split(".")[0] != "torch":
+        return None
+    if {"fused", "foreach", "differentiable"} & set(kwargs):
+        return None
+    try:
+        return cls([dict(g) for g in groups], lr=lr, fused=True, **kwargs)
+    except (RuntimeError, TypeError, ValueError):
+        return None
+
+
+def uses_fused(optimizer: torch.optim.Optimizer) -> list[bool]:
+    """Whether each param group steps with a fused kernel."""
+    return [bool(g.get("fused")) for g in optimizer.param_groups]
 
 
 def _describe_lrs(groups: list[dict]) -> str:

@@ -19,6 +19,7 @@ import torch
 
 from . import optim as O
 from .config import RunConfig
+from .device import dtype_is_slow
 from .errors import UserError, UserErrors
 from .networks.targets import parse_block_values
 
@@ -69,6 +70,10 @@ def preflight(cfg: RunConfig, *, arch: str | None = None, device: torch.device |
     if cfg.train.dtype == "fp16" and device is not None and torch.device(device).type != "cuda":
         out.problems.append(UserError("train.dtype", "fp16 needs a CUDA GPU; use bf16 or fp32 "
                                                      "on the CPU"))
+    elif device is not None and "train.dtype" not in bad_fields:
+        slow = dtype_is_slow(device, cfg.train.dtype)
+        if slow:
+            out.warnings.append(slow)
     if host_check is not None:
         out.problems += _headless_only(cfg)
         try:

@@ -124,10 +124,16 @@ def restore_state(run: Trainer, state: dict, warn: Callable[[str], None]) -> Non
         run.network.load_state_dict(state["network"])
     except (RuntimeError, KeyError) as e:
         raise UserError("resume", f"the saved adapter does not fit this network: {e}") from None
+    fused_here = O.uses_fused(run.optimizer)
     try:
         run.optimizer.load_state_dict(state["optimizer"])
     except (ValueError, KeyError) as e:
         raise UserError("resume", f"the saved optimizer state does not fit: {e}") from None
+    # a state saved with a fused kernel, resumed where this torch or device has none: the
+    # per-tensor step (a state saved without one keeps its own step, as saved)
+    for group, fused in zip(run.optimizer.param_groups, fused_here):
+        if group.get("fused") and not fused:
+            group["fused"] = False
     O.set_train_mode(run.optimizer, True)
     sched = dict(state["scheduler"])
     # the schedule's shape comes from this run's config; only its position is restored

@@ -332,10 +332,16 @@ class ForgeHost(WebUIHost):
         return ""
 
     def _default_dtype_for(self, storage) -> str:
+        """What the device runs fast (`core.device.preferred_dtype`); a half-precision model
+        off the GPU trains in bf16 only."""
+        from ..core.device import preferred_dtype
+
         device = self.device()
         if device is not None and device.type == "cuda":
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        return "fp32" if storage in (None, torch.float32) else "bf16"
+            return preferred_dtype(device)
+        if storage not in (None, torch.float32):
+            return "bf16"
+        return preferred_dtype(device) if device is not None else "fp32"
 
     def device(self) -> torch.device | None:
         """Where Forge loads models to (backend/memory_management.py `get_torch_device`)."""

@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 from ..core.bundle import ModelBundle, Progress
+from ..core.device import preferred_dtype
 from ..core.lora_file import load_lora
 from ..core.models.tiny import build_bundle
 from ..core.networks.from_file import network_from_tensors
@@ -59,7 +60,8 @@ class StandaloneHost(Host):
     def model_info(self) -> ModelInfo:
         return ModelInfo(name=self.bundle.model_name, arch=self.bundle.arch,
                          prediction=self.bundle.prediction, hash=self.bundle.model_hash,
-                         default_resolution=64)
+                         default_resolution=64,
+                         default_dtype=preferred_dtype(self.bundle.device))
 
     def device(self) -> torch.device:
         return self.bundle.device

@@ -159,11 +159,15 @@ class WebUIHost(Host):
 
     @staticmethod
     def _default_dtype(m) -> str:
-        """bf16 where the GPU has it, fp16 on older GPUs; on the CPU fp32 for an fp32 model."""
+        """What the device runs fast (`core.device.preferred_dtype`): bf16 where the GPU has it,
+        fp16 on older GPUs, on the CPU fp32 unless its bf16 is clearly faster; a half-precision
+        model on the CPU can only train in bf16 (`check_config` refuses fp32 there)."""
+        from ..core.device import preferred_dtype
+
         weights = next(m.model.diffusion_model.parameters())
-        if weights.device.type == "cuda":
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        return "fp32" if weights.dtype == torch.float32 else "bf16"
+        if weights.device.type == "cpu" and weights.dtype != torch.float32:
+            return "bf16"
+        return preferred_dtype(weights.device)
 
     def free_memory(self) -> None:
         from modules import devices

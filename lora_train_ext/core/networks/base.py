@@ -90,6 +90,32 @@ class AdapterModule(nn.Module):
         delta = self.forward_delta(args[0])
         return output + delta.to(output.dtype)
 
+    # class-wide switch: False reads alpha from its tensor at every use (the plain path, kept for
+    # the benchmark and the tests that compare both)
+    cache_alpha = True
+
+    def alpha_value(self) -> float:
+        """The `alpha` buffer as a Python float, read once per value.
+
+        Reading a GPU tensor's value waits for the GPU, and a forward used to read it in every
+        module. The float is kept with the tensor it came from and that tensor's version counter,
+        so `load_state_dict`, `copy_` and `.to()` (a new tensor) are seen and read again."""
+        t = self._buffers.get("alpha")
+        if t is None:
+            raise AttributeError(f"{type(self).__name__} has no alpha")
+        if not self.cache_alpha:
+            return float(t)
+        try:
+            version = t._version
+        except RuntimeError:  # an inference-mode tensor keeps no version counter
+            return float(t)
+        cached = self.__dict__.get("_alpha_cache")
+        if cached is not None and cached[0] is t and cached[1] == version:
+            return cached[2]
+        value = float(t)
+        object.__setattr__(self, "_alpha_cache", (t, version, value))
+        return value
+
     # -- to implement ----------------------------------------------------------------------
     def forward_delta(self, x: torch.Tensor) -> torch.Tensor:
         """The change of the base module's output for input x, multiplier applied."""
@@ -134,11 +160,19 @@ class AdapterNetwork(nn.Module):
     def scale_weight_norms_(self, max_norm: float) -> None:
         """Scale each adapter down so the norm of its weight delta is at most max_norm (kohya's
         scale_weight_norms)."""
+        adapters = list(self)
+        if not adapters:
+            return
         with torch.no_grad():
-            for a in self:
-                norm = a.delta_weight().norm()
-                if norm > max_norm:
-                    a.scale_delta_(float(max_norm / norm))
+            norms = [a.delta_weight().norm() for a in adapters]
+            device = norms[0].device
+            norms = torch.stack([n.to(device) for n in norms])
+            # one read of the values for all modules (each read waits for a GPU)
+            over = (norms > max_norm).tolist()
+            factors = (max_norm / norms).tolist()
+            for a, is_over, factor in zip(adapters, over, factors):
+                if is_over:
+                    a.scale_delta_(float(factor))
 
     def set_multiplier(self, value: float, part: str | None = None) -> None:
         """Set the strength of every adapter, or of one part ('unet' or a text encoder)."""

@@ -69,7 +69,7 @@ class DoRAModule(LoRAModule):
         self.lora_up.weight.mul_(factor)
 
     def make_delta(self) -> torch.Tensor:
-        update = lora_delta(self.lora_down.weight, self.lora_up.weight, self.alpha,
+        update = lora_delta(self.lora_down.weight, self.lora_up.weight, self.alpha_value(),
                             self.base_weight_shape())
         return dora_delta(base_weight_fp32(self.base), update, self.dora_scale)
 

@@ -87,7 +87,7 @@ class LoHaModule(WeightDeltaModule):
 
     @property
     def scale(self) -> float:
-        return float(self.alpha) / self.rank
+        return self.alpha_value() / self.rank
 
     def make_delta(self) -> torch.Tensor:
         t1 = self.hada_t1 if self.tucker else None

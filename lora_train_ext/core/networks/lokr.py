@@ -160,7 +160,7 @@ class LoKrModule(WeightDeltaModule):
 
     @property
     def scale(self) -> float:
-        return float(self.alpha) / self.rank if self.layout.any_lowrank else 1.0
+        return self.alpha_value() / self.rank if self.layout.any_lowrank else 1.0
 
     def make_delta(self) -> torch.Tensor:
         lay = self.layout

@@ -50,31 +50,100 @@ class LoRAModule(AdapterModule):
             self.lora_down.weight.copy_(w)
             self.lora_up.weight.zero_()
 
+    # class-wide switch: False computes the delta as its own tensor and adds it (the plain path,
+    # kept for the benchmark and the tests that compare both); see `_hook`
+    fused_delta = True
+
     @property
     def scale(self) -> float:
-        return float(self.alpha) / self.rank
+        return self.alpha_value() / self.rank
+
+    def _module_dropped(self) -> bool:
+        return bool(self.training and self.module_dropout and
+                    torch.rand((), device="cpu").item() < self.module_dropout)
+
+    def _down(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lora_down(x.to(self.lora_down.weight.dtype) if not _autocast_on(x.device.type)
+                              else x)
+
+    def _dropped_out(self, h: torch.Tensor, scale: float, rank_axis: int) -> tuple[torch.Tensor, float]:
+        """Dropout and rank dropout on the low-rank activation h (training only)."""
+        if self.dropout:
+            h = F.dropout(h, p=self.dropout)
+        if self.rank_dropout:
+            # one keep/drop draw per sample and rank channel
+            shape = [1] * h.dim()
+            shape[0], shape[rank_axis] = h.shape[0], self.rank
+            mask = (torch.rand(shape, device=h.device) >= self.rank_dropout).to(h.dtype)
+            h = h * mask
+            scale = scale / (1.0 - self.rank_dropout)
+        return h, scale
 
     def forward_delta(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training and self.module_dropout and \
-                torch.rand((), device="cpu").item() < self.module_dropout:
+        if self._module_dropped():
             return torch.zeros((), dtype=x.dtype, device=x.device)
-        h = self.lora_down(x.to(self.lora_down.weight.dtype) if not torch.is_autocast_enabled()
-                           else x)
+        h = self._down(x)
         scale = self.scale * self.multiplier
         if self.training:
-            if self.dropout:
-                h = F.dropout(h, p=self.dropout)
-            if self.rank_dropout:
-                # one keep/drop draw per sample and rank channel
-                shape = (h.shape[0], self.rank) + (1,) * (h.dim() - 2) if self.kind != "linear" \
-                    else (h.shape[0],) + (1,) * (h.dim() - 2) + (self.rank,)
-                mask = (torch.rand(shape, device=h.device) >= self.rank_dropout).to(h.dtype)
-                h = h * mask
-                scale = scale / (1.0 - self.rank_dropout)
+            h, scale = self._dropped_out(h, scale, -1 if self.kind == "linear" else 1)
         return self.lora_up(h) * scale
 
+    def _hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        """output + up(down(x)) * scale, with the up projection, the scale and the sum in one
+        matrix op (addmm / baddbmm) instead of three passes over the output, and a 1x1 down
+        projection as a matrix product instead of a convolution. The same random draws, in the
+        same order, as the plain path (`forward_delta`), which is taken where the fused form does
+        not apply (precisions that differ outside autocast, a 1x1 base with stride / padding,
+        non-contiguous outputs) or when `fused_delta` is off."""
+        if self.multiplier == 0.0:
+            return output
+        x = args[0]
+        if not self.fused_delta or not self._fusable(x, output):
+            return super()._hook(module, args, output)
+        if self._module_dropped():
+            return output
+        scale = self.scale * self.multiplier
+        up = self.lora_up.weight
+        if self.kind == "linear":
+            h = self._down(x)
+            if self.training:
+                h, scale = self._dropped_out(h, scale, -1)
+            if h.dtype == output.dtype:
+                out = torch.addmm(output.reshape(-1, output.shape[-1]),
+                                  h.reshape(-1, self.rank), up.t(), alpha=scale)
+                if out.dtype == output.dtype:
+                    return out.view(output.shape)
+            return output + (self.lora_up(h) * scale).to(output.dtype)
+        b, c_out = output.shape[:2]
+        if self.kind == "conv1x1":
+            xin = x if _autocast_on(x.device.type) else x.to(self.lora_down.weight.dtype)
+            h = torch.matmul(self.lora_down.weight.reshape(self.rank, -1),
+                             xin.reshape(b, xin.shape[1], -1))
+        else:  # kxk down projection: a convolution; the 1x1 up projection as a matrix product
+            h = self._down(x).reshape(b, self.rank, -1)
+        if self.training:
+            h, scale = self._dropped_out(h, scale, 1)
+        if h.dtype == output.dtype:
+            out = torch.baddbmm(output.reshape(b, c_out, -1),
+                                up.reshape(c_out, self.rank).expand(b, -1, -1), h, alpha=scale)
+            if out.dtype == output.dtype:
+                return out.view(output.shape)
+        h = h.reshape(b, self.rank, *output.shape[2:])
+        return output + (self.lora_up(h) * scale).to(output.dtype)
+
+    def _fusable(self, x: torch.Tensor, output: torch.Tensor) -> bool:
+        if not output.is_contiguous() or output.dim() < 2:
+            return False
+        if not _autocast_on(output.device.type) and self.lora_up.weight.dtype != output.dtype:
+            return False
+        if self.kind == "conv1x1":
+            d = self.lora_down
+            return (x.dim() == 4 and tuple(d.stride) == (1, 1) and tuple(d.dilation) == (1, 1)
+                    and d.padding in ((0, 0), 0, "valid") and d.groups == 1)
+        return self.kind == "linear" or output.dim() == 4
+
     def delta_weight(self) -> torch.Tensor:
-        return lora_delta(self.lora_down.weight, self.lora_up.weight, self.alpha,
+        return lora_delta(self.lora_down.weight, self.lora_up.weight, self.alpha_value(),
                           self.base_weight_shape()) * self.multiplier
 
     @torch.no_grad()
@@ -93,6 +162,17 @@ def lora_delta(down: torch.Tensor, up: torch.Tensor, alpha: torch.Tensor | float
     down: (rank, in) or (rank, in, k, k); up: (out, rank) or (out, rank, 1, 1).
     """
     rank = down.shape[0]
-    scale = (float(alpha) if alpha is not None and float(alpha) != 0 else rank) / rank
+    alpha = None if alpha is None else float(alpha)
+    scale = (alpha if alpha else rank) / rank
     delta = up.float().reshape(up.shape[0], -1) @ down.float().reshape(rank, -1)
     return delta.reshape(base_shape) * scale
+
+
+def _autocast_on(device_type: str) -> bool:
+    """Whether autocast is on for this device type (torch 2.1's API and the newer one)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4: no argument; CPU has its own function
+        if device_type == "cpu":
+            return torch.is_autocast_cpu_enabled()
+        return torch.is_autocast_enabled()

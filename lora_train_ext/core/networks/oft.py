@@ -149,7 +149,7 @@ class _OFTBase(WeightDeltaModule):
 
     @property
     def constraint(self) -> float:
-        return float(self.alpha)
+        return self.alpha_value()
 
     @property
     def rescaled(self) -> bool:
