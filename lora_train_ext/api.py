@@ -223,41 +223,50 @@ def add_routes(app, host, manager: RunManager, credentials: dict[str, str] | Non
         record = known_run(run_id)
         return {"snapshots": snapshots_of(host, record.config.save.output_name)}
 
-    @post_json("/snapshot-grid")
-    def best_snapshot_grid(body: dict[str, Any]):
-        """Snapshots (rows) x strengths (columns) through the host's txt2img; body: snapshots
-        (names) or run (id), strengths "0.5, 1", prompt, negative_prompt, seed, steps, size."""
+    def grid_size(body: dict[str, Any]) -> int:
+        size = int(body.get("size", host.model_info().default_resolution))
+        if size < 64 or size % 8:
+            raise UserError("size", "give a multiple of 8, at least 64")
+        return size
+
+    def grid_call(job: str, make, missing_field: str):
+        """Make a grid under the host's lock: (grid image, extra JSON) -> the JSON answer with
+        the PNG as base64; a user error as 422, a missing file as 404 naming `missing_field`."""
         try:
-            names = body.get("snapshots")
-            if not names and body.get("run"):
-                names = snapshots_of(host, known_run(str(body["run"])).config.save.output_name)
-            strengths = parse_strengths(str(body.get("strengths", "0.5, 0.75, 1")), "strengths")
-            size = int(body.get("size", host.model_info().default_resolution))
-            if size < 64 or size % 8:
-                raise UserError("size", "give a multiple of 8, at least 64")
-            with (exclusive or host.exclusive)("lora-train snapshot grid"):
-                grid, tags = snapshot_grid(
-                    host, [str(n) for n in names or []], strengths, str(body.get("prompt", "")),
-                    str(body.get("negative_prompt", "")), int(body.get("seed", 1234)),
-                    steps=int(body.get("steps", 20)), width=size, height=size)
-                path = host.save_grid(grid, str(body.get("prompt", "")))
+            with (exclusive or host.exclusive)(job):
+                grid, extra = make()
         except UserError as e:
             return user_error(e)
         except (TypeError, ValueError) as e:
             return JSONResponse(status_code=422, content={"error": str(e), "field": "body"})
         except FileNotFoundError as e:
-            return JSONResponse(status_code=404, content={"error": str(e), "field": "snapshots"})
-        buf = io.BytesIO()
-        grid.save(buf, format="PNG")
-        return {"grid_png_base64": base64.b64encode(buf.getvalue()).decode("ascii"),
-                "tags": tags, "path": path}
+            return JSONResponse(status_code=404, content={"error": str(e),
+                                                          "field": missing_field})
+        return {"grid_png_base64": png64(grid), **extra}
 
-    # -- merging into the loaded model ---------------------------------------------------------
     def png64(image) -> str:
         buf = io.BytesIO()
         image.save(buf, format="PNG")
         return base64.b64encode(buf.getvalue()).decode("ascii")
 
+    @post_json("/snapshot-grid")
+    def best_snapshot_grid(body: dict[str, Any]):
+        """Snapshots (rows) x strengths (columns) through the host's txt2img; body: snapshots
+        (names) or run (id), strengths "0.5, 1", prompt, negative_prompt, seed, steps, size."""
+        def make():
+            names = body.get("snapshots")
+            if not names and body.get("run"):
+                names = snapshots_of(host, known_run(str(body["run"])).config.save.output_name)
+            strengths = parse_strengths(str(body.get("strengths", "0.5, 0.75, 1")), "strengths")
+            size = grid_size(body)
+            grid, tags = snapshot_grid(
+                host, [str(n) for n in names or []], strengths, str(body.get("prompt", "")),
+                str(body.get("negative_prompt", "")), int(body.get("seed", 1234)),
+                steps=int(body.get("steps", 20)), width=size, height=size)
+            return grid, {"tags": tags, "path": host.save_grid(grid, str(body.get("prompt", "")))}
+        return grid_call("lora-train snapshot grid", make, "snapshots")
+
+    # -- merging into the loaded model ---------------------------------------------------------
     def merge_call(fn):
         try:
             with (exclusive or host.exclusive)("lora-train merge"):
@@ -308,26 +317,15 @@ def add_routes(app, host, manager: RunManager, credentials: dict[str, str] | Non
 
     @post_json("/test")
     def test(body: dict[str, Any]):
-        try:
+        def make():
             te = parse_strengths(str(body.get("te_strengths", "0, 1")), "te_strengths")
             unet = parse_strengths(str(body.get("unet_strengths", "0, 1")), "unet_strengths")
-            size = int(body.get("size", host.model_info().default_resolution))
-            if size < 64 or size % 8:
-                raise UserError("size", "give a multiple of 8, at least 64")
-            with (exclusive or host.exclusive)("lora-train test grid"):
-                grid, images, prompts = strength_grid(
-                    host, str(body.get("lora", "")), str(body.get("prompt", "")),
-                    str(body.get("negative_prompt", "")), int(body.get("seed", 1234)), te, unet,
-                    steps=int(body.get("steps", 20)), width=size, height=size,
-                    cfg_scale=float(body.get("cfg_scale", 7.0)))
-                path = host.save_grid(grid, str(body.get("prompt", "")))
-        except UserError as e:
-            return user_error(e)
-        except (TypeError, ValueError) as e:
-            return JSONResponse(status_code=422, content={"error": str(e), "field": "body"})
-        except FileNotFoundError as e:
-            return JSONResponse(status_code=404, content={"error": str(e), "field": "lora"})
-        buf = io.BytesIO()
-        grid.save(buf, format="PNG")
-        return {"grid_png_base64": base64.b64encode(buf.getvalue()).decode("ascii"),
-                "prompts": prompts, "path": path, "rows": te, "columns": unet}
+            size = grid_size(body)
+            grid, images, prompts = strength_grid(
+                host, str(body.get("lora", "")), str(body.get("prompt", "")),
+                str(body.get("negative_prompt", "")), int(body.get("seed", 1234)), te, unet,
+                steps=int(body.get("steps", 20)), width=size, height=size,
+                cfg_scale=float(body.get("cfg_scale", 7.0)))
+            path = host.save_grid(grid, str(body.get("prompt", "")))
+            return grid, {"prompts": prompts, "path": path, "rows": te, "columns": unet}
+        return grid_call("lora-train test grid", make, "lora")

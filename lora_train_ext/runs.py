@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .core.bundle import Progress, TrainControl
-from .core.config import PRESETS, RunConfig, preset as config_preset
+from .core.config import RunConfig
+from .core.presets import PRESETS
 from .core.errors import TrainingError, UserError, UserErrors
 from .core.preflight import preflight
 from .core.run_files import ema_path

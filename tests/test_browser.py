@@ -122,6 +122,11 @@ def test_train_then_grid_in_the_browser(preview):
         _set(page, "lora_train_train_max_steps", "30")
         page.get_by_text("Optimizer and learning rate", exact=True).click()
         _set(page, "lora_train_optim_lr", "0.01")
+        page.get_by_text("Samples", exact=True).click()
+        _set(page, "lora_train_sample_prompts", "shp style, red circle --s 2")
+        _set(page, "lora_train_sample_every_steps", "10")
+        page.get_by_text("Saving", exact=True).click()
+        _set(page, "lora_train_save_save_every_steps", "10")
 
         page.locator("#lora_train_check").click()
         report = page.locator("#lora_train_dataset_report textarea")
@@ -152,6 +157,9 @@ def test_train_then_grid_in_the_browser(preview):
         charts = page.locator("#lora_train_status svg")
         assert charts.count() == 4, charts.count()  # loss, learning rate, speed, memory
         assert "Loss" in charts.first.inner_html()
+        # samples made while training: at the start, every 10 steps and at the end
+        expect(page.locator("#lora_train_samples img").nth(3)).to_be_attached()
+        assert len(list((out / "runs" / "samples").glob("browser_lora-step*.png"))) == 4
 
         expect(page.locator("#lora_train_test_lora input").first).to_have_value("browser_lora")
         _set(page, "lora_train_test_prompt", "shp style, red circle")
@@ -174,5 +182,15 @@ def test_train_then_grid_in_the_browser(preview):
 
         grid = Image.open(io.BytesIO(data))
         assert grid.size[0] > 2 * 64 and grid.size[1] > 2 * 64  # 2x2 cells plus labels
+
+        # pick the best snapshot: snapshots (rows) x strengths (columns), tags to copy
+        page.get_by_text("Pick the best snapshot (snapshots x strengths)", exact=True).click()
+        _set(page, "lora_train_snapshot_strengths", "0.5, 1")
+        page.locator("#lora_train_snapshot_run").click()
+        expect(page.locator("#lora_train_test_info .lora-train-tags, "
+                            "#lora_train_test_info .lora-train-error").first).to_be_visible()
+        tags = page.locator("#lora_train_test_info button.lora-train-tag")
+        assert tags.count() == 6, info.inner_text() + _log_tail(out)  # 3 files x 2 strengths
+        assert "<lora:browser_lora-step00000010:0.5>" in tags.first.inner_text()
         page.screenshot(path=str(out / "tab.png"), full_page=True)
         browser.close()

@@ -80,7 +80,7 @@ def test_mode_settings_are_checked_before_any_work(tmp_path):
 
 
 def test_the_slider_preset_is_a_valid_slider():
-    from lora_train_ext.core.config import PRESETS
+    from lora_train_ext.core.presets import PRESETS
 
     cfg = RunConfig.from_dict(PRESETS["concept-slider"], validate=True)
     assert cfg.mode.kind == "slider" and cfg.network.train_on == "unet"

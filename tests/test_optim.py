@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from lora_train_ext.core import optim
-from lora_train_ext.core.config import PRESETS, RunConfig
+from lora_train_ext.core.config import RunConfig
+from lora_train_ext.core.presets import PRESETS
 from lora_train_ext.core.errors import UserError
 from lora_train_ext.core.optim import (
     OPTIMIZERS, adaptive_warnings, available_optimizers, build_optimizer,

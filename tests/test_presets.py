@@ -10,15 +10,13 @@ import pytest
 
 from lora_train_ext import cli
 from lora_train_ext.core import presets as P
-from lora_train_ext.core.config import PRESETS, RunConfig, preset, read_config_file
+from lora_train_ext.core.config import RunConfig, read_config_file
+from lora_train_ext.core.presets import PRESETS, builtin_preset as preset
 from lora_train_ext.core.errors import UserError
 from lora_train_ext.core.optim import available_optimizers
 
 
-def test_presets_are_importable_from_config_as_before():
-    from lora_train_ext.core import config
-
-    assert config.PRESETS is P.PRESETS
+def test_the_builtin_presets():
     assert list(PRESETS)[:2] == ["easy-dadaptadam", "easy-prodigy"]
     assert {"lowvram-sd15", "sdxl-12gb"} <= set(PRESETS)
 

@@ -93,32 +93,11 @@ def _diffusers_api():
 # -- configs --------------------------------------------------------------------------------------
 
 def ldm_original_config(arch: str, size: str) -> dict:
-    """The LDM / sgm yaml (`v1-inference.yaml`, `v2-inference-v.yaml`, `sd_xl_base.yaml`) as the
-    dict diffusers' config mappers read, with our spec's numbers (at real width: the yaml's)."""
-    spec = arch_spec(arch, size)
-    u, v = spec.unet, spec.vae
-    unet = dict(in_channels=u.in_channels, out_channels=u.out_channels,
-                model_channels=u.model_channels,
-                attention_resolutions=list(u.attention_resolutions),
-                num_res_blocks=u.num_res_blocks, channel_mult=list(u.channel_mult),
-                use_linear_in_transformer=u.use_linear, transformer_depth=list(u.transformer_depth),
-                context_dim=u.context_dim)
-    if u.num_heads is not None:
-        unet["num_heads"] = u.num_heads
-    else:
-        unet["num_head_channels"] = u.num_head_channels
-    if u.adm_in_channels is not None:
-        unet.update(num_classes="sequential", adm_in_channels=u.adm_in_channels)
-    ddconfig = dict(double_z=True, z_channels=v.z_channels, resolution=256,
-                    in_channels=v.in_channels, out_ch=v.out_ch, ch=v.ch, ch_mult=list(v.ch_mult),
-                    num_res_blocks=v.num_res_blocks, attn_resolutions=[], dropout=0.0)
-    # sgm (SDXL) calls the UNet's section network_config, ldm unet_config
-    unet_key = "network_config" if arch == "sdxl" else "unet_config"
-    return {"model": {"params": {
-        "scale_factor": v.scale_factor,
-        unet_key: {"params": unet},
-        "first_stage_config": {"params": {"embed_dim": v.embed_dim, "ddconfig": ddconfig}},
-    }}}
+    """The LDM / sgm yaml as the dict diffusers' config mappers read, with our spec's numbers
+    (the benchmark builds diffusers' UNet from the same function)."""
+    from lora_train_ext.bench.reference import ldm_unet_config
+
+    return ldm_unet_config(arch, size)
 
 
 def _tiny_overrides(arch: str, size: str) -> tuple[dict, dict]:

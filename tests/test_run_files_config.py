@@ -16,7 +16,8 @@ import torch
 from conftest import small_run_config
 from lora_train_ext import cli
 from lora_train_ext.core import run_files as F
-from lora_train_ext.core.config import (CONFIG_VERSION, PRESETS, RunConfig, migrate,
+from lora_train_ext.core.presets import PRESETS
+from lora_train_ext.core.config import (CONFIG_VERSION, RunConfig, migrate,
                                         read_config_file, to_toml)
 from lora_train_ext.core.errors import UserError
 from lora_train_ext.core.lora_file import load_lora

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from lora_train_ext import cli
-from lora_train_ext.core.config import (PRESETS, SETTINGS, RunConfig, preset, settings_json,
+from lora_train_ext.core.presets import PRESETS, builtin_preset as preset
+from lora_train_ext.core.config import (SETTINGS, RunConfig, settings_json,
                                         settings_markdown)
 from lora_train_ext.core.errors import UserError, UserErrors
 from lora_train_ext.core.preflight import preflight, trained_parts

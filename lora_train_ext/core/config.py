@@ -880,23 +880,6 @@ def read_config_file(path: str) -> dict[str, Any]:
     return data
 
 
-# -- presets: core/presets.py (built-in and the user's own) -----------------------------------------
-def preset(name: str) -> RunConfig:
-    """A built-in preset's settings over the defaults; UserError for an unknown name."""
-    from .presets import builtin_preset
-
-    return builtin_preset(name)
-
-
-def __getattr__(name: str) -> Any:
-    """`PRESETS` (the built-in presets) lives in core/presets.py and is importable from here."""
-    if name == "PRESETS":
-        from .presets import PRESETS
-
-        return PRESETS
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 # -- the settings table in words (README, `settings` command) ------------------------------------
 def settings_markdown() -> str:
     """One row per setting: key, default, valid values, help. The README holds this table."""

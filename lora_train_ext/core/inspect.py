@@ -264,18 +264,27 @@ def arch_from_version(version: str) -> str:
     return "sd2" if version.startswith("sd_v2") else "sd1" if version.startswith("sd_v1") else ""
 
 
-def arch_of(meta: dict[str, str], names: list[str]) -> str:
-    """A LoRA file's arch from its metadata, else from its module names."""
-    from_version = arch_from_version(meta.get("ss_base_model_version", ""))
-    if from_version:
-        return from_version
+def declared_arch(meta: dict[str, str]) -> str:
+    """The arch a LoRA file's metadata states ('' when it states none): kohya's base model
+    version, ss_v2, or modelspec's architecture."""
+    found = arch_from_version(meta.get("ss_base_model_version", ""))
+    if found:
+        return found
     if meta.get("ss_v2") == "True":
         return "sd2"
     spec = meta.get("modelspec.architecture", "")
-    if spec.startswith("stable-diffusion-xl"):
-        return "sdxl"
-    if spec.startswith("stable-diffusion-v2"):
-        return "sd2"
+    for prefix, arch in (("stable-diffusion-xl", "sdxl"), ("stable-diffusion-v2", "sd2"),
+                         ("stable-diffusion-v1", "sd1")):
+        if spec.startswith(prefix):
+            return arch
+    return ""
+
+
+def arch_of(meta: dict[str, str], names: list[str]) -> str:
+    """A LoRA file's arch from its metadata, else from its module names."""
+    stated = declared_arch(meta)
+    if stated:
+        return stated
     if any(n.startswith(("lora_te1_", "lora_te2_", "lora_unet_input_blocks",
                          "lora_unet_middle_block", "lora_unet_output_blocks")) for n in names):
         return "sdxl"

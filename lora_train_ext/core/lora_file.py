@@ -59,6 +59,19 @@ def atomic_save_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata), field=field)
 
 
+def cast_for_file(tensors: dict[str, torch.Tensor], save_dtype: str) -> dict[str, torch.Tensor]:
+    """CPU, contiguous, floating tensors in `save_dtype` except `alpha` scalars, which stay
+    fp32 (kohya keeps them so; a bf16 alpha would round)."""
+    dtype = SAVE_DTYPES[save_dtype]
+    final = {}
+    for k, t in tensors.items():
+        t = t.detach().cpu()
+        if t.is_floating_point() and not k.endswith(".alpha"):
+            t = t.to(dtype)
+        final[k] = t.contiguous()
+    return final
+
+
 def save_lora(tensors: dict[str, torch.Tensor], info: LoraInfo, path: str,
               save_dtype: str = "fp16", sidecar: bool = True,
               field: str = "save.output_dir") -> dict[str, str]:
@@ -67,13 +80,7 @@ def save_lora(tensors: dict[str, torch.Tensor], info: LoraInfo, path: str,
     Floating tensors are cast to `save_dtype`, except `alpha` scalars which stay fp32 (kohya
     keeps them so; a bf16 alpha would round).
     """
-    dtype = SAVE_DTYPES[save_dtype]
-    final = {}
-    for k, t in tensors.items():
-        t = t.detach().cpu()
-        if t.is_floating_point() and not k.endswith(".alpha"):
-            t = t.to(dtype)
-        final[k] = t.contiguous()
+    final = cast_for_file(tensors, save_dtype)
     meta = build_metadata(info, file_name=os.path.splitext(os.path.basename(path))[0])
     model_hash, legacy = _hashes(final, meta)
     meta["sshs_model_hash"] = model_hash

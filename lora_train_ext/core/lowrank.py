@@ -269,15 +269,9 @@ def save_lora_file(tensors: dict[str, torch.Tensor], info: LoraInfo, path: str,
                    save_dtype: str, keep_from: dict[str, str] | None = None) -> dict[str, str]:
     """Write a LoRA file with fresh network metadata (`info`), keeping the other keys of
     `keep_from` (a source file's training facts), and its hashes. No sidecar."""
-    from .lora_file import SAVE_DTYPES
+    from .lora_file import cast_for_file
 
-    dtype = SAVE_DTYPES[save_dtype]
-    final = {}
-    for k, t in tensors.items():
-        t = t.detach().cpu()
-        if t.is_floating_point() and not k.endswith(".alpha"):
-            t = t.to(dtype)
-        final[k] = t.contiguous()
+    final = cast_for_file(tensors, save_dtype)
     meta = build_metadata(info)
     for k, v in (keep_from or {}).items():
         if k not in NETWORK_KEYS and k not in (info.extra or {}):

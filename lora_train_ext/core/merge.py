@@ -34,7 +34,7 @@ from . import keys
 from .dtypes import TORCH_DTYPES
 from .errors import UserError
 from .fsio import atomic_write
-from .inspect import arch_from_version, arch_of
+from .inspect import arch_of, declared_arch
 from .lora_file import LoraInfo, data_section_sha256, load_lora
 from .lowrank import (LORA_TENSORS, Factors, factors_from_svd, fits, full_delta, is_kxk,
                       natural_shape, recipe_json, save_lora_file, svd_matrix, svd_of_product,
@@ -227,23 +227,6 @@ def checkpoint_arch(state_keys) -> str | None:
         if any(k.startswith(prefix) for k in names):
             return arch
     return None
-
-
-def declared_arch(meta: dict[str, str]) -> str:
-    """The arch a LoRA file's metadata states ('' when it states none)."""
-    found = arch_from_version(meta.get("ss_base_model_version", ""))
-    if found:
-        return found
-    if meta.get("ss_v2") == "True":
-        return "sd2"
-    spec = meta.get("modelspec.architecture", "")
-    if spec.startswith("stable-diffusion-xl"):
-        return "sdxl"
-    if spec.startswith("stable-diffusion-v2"):
-        return "sd2"
-    if spec.startswith("stable-diffusion-v1"):
-        return "sd1"
-    return ""
 
 
 def _bias_key(weight_key: str) -> str:

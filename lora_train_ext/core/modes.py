@@ -21,7 +21,6 @@ import torch
 import torch.nn.functional as F
 
 from .config import RunConfig, parse_resolution
-from .errors import UserError
 
 
 @dataclass
