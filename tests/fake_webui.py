@@ -27,7 +27,9 @@ Each fact below was checked in the WebUI's source (paths relative to its root):
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 import threading
@@ -95,6 +97,13 @@ class FakeLatentDiffusion(torch.nn.Module):
         return self._condition(list(prompts))
 
 
+def _data_root() -> str:
+    """A temp folder for one fake WebUI's user data, removed when the test process exits."""
+    path = tempfile.mkdtemp(prefix="fake-webui-")
+    atexit.register(shutil.rmtree, path, True)
+    return path
+
+
 def install(bundle, monkeypatch):
     """Put fake `modules.*` and `networks` modules into sys.modules; return them."""
     modules = types.ModuleType("modules")
@@ -133,7 +142,7 @@ def install(bundle, monkeypatch):
         fn(demo, app) for fn in script_callbacks.registered["app_started"]]
     # modules/paths_internal.py: data_path, the folder of the WebUI's user data (--data-dir)
     paths_internal = types.ModuleType("modules.paths_internal")
-    paths_internal.data_path = os.path.join(tempfile.mkdtemp(prefix="fake-webui-"), "data")
+    paths_internal.data_path = os.path.join(_data_root(), "data")
     call_queue = types.ModuleType("modules.call_queue")
     call_queue.queue_lock = threading.Lock()
     devices = types.ModuleType("modules.devices")
