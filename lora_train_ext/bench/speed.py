@@ -17,7 +17,7 @@ Cases (`--cases`, comma-separated; the default is the first four):
 - diffusers_bare: diffusers' UNet frozen, forward and backward to the input (the bare step of
   the reference, for its own overhead);
 - adapter_plain: the adapter step with the levers named by `--plain` switched off (default all:
-  fused_delta, cache_alpha, fused_adam): the code path before they were added;
+  fused_delta, cache_alpha, fused_adam, conv_matmul): the code path before they were added;
 - peft_fused: the peft step with torch's fused AdamW (as our trainer builds it).
 
 The cases alternate step by step (the order turns each round) after one warm-up step each, so a
@@ -55,6 +55,7 @@ from ..core import optim as O
 from ..core.bundle import ModelBundle, Progress, TrainControl
 from ..core.config import NetworkConfig, RunConfig
 from ..core.dtypes import TORCH_DTYPES as DTYPES
+from ..core.models import unet as unet_module
 from ..core.models.specs import arch_spec, build_unet, build_vae
 from ..core.models.tiny import default_prediction, sd_alphas_cumprod
 from ..core.networks import AdapterNetwork, LoRAModule, build_network
@@ -62,7 +63,7 @@ from . import reference as R
 
 DEFAULT_CASES = ("bare", "adapter", "full", "peft")
 ALL_CASES = DEFAULT_CASES + ("diffusers_bare", "adapter_plain", "peft_fused")
-LEVERS = ("fused_delta", "cache_alpha", "fused_adam")
+LEVERS = ("fused_delta", "cache_alpha", "fused_adam", "conv_matmul")
 LR = 1e-4
 MAX_GRAD_NORM = 1.0
 
@@ -323,7 +324,16 @@ def adapter_case(s: Setup, name: str = "adapter", plain: tuple[str, ...] = ()) -
     options = {"modules": len(net), "fused_optimizer": all(O.uses_fused(opt))}
     if plain:
         options["levers_off"] = list(plain)
-    return Case(name, step, enter=net.attach, leave=net.detach, options=options)
+    conv_matmul = "conv_matmul" not in plain
+
+    def enter():
+        unet_module.CONV_AS_MATMUL = conv_matmul
+        net.attach()
+
+    def leave():
+        net.detach()
+        unet_module.CONV_AS_MATMUL = True
+    return Case(name, step, enter=enter, leave=leave, options=options)
 
 
 def reference_cases(s: Setup, wanted: list[str]) -> tuple[list[Case], dict[str, str]]:
