@@ -72,7 +72,8 @@ def status_html(manager: RunManager) -> str:
         return "<div class='lora-train-status'>No run yet. Choose a dataset folder and press Train.</div>"
     parts = [f"<b>{html.escape(run.config.save.output_name)}</b>: {run.state}"]
     if run.total:
-        parts.append(f"step {run.step}/{run.total}")
+        unit = "step" if run.kind == "train" else run.progress.get("unit", "step")
+        parts.append(f"{unit} {run.step}/{run.total}")
     if run.loss is not None:
         parts.append(f"loss {run.loss:.4f} (avg {run.loss_avg or 0:.4f})")
     if run.lr:
