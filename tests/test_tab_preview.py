@@ -85,6 +85,7 @@ def test_timestep_histogram_follows_the_distribution(wired):
 def test_timestep_histogram_follows_the_range_and_names_a_bad_setting(wired):
     html = _preview(wired, timestep_min=200, timestep_max=400)
     assert ">200<" in html and ">400<" in html  # the x axis is the chosen range
+    assert ">1000<" in _preview(wired)  # a whole timestep, not 1.00e+03
     assert sum(_counts(html)) == tab.TIMESTEP_PREVIEW_DRAWS
     bad = _preview(wired, timestep_min=500, timestep_max=400)
     assert "loss.timestep_max" in bad and "lora-train-error" in bad and not _counts(bad)

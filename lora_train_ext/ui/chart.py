@@ -104,6 +104,11 @@ def loss_chart_svg(history: list[tuple[int, float]], width: int = 420, height: i
                           styles={"raw": "thin", "validation": "points"})
 
 
+def _edge(v: float) -> str:
+    """A bin edge: whole numbers as they are (timestep 1000, not 1.00e+03)."""
+    return str(int(v)) if float(v).is_integer() and abs(v) < 1e9 else _fmt(v)
+
+
 def histogram_svg(title: str, counts: list[int], edges: list[float], x_label: str = "",
                   width: int = 420, height: int = 140) -> str:
     """Bars of `counts` over the bins `edges` (len(edges) == len(counts) + 1), heights as the
@@ -126,9 +131,9 @@ def histogram_svg(title: str, counts: list[int], edges: list[float], x_label: st
         f"<text x='{left - 4}' y='{top + 8}' font-size='9' text-anchor='end'>"
         f"{100 * top_share:.1f}%</text>",
         f"<text x='{left - 4}' y='{top + plot_h}' font-size='9' text-anchor='end'>0</text>",
-        f"<text x='{left}' y='{height - 14}' font-size='9'>{_fmt(edges[0])}</text>",
+        f"<text x='{left}' y='{height - 14}' font-size='9'>{_edge(edges[0])}</text>",
         f"<text x='{left + plot_w}' y='{height - 14}' font-size='9' text-anchor='end'>"
-        f"{_fmt(edges[-1])}</text>",
+        f"{_edge(edges[-1])}</text>",
         f"<text x='{left + plot_w / 2:.0f}' y='{height - 3}' font-size='9' text-anchor='middle'>"
         f"{html.escape(x_label)}</text>",
     ]
@@ -137,7 +142,7 @@ def histogram_svg(title: str, counts: list[int], edges: list[float], x_label: st
         parts.append(
             f"<rect class='bar' data-count='{count}' x='{left + i * bar_w + 0.5:.1f}' "
             f"y='{top + plot_h - h:.1f}' width='{max(bar_w - 1, 0.5):.1f}' height='{h:.1f}' "
-            f"fill='{COLOURS[1]}'><title>{_fmt(edges[i])}-{_fmt(edges[i + 1])}: "
+            f"fill='{COLOURS[1]}'><title>{_edge(edges[i])}-{_edge(edges[i + 1])}: "
             f"{100 * count / total:.1f}%</title></rect>")
     parts.append("</svg>")
     return "".join(parts)
