@@ -5,7 +5,9 @@ Routes: GET /settings (the settings table); POST /runs (a RunConfig as JSON, par
 GET /runs; GET /runs/{id}; GET /queue; POST /runs/{id}/stop, /pause, /resume, /cancel,
 /move {"by": N};
 GET /model; GET /loras; POST /test (a TE x UNet grid, PNG as base64); GET/POST /merge,
-POST /merge/revert, /merge/compare, /merge/save (LoRAs merged into the loaded model).
+POST /merge/revert, /merge/compare, /merge/save (LoRAs merged into the loaded model);
+POST /merge-file, /merge-loras, /extract, /resize (file_jobs.py: the command line's file tools
+as queued runs, watched with GET /runs/{id}: state, progress, result).
 When the WebUI has `--api-auth`, every route needs the same HTTP basic credentials.
 The routes exist only when asked for: the WebUI started with `--api` (or `--nowebui`), or the
 setting "Train LoRA > HTTP API" on (host/webui.py `api_requested`).
@@ -314,6 +316,28 @@ def add_routes(app, host, manager: RunManager, credentials: dict[str, str] | Non
         return merge_call(lambda: {"path": manager.merger.save_checkpoint(
             str(body.get("name", "")), str(body.get("precision", "fp16")),
             str(body.get("vae", "")))})
+
+    # -- merge / extract / resize on files: queued as runs ------------------------------------
+    def file_job_route(kind: str):
+        def work(body: dict[str, Any]):
+            from .file_jobs import build_job
+
+            try:
+                job = build_job(kind, host, body)
+            except UserError as e:
+                return user_error(e)
+            record = manager.enqueue_job(job)
+            return {"id": record.id, "kind": kind, "state": record.state,
+                    "position": manager.position(record.id), "out": job.out}
+        work.__name__ = "file_job_" + kind.replace("-", "_")
+        work.__doc__ = (f"Queue a {kind} job (file_jobs.py); 422 with every problem of the "
+                        "body; watch it with GET /runs/{id}")
+        post_json("/" + kind)(work)
+
+    from .file_jobs import JOB_KINDS
+
+    for kind in JOB_KINDS:
+        file_job_route(kind)
 
     @post_json("/test")
     def test(body: dict[str, Any]):

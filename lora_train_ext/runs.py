@@ -57,12 +57,22 @@ class RunRecord:
     samples: list[tuple[int, str]] = field(default_factory=list)  # (step, image path)
     val_history: list[tuple[int, float]] = field(default_factory=list)  # (step, validation loss)
     paused_snapshot: str = ""  # the file written when the run last paused
+    kind: str = "train"  # or a file job's: merge-file, merge-loras, extract, resize
+    progress: dict[str, Any] = field(default_factory=dict)  # a file job's (see job_progress)
+    result: dict[str, Any] = field(default_factory=dict)  # a file job's report, or its error
+    job: Any = field(default=None, repr=False)  # a file job's FileJob
     last_elapsed: float = field(default=0.0, repr=False)  # seconds into the run at the last step
     control: TrainControl = field(default_factory=TrainControl, repr=False)
 
     def to_json(self) -> dict[str, Any]:
+        if self.kind == "train":
+            progress = {"fraction": self.step / self.total if self.total else 0.0,
+                        "index": self.step, "count": self.total or None, "unit": "steps"}
+        else:
+            progress = dict(self.progress)
         return {
-            "id": self.id, "state": self.state, "step": self.step, "total": self.total,
+            "id": self.id, "kind": self.kind, "progress": progress, "result": dict(self.result),
+            "state": self.state, "step": self.step, "total": self.total,
             "loss": self.loss, "loss_avg": self.loss_avg, "lr": self.lr, "eta": self.eta,
             "created": self.created, "started": self.started, "finished": self.finished,
             "error": self.error, "message": self.message, "files": list(self.files),
@@ -256,6 +266,25 @@ class RunManager:
     def enqueue(self, cfg: RunConfig) -> RunRecord:
         """Check `cfg` (the preflight) and put the run at the end of the queue."""
         record = self.create(cfg)
+        self._append(record)
+        return record
+
+    def enqueue_job(self, job) -> RunRecord:
+        """Put a file job (file_jobs.FileJob, its body already checked) at the end of the
+        queue; it shows as a run of its `kind`, with `progress` as it goes."""
+        cfg = RunConfig()
+        cfg.save.output_name = job.name
+        record = RunRecord(id=uuid.uuid4().hex[:12], config=cfg, kind=job.kind, job=job,
+                           progress={"fraction": 0.0, "index": 0, "count": None,
+                                     "unit": job.unit, "item": ""},
+                           message=f"{job.kind} queued")
+        with self._lock:
+            self.runs[record.id] = record
+            self._prune_locked()
+        self._append(record)
+        return record
+
+    def _append(self, record: RunRecord) -> None:
         with self._queue_changed:
             self._queue.append(record.id)
             self._queue_changed.notify_all()
@@ -263,7 +292,6 @@ class RunManager:
                 self._worker = threading.Thread(target=self._work, name="lora-train-queue",
                                                 daemon=True)
                 self._worker.start()
-        return record
 
     start_background = enqueue  # the API's name for it
 
@@ -307,6 +335,13 @@ class RunManager:
                     return
                 run_id = self._queue.pop(0)
             record = self.runs[run_id]
+            if record.kind != "train":  # a file job reads and writes files, not the model
+                if record.control.stop_requested:
+                    record.state, record.finished = "stopped", time.time()
+                else:
+                    self.execute_job(record)
+                self._ended()
+                continue
             with self.host.exclusive(f"lora-train {record.id}"):
                 if record.control.stop_requested:
                     record.state, record.finished = "stopped", time.time()
@@ -314,6 +349,67 @@ class RunManager:
                     self.execute(record)
             self._ended()
             self.host.free_memory()
+
+    def execute_job(self, record: RunRecord) -> RunRecord:
+        """Run a file job now, in this thread: progress into `record.progress` (fraction
+        done; index of count tensors or modules, the one done last as `item`); the report into
+        `record.result`. A stop ends it at the next tensor or module with nothing written."""
+        from .file_jobs import JobStopped
+
+        job = record.job
+        record.state, record.started = "running", time.time()
+        record.message = f"{job.kind} running"
+        count: list[int | None] = [None]
+        calls = [0]
+
+        def on_start(n: int) -> None:
+            count[0] = n
+
+        def progress(done: int, total: int, item: str) -> None:
+            if record.control.stop_requested:
+                raise JobStopped()
+            calls[0] += 1
+            # merge-file reports bytes: its count is of tensors (on_start), one call each
+            index, n = (calls[0], count[0]) if count[0] is not None else (done, total)
+            record.progress = {"fraction": done / total if total else 1.0, "index": index,
+                               "count": n, "unit": job.unit, "item": item}
+            record.step, record.total = index, n or 0
+            record.message = f"{job.kind}: {job.unit} {index} of {n}"
+
+        try:
+            if os.path.exists(job.out):
+                raise UserError("name", f"{os.path.basename(job.out)} was written meanwhile; "
+                                        "nothing is overwritten: queue it with another name")
+            record.result = job.work(progress, on_start)
+            record.files = [job.out]
+            try:
+                job.after(job.out)
+            except Exception as e:  # the file is written; only the listing failed
+                record.message = f"written; listing it failed: {describe_failure(e)}"
+            else:
+                record.message = f"{job.kind} wrote {os.path.basename(job.out)}"
+            record.state = "finished"
+        except JobStopped:
+            record.state = "stopped"
+            record.message = f"stopped at {job.unit} {record.progress.get('index', 0)}; nothing " \
+                             "was written"
+        except UserError as e:
+            from .core.merge import MergeMismatch
+
+            field_name = job.field_of(e)
+            record.state, record.error = "failed", f"{field_name}: {e.message}"
+            record.message = f"{job.kind} failed; nothing was written"
+            record.result = {"field": field_name, "error": e.message}
+            if isinstance(e, MergeMismatch):
+                record.result["unmatched"] = list(e.modules)
+        except Exception as e:
+            record.state, record.error = "failed", describe_failure(e)
+            record.message = f"{job.kind} failed; nothing was written"
+            traceback.print_exc()
+        finally:
+            record.finished = time.time()
+            self._ended()
+        return record
 
     def _on_event(self, record: RunRecord, event: Progress) -> None:
         if event.kind == "step":
@@ -382,6 +478,9 @@ class RunManager:
         """Pause at the next step boundary: NAME-stepN is written and hot-loaded, the lock let
         go, so txt2img and the test grid can use it; `resume` goes on with the same run."""
         record = self.get(run_id)
+        if record.kind != "train":
+            raise UserError("run", f"run {run_id} is a {record.kind} job; it does not pause "
+                                   "(stop it: nothing is written then)")
         if record.state not in ("running", "queued"):
             raise UserError("run", f"run {run_id} is {record.state}; only a running run pauses")
         record.control.request_pause()

@@ -102,7 +102,8 @@ def test_stop_a_running_run(client, demo_dataset):
 
 # -- request bodies: size limit and shape ---------------------------------------------------------
 JSON_POST_ROUTES = ["/runs", "/runs/someid/move", "/test", "/snapshot-grid", "/merge",
-                    "/merge/compare", "/merge/save"]
+                    "/merge/compare", "/merge/save", "/merge-file", "/merge-loras", "/extract",
+                    "/resize"]
 
 
 def test_every_post_route_with_a_body_is_limited(client):

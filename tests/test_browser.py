@@ -194,3 +194,47 @@ def test_train_then_grid_in_the_browser(preview):
         assert "<lora:browser_lora-step00000010:0.5>" in tags.first.inner_text()
         page.screenshot(path=str(out / "tab.png"), full_page=True)
         browser.close()
+
+
+def _choose(page, elem_id: str, value: str) -> None:
+    """Pick `value` in a gradio dropdown: open it, click the option (3.41: a
+    data-testid='dropdown-option' item; 4.x: role='option'), both labelled with the value."""
+    page.locator(f"#{elem_id} input").first.click()
+    page.locator(f"#{elem_id} [data-testid='dropdown-option'][aria-label='{value}'], "
+                 f"#{elem_id} [role='option'][aria-label='{value}']").first.click()
+
+
+def test_timestep_preview_and_loader_note_follow_the_form(preview):
+    """The histogram under the timestep settings is redrawn when the distribution changes,
+    and the note under the algorithm choice when the algorithm does: in the browser, through
+    gradio's own events."""
+    from playwright.sync_api import expect, sync_playwright
+
+    url, out = preview
+    expect.set_options(timeout=WAIT_MS)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.set_default_timeout(WAIT_MS)
+        page.set_default_navigation_timeout(WAIT_MS)
+        page.goto(url)
+        expect(page.locator("#lora_train_model").first).to_contain_text("tiny-sd1")
+        page.get_by_text("Loss and noise", exact=True).click()
+        preview_box = page.locator("#lora_train_timestep_preview").first
+        expect(preview_box).to_contain_text("50% of the steps")  # uniform, the default
+        _choose(page, "lora_train_loss_timestep_sampling", "logit_normal")
+        expect(preview_box).to_contain_text("73% of the steps")
+        bars = preview_box.locator("rect.bar")
+        assert bars.count() == 20
+        heights = [float(bars.nth(i).get_attribute("height")) for i in range(20)]
+        assert heights[10] > 2 * heights[0] and heights[10] > 2 * heights[19], heights
+        page.get_by_text("Network", exact=True).click()
+        loaders = page.locator("#lora_train_algo_loaders").first
+        expect(loaders).to_contain_text("Who reads a lora file")
+        _choose(page, "lora_train_network_algo", "ia3")
+        expect(loaders).to_contain_text("Who reads a ia3 file")
+        assert "ComfyUI: no" in loaders.inner_text(), loaders.inner_text()
+        page.screenshot(path=str(out.parent / "previews.png"), full_page=True)
+        browser.close()

@@ -240,7 +240,7 @@ class NetworkConfig:
         "lora", "lora: attention and feed-forward layers; locon: also the 3x3 convs; loha, lokr, "
         "ia3, dora, full, oft (diag-OFT), boft (butterfly OFT): the LyCORIS kinds. ia3 files "
         "load in the WebUI, not in ComfyUI, Forge or diffusers; diffusers misreads dora's "
-        "magnitude; oft and boft load in the WebUI 1.10 and ComfyUI, not in Forge or diffusers",
+        "magnitude and WebUI releases before 1.9 drop it; oft and boft load in the WebUI 1.10 and ComfyUI, not in Forge or diffusers",
         "Algorithm", "Network",
         choices=ALGOS)
     rank: int = setting(8, "Size of the adapter (dim); 8-32 for a character or style, 64-128 "

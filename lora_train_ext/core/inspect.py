@@ -423,6 +423,18 @@ def loader_verdicts(report: dict, names: list[str]) -> dict[str, str]:
     return verdicts
 
 
+def algo_loader_verdicts(algo: str) -> dict[str, str]:
+    """What `loader_verdicts` says of a file of one algorithm whose module names all fit its
+    model, before a file exists (the tab shows it beside the algorithm choice). KeyError for
+    an algorithm not in the table. A file's own values can still lower a verdict (OFT's
+    alpha, rescale): `inspect` on the file tells."""
+    if algo not in _ALL:
+        raise KeyError(algo)
+    report = {"algorithm": algo, "arch": "", "unknown_module_count": 0, "alphas": [1.0],
+              "options": []}
+    return loader_verdicts(report, [])
+
+
 def loader_notes(report: dict) -> list[str]:
     algo = report["algorithm"]
     algos = algo[len("mixed:"):].split("+") if algo.startswith("mixed:") else [algo]
@@ -447,7 +459,8 @@ def format_report(report: dict) -> str:
     if report["unknown_module_count"]:
         lines.append(f"unknown:    {report['unknown_module_count']} module names, e.g. "
                      + ", ".join(report["unknown_modules"][:3]))
-    lines.append("loaders:    " + "; ".join(f"{k}: {v}" for k, v in report["loaders"].items()))
+    lines.append("loaders:")
+    lines += [f"  {k + ':':<11}{v}" for k, v in report["loaders"].items()]
     lines += [f"  note: {n}" for n in report.get("loader_notes", [])]
     interesting = ("ss_output_name", "ss_base_model_version", "ss_steps", "ss_network_module",
                    "ss_network_args", "ss_optimizer", "ss_learning_rate", "ss_sd_model_name",

@@ -400,10 +400,13 @@ def _vae_tensors(path: str, src: CheckpointSource, allow_ckpt: bool) -> tuple[Ch
 def merge_checkpoint(base: str, loras: list[LoraSpec], out_path: str,
                      precision: str | None = None, vae: str | None = None,
                      allow_ckpt: bool = False, arch: str | None = None,
-                     progress: Progress | None = None) -> MergeReport:
+                     progress: Progress | None = None,
+                     on_start: Callable[[int], None] | None = None) -> MergeReport:
     """Write `out_path` = the checkpoint `base` with each LoRA merged at its strength (and the
     VAE of `vae` baked in), streaming tensor by tensor. Raises UserError (naming the flag:
-    --base, --lora, --vae, --out, --precision) before anything is written."""
+    --base, --lora, --vae, --out, --precision) before anything is written. `on_start(n)` is
+    called once the plan is made, with the number of tensors the output will have (`progress`
+    is then called after each of them)."""
     t0 = time.time()
     if precision is not None and precision not in SAVE_DTYPES:
         raise UserError("--precision", f"{precision!r}; choose one of {', '.join(SAVE_DTYPES)}")
@@ -434,7 +437,7 @@ def merge_checkpoint(base: str, loras: list[LoraSpec], out_path: str,
                 raise UserError("--lora", "the merge would change nothing: every strength is 0")
             vae_src, vae_map = _vae_tensors(vae, src, allow_ckpt) if vae else (None, {})
             report = _write_merged(src, contributions, biases, vae_src, vae_map, out_path,
-                                   precision, loras, sources, ckpt_arch, progress)
+                                   precision, loras, sources, ckpt_arch, progress, on_start)
         finally:
             for lazy in lazies:
                 lazy.close()
@@ -448,7 +451,8 @@ def merge_checkpoint(base: str, loras: list[LoraSpec], out_path: str,
 
 def _write_merged(src: CheckpointSource, contributions, biases, vae_src, vae_map: dict,
                   out_path: str, precision: str | None, loras: list[LoraSpec], sources: list,
-                  arch: str, progress: Progress | None) -> MergeReport:
+                  arch: str, progress: Progress | None,
+                  on_start: Callable[[int], None] | None = None) -> MergeReport:
     dtype = SAVE_DTYPES[precision] if precision else None
     order = src.keys()
     out_specs: list[tuple[str, TensorSpec]] = []
@@ -484,6 +488,8 @@ def _write_merged(src: CheckpointSource, contributions, biases, vae_src, vae_map
     report = MergeReport(path=out_path, changed_modules=0, changed_tensors=0, arch=arch,
                          precision=precision or "", sources=sources)
     total = sum(s.nbytes for _, s in out_specs)
+    if on_start is not None:
+        on_start(len(out_specs))
 
     def write(tmp: str) -> None:
         done = 0

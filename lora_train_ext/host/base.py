@@ -158,6 +158,10 @@ class Host:
     def checkpoint_dir(self) -> str:
         raise NotImplementedError
 
+    def vae_dir(self) -> str:
+        """Where the host keeps VAE files (the API's file merge bakes one in by name)."""
+        return os.path.join(os.path.dirname(os.path.abspath(self.checkpoint_dir())), "VAE")
+
     def refresh_checkpoints(self) -> None:
         """List a new checkpoint file without a restart."""
 

@@ -389,6 +389,19 @@ class WebUIHost(Host):
 
         return getattr(shared.cmd_opts, "ckpt_dir", None) or sd_models.model_path
 
+    def vae_dir(self) -> str:
+        from modules import shared
+
+        folder = getattr(shared.cmd_opts, "vae_dir", None)
+        if folder:
+            return folder
+        try:
+            from modules import sd_vae
+
+            return sd_vae.vae_path
+        except (ImportError, AttributeError):
+            return super().vae_dir()
+
     def refresh_checkpoints(self) -> None:
         from modules import sd_models
 

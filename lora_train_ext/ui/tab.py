@@ -15,7 +15,7 @@ from typing import Any, Callable
 from ..core.config import GROUPS, SETTINGS, RunConfig, Spec
 from ..core.errors import UserError
 from ..runs import (RunManager, parse_strengths, snapshot_grid, snapshots_of, strength_grid)
-from .chart import line_chart_svg, loss_chart_svg
+from .chart import histogram_svg, line_chart_svg, loss_chart_svg
 
 PRESET_DEFAULT = "default (AdamW, rank 8)"
 
@@ -72,7 +72,8 @@ def status_html(manager: RunManager) -> str:
         return "<div class='lora-train-status'>No run yet. Choose a dataset folder and press Train.</div>"
     parts = [f"<b>{html.escape(run.config.save.output_name)}</b>: {run.state}"]
     if run.total:
-        parts.append(f"step {run.step}/{run.total}")
+        unit = "step" if run.kind == "train" else run.progress.get("unit", "step")
+        parts.append(f"{unit} {run.step}/{run.total}")
     if run.loss is not None:
         parts.append(f"loss {run.loss:.4f} (avg {run.loss_avg or 0:.4f})")
     if run.lr:
@@ -155,7 +156,7 @@ def sample_gallery(manager: RunManager, limit: int = 16) -> list[tuple[str, str]
 
 def run_charts_html(run) -> str:
     """Loss (raw and smoothed), effective LR per part, images/s and memory, as the run goes."""
-    charts = [loss_chart_svg(run.history)]
+    charts = [loss_chart_svg(run.history, validation=run.val_history)]
     groups = sorted({g for _, lrs in run.lr_history for g in lrs})
     if groups:
         charts.append(line_chart_svg(
@@ -167,6 +168,66 @@ def run_charts_html(run) -> str:
     if run.memory_history:
         charts.append(line_chart_svg("Memory", {"MiB": run.memory_history}, y_label="MiB"))
     return "".join(c for c in charts if c)
+
+
+# the settings the timestep preview follows, in the order its handler takes them
+TIMESTEP_FIELDS = ("loss.timestep_min", "loss.timestep_max", "loss.timestep_sampling",
+                   "loss.logit_mean", "loss.logit_std", "loss.mode_scale")
+TIMESTEP_PREVIEW_DRAWS = 20000
+TIMESTEP_PREVIEW_BINS = 20
+
+
+def timestep_preview_html(*values) -> str:
+    """The timestep distribution the form's settings (TIMESTEP_FIELDS, in order) train with:
+    a histogram of TIMESTEP_PREVIEW_DRAWS draws (seeded, the same each time), and the share
+    of draws in the middle half of the range. A bad value gives an error naming its setting."""
+    from ..core.loss import timestep_histogram
+
+    data: dict[str, dict[str, Any]] = {}
+    for path, value in zip(TIMESTEP_FIELDS, values):
+        section, name = path.split(".")
+        if SETTINGS[path].kind is str and value is None:
+            value = ""
+        data.setdefault(section, {})[name] = value
+    try:
+        cfg = RunConfig.from_dict(data)
+        problems = [p for p in cfg.problems() if p.field in TIMESTEP_FIELDS]
+        if problems:
+            raise problems[0]
+        hist = timestep_histogram(cfg, bins=TIMESTEP_PREVIEW_BINS, n=TIMESTEP_PREVIEW_DRAWS)
+    except UserError as e:
+        return f"<div class='lora-train-timesteps'><div class='lora-train-error'>" \
+               f"{html.escape(str(e))}</div></div>"
+    n = len(hist.counts)
+    middle = sum(hist.counts[n // 4: n - n // 4]) / max(1, sum(hist.counts))
+    lc = cfg.loss
+    svg = histogram_svg(f"Timesteps drawn: {lc.timestep_sampling}", hist.counts, hist.edges,
+                        x_label="timestep")
+    return (f"<div class='lora-train-timesteps' data-middle-share='{middle:.4f}'>{svg}"
+            f"<div class='lora-train-message'>{100 * middle:.0f}% of the steps train timesteps "
+            f"in the middle half of {lc.timestep_min}-{lc.timestep_max} (uniform: 50%)</div>"
+            "</div>")
+
+
+def algo_loaders_html(algo: str) -> str:
+    """Which programs read a file of the chosen algorithm (core/inspect.py's table, the one
+    `inspect` uses for a file), and what they drop."""
+    from ..core.inspect import LOADER_NOTES, algo_loader_verdicts
+
+    try:
+        verdicts = algo_loader_verdicts(algo or "lora")
+    except KeyError:
+        return ""
+    rows = "".join(f"<li data-loader='{k}'><b>{html.escape(LOADER_NAMES.get(k, k))}</b>: "
+                   f"{html.escape(v)}</li>" for k, v in verdicts.items())
+    note = LOADER_NOTES.get(algo or "lora", "")
+    note_html = f"<div class='lora-train-message'>{html.escape(note)}</div>" if note else ""
+    return (f"<div class='lora-train-loaders' data-algo='{html.escape(algo or 'lora')}'>"
+            f"Who reads a {html.escape(algo or 'lora')} file:<ul>{rows}</ul>{note_html}</div>")
+
+
+LOADER_NAMES = {"webui": "WebUI (A1111)", "forge": "Forge", "sdnext": "SD.Next",
+                "comfyui": "ComfyUI", "diffusers": "diffusers", "kohya": "kohya sd-scripts"}
 
 
 def error_html(message: str) -> str:
@@ -232,6 +293,15 @@ def build_tab(host, manager: RunManager, wrap_gpu: Callable[[Callable], Callable
                     with gr.Accordion(title, open=False):
                         for f in fields:
                             widgets[f.path] = widget(f, defaults.get(f.path))
+                            if f.path == "network.algo":
+                                algo_loaders = gr.HTML(
+                                    algo_loaders_html(defaults.get(f.path)),
+                                    elem_id="lora_train_algo_loaders")
+                            elif f.path == TIMESTEP_FIELDS[-1]:
+                                timestep_preview = gr.HTML(
+                                    timestep_preview_html(*(defaults.get(p)
+                                                            for p in TIMESTEP_FIELDS)),
+                                    elem_id="lora_train_timestep_preview")
             with gr.Column(scale=2):
                 with gr.Row():
                     check = gr.Button("Check dataset", elem_id="lora_train_check")
@@ -490,6 +560,12 @@ def build_tab(host, manager: RunManager, wrap_gpu: Callable[[Callable], Callable
             button.click(lambda pick, a=action: on_queue(a, pick), inputs=[queue_pick],
                          outputs=[queue_html, queue_pick])
         preset.change(on_preset, inputs=[preset], outputs=form)
+        timestep_inputs = [widgets[p] for p in TIMESTEP_FIELDS]
+        for w in timestep_inputs:  # a preset or a loaded config changes them too
+            w.change(timestep_preview_html, inputs=timestep_inputs, outputs=[timestep_preview],
+                     show_progress="hidden")
+        widgets["network.algo"].change(algo_loaders_html, inputs=[widgets["network.algo"]],
+                                       outputs=[algo_loaders], show_progress="hidden")
         for button, action in ((preset_save, "save"), (preset_delete, "delete"),
                                (config_load, "load")):
             button.click(lambda name, path, pname, *values, a=action:
