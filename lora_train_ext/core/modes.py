@@ -7,19 +7,20 @@
   `neutral + s * guidance * (positive - negative)`. A slider draws s = +1 or -1 per step (one
   file then goes both ways: +s toward the positive, -s toward the negative); enhance uses +1,
   erase trains +1 toward `neutral - guidance * (positive - negative)`.
-- difference (ADDifT-style): image pairs, the first image and the second (NAME.png +
-  NAME_after.png, or two folders with the same names). Both members get the same noise and
-  the same timestep. The frozen model's prediction (the adapter at strength 0) is the baseline:
-  the adapter at +1 on the noised second image learns the frozen prediction on the noised first
-  one, and (every other batch) at -1 on the first image the frozen prediction on the second.
-  With epsilon prediction this means the model's denoised estimate (x0) with the adapter at +1
-  is the frozen model's estimate moved by the change (second - first) at every noise level:
-  where the frozen model cannot see the image (high noise) the adapter adds the change; where
-  it can, it keeps a changed image as the frozen model keeps an unchanged one. What the pair
-  has in common cancels, so only the change is learned; -1 takes it away. For v prediction the
-  target gets `- sigma * (second - first)` (sigma = sqrt(1 - alphas_cumprod)) so that x0 moves
-  by the same change. (The other sign, the adapter at +1 on the first image learning the frozen
-  prediction on the second, moves x0 by first - second: it learns to undo the change.)
+- difference (ADDifT-style): image pairs, a first image and a second one (NAME.png +
+  NAME_after.png, or two folders with the same names). Both members are noised with the same
+  noise and the same timestep and go through the model in one batch, the adapter off (strength
+  0: the frozen model's prediction, the baseline) and on (strength 1). The loss is measured on
+  the denoised estimate x0 (from the prediction at the fixed noised input: x0 = (x - sigma *
+  eps) / sqrt(alpha_bar), or sqrt(alpha_bar) * x - sigma * v): with the adapter, the x0
+  estimate of each member should be the frozen one moved by the change, second - first (in
+  latents). What the pair has in common cancels, so the adapter learns only the change; at -1 it
+  takes it away, like a slider whose direction comes from images.
+  TrainTrain's ADDifT trains the adapter (at +-0.25, alternating) on one member to predict what
+  the frozen model predicts on the other. In x0 terms that moves the estimate by the change only
+  where the frozen model cannot tell the members apart (high noise), and on the tiny test model,
+  whose content is buried in the noise at every timestep, that target did not learn; the target
+  here asks for the same move at every noise level, which the tests measure.
 
 A mode is `TrainingData` the trainer reads like a dataset; their batches carry their own loss
 (`Batch.loss`), so the loop itself is the same for every mode.
