@@ -117,10 +117,12 @@ def test_difference_training_learns_the_change_of_a_pair(tmp_path, pair_dir):
             minus.append(float((-c * (predict(x, t, -1.0) - frozen)).flatten() @ change.flatten()
                                / change.norm() ** 2))
     ratio = np.mean(after) / np.mean(before)
-    # measured 0.75 (seed 0): a quarter of the way, at least 15 % is asked
-    assert ratio < 0.85, ratio
-    assert np.mean(along) > 0.15, along  # the adapter adds the change (as a fraction of it) ...
-    assert np.mean(minus) < -0.15, minus  # ... and at -1 takes it away
+    print(f"distance ratio {ratio:.3f}, change added at +1 {np.mean(along):.3f}, "
+          f"at -1 {np.mean(minus):.3f}")
+    # measured (seed 0, CPU): ratio 0.52, +1 adds 0.74 of the change, -1 takes 0.14 away
+    assert ratio < 0.75, ratio  # at least a quarter closer
+    assert np.mean(along) > 0.4, along  # the adapter adds the change (most of it) ...
+    assert np.mean(minus) < -0.07, minus  # ... and at -1 takes some of it away
     mode = json.loads(meta["lora_train_ext.mode"])
     assert mode["mode"] == "difference" and mode["pairs"] == "pairs/NAME -> pairs/NAME_after"
     assert "difference training" in format_report(describe(result.path))
