@@ -18,6 +18,7 @@ from PIL import Image
 from lora_train_ext import cli
 from lora_train_ext.core import loss as L
 from lora_train_ext.core.config import RunConfig
+from lora_train_ext.core.errors import UserError
 from lora_train_ext.core.inspect import describe, format_report
 from lora_train_ext.core.lora_file import load_lora
 from lora_train_ext.core.models.tiny import build_bundle
@@ -151,9 +152,10 @@ def test_pairs_in_two_folders_and_unmatched_images_are_reported(tmp_path):
     missing = _cfg(tmp_path / "out", first, mode={"kind": "difference",
                                                   "after_dir": str(tmp_path / "nowhere")})
     assert [p.field for p in preflight(missing).problems] == ["mode.after_dir"]
-    with pytest.raises(Exception) as e:
-        _cfg(tmp_path / "out", first, mode={"kind": "difference", "pair_suffix": "a/b"})
-    assert "mode.pair_suffix" in str(e.value)
+    with pytest.raises(UserError) as e:
+        _cfg(tmp_path / "out", first, mode={"kind": "difference", "pair_suffix": "a/b"},
+             data={"validation_count": 1})
+    assert {p.field for p in e.value.problems} == {"mode.pair_suffix", "data.validation_count"}
 
 
 def test_a_run_leaves_unmatched_images_out_and_trains_on_the_pairs(tmp_path, pair_dir):

@@ -655,6 +655,15 @@ def _cross_field_problems(cfg: "RunConfig") -> list[UserError]:
         for name in ("target", "positive"):
             if isinstance(getattr(mode, name), str) and not getattr(mode, name).strip():
                 out.append(UserError(f"mode.{name}", f"a slider needs a {name} prompt"))
+    if mode.kind in ("slider", "difference"):  # the validation loss is the images mode's
+        if d.validation_dir:
+            out.append(UserError("data.validation_dir", f"the validation loss is measured on "
+                                                        f"captioned images; leave it empty "
+                                                        f"with mode.kind {mode.kind}"))
+        if isinstance(d.validation_count, int) and d.validation_count > 0:
+            out.append(UserError("data.validation_count", f"the validation loss is measured on "
+                                                          f"captioned images; leave it 0 with "
+                                                          f"mode.kind {mode.kind}"))
     if isinstance(d.max_bucket_side, int) and isinstance(d.min_bucket_side, int) and \
             d.max_bucket_side < d.min_bucket_side:
         out.append(UserError("data.max_bucket_side", f"{d.max_bucket_side} is below "
