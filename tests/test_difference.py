@@ -217,3 +217,28 @@ def test_demo_mode_difference_trains_on_the_shipped_pairs(tmp_path, capsys):
                     "trigger": ""}
     assert cli.main(["inspect", result["lora_path"]]) == 0
     assert "made by:    difference training: pairs" in capsys.readouterr().out
+
+
+def test_train_mode_difference_with_a_second_images_folder(tmp_path, capsys, pair_dir):
+    from lora_train_ext.core.models.tiny import write_checkpoint
+
+    ckpt = write_checkpoint(build_bundle("sd1", "tiny", seed=0), str(tmp_path / "sd1.safetensors"))
+    second = tmp_path / "later"
+    second.mkdir()
+    (pair_dir / "grey_after.png").rename(second / "grey.png")
+    out = tmp_path / "out"
+    assert cli.main(["train", "--checkpoint", ckpt, "--dataset", str(pair_dir), "--mode",
+                     "difference", "--after-dir", str(second), "--out", str(out),
+                     "--resolution", "64", "--no-enable-buckets", "--steps", "2", "--rank", "2",
+                     "--dtype", "fp32", "--output-name", "d", "--threads", "1"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["steps"] == 2
+    _, meta = load_lora(str(out / "d.safetensors"))
+    assert json.loads(meta["lora_train_ext.mode"])["pairs"] == "pairs/NAME -> later/NAME"
+    saved = RunConfig.read(str(out / "d.config.toml"))
+    assert (saved.mode.kind, saved.mode.after_dir) == ("difference", str(second))
+    # a missing second-images folder is named by its flag
+    assert cli.main(["train", "--checkpoint", ckpt, "--dataset", str(pair_dir), "--mode",
+                     "difference", "--after-dir", str(tmp_path / "nowhere"), "--out",
+                     str(out)]) == 2
+    assert "--after-dir" in capsys.readouterr().err
