@@ -242,3 +242,32 @@ def test_train_mode_difference_with_a_second_images_folder(tmp_path, capsys, pai
                      "difference", "--after-dir", str(tmp_path / "nowhere"), "--out",
                      str(out)]) == 2
     assert "--after-dir" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("arch", ["sd2", "sdxl"])
+def test_difference_runs_on_v_prediction_and_sdxl(arch, tmp_path, pair_dir):
+    """SD2 (v prediction: x0 = sqrt(a) x - sigma v) and SDXL (size conditioning) train and the
+    loss is the x0 shift's: at the first step, with the adapter still zero, the mean square of
+    the change."""
+    bundle = build_bundle(arch, "tiny", seed=0)
+    result = train(bundle, _cfg(tmp_path / "out", pair_dir, model={"arch": arch}))
+    change = _latents(bundle, _shifted(GREY)) - _latents(bundle, GREY)
+    assert result.steps == 2 and np.isfinite(result.final_loss)
+    assert result.first_loss == pytest.approx(float((change ** 2).mean()), rel=1e-4)
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v"])
+def test_x0_scale_is_how_far_x0_moves_with_the_prediction(prediction):
+    ac = build_bundle("sd1", "tiny", seed=0).alphas_cumprod.double()
+    g = torch.Generator().manual_seed(0)
+    x, out, d = (torch.randn(3, 4, 8, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    t = torch.tensor([10, 500, 990])
+    a = ac[t].reshape(-1, 1, 1, 1)
+
+    def x0(o):  # the sampler's denoised estimate from a prediction
+        if prediction == "v":
+            return a.sqrt() * x - (1 - a).sqrt() * o
+        return (x - (1 - a).sqrt() * o) / a.sqrt()
+
+    c = x0_scale(t, ac, prediction, x).double()
+    assert torch.allclose(x0(out + d) - x0(out), -c * d, atol=1e-5)
