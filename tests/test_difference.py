@@ -149,6 +149,10 @@ def test_pairs_in_two_folders_and_unmatched_images_are_reported(tmp_path):
     problems = preflight(alone).problems
     assert [p.field for p in problems] == ["data.dataset_dir"]
     assert "NAME_after.png" in problems[0].message and "lonely.png" in problems[0].message
+    huber = _cfg(tmp_path / "out", first, mode={"kind": "difference", "after_dir": str(second)},
+                 loss={"loss": "huber", "min_snr_gamma": 5.0})
+    assert [w.split(":")[0] for w in preflight(huber).warnings[-2:]] == [
+        "loss.loss", "loss.min_snr_gamma / loss.debiased_estimation"]
     missing = _cfg(tmp_path / "out", first, mode={"kind": "difference",
                                                   "after_dir": str(tmp_path / "nowhere")})
     assert [p.field for p in preflight(missing).problems] == ["mode.after_dir"]

@@ -201,6 +201,13 @@ def _pair_problems(cfg: RunConfig, out: Preflight) -> list[UserError]:
         return [e]
     out.dataset_summary = found.summary()
     out.warnings += found.unmatched_messages()
+    lc = cfg.loss
+    if lc.loss in ("huber", "smooth_l1"):
+        out.warnings.append(f"loss.loss: difference training measures the x0 shift with mse "
+                            f"(or l1); {lc.loss} is not used")
+    if lc.min_snr_gamma or lc.debiased_estimation:
+        out.warnings.append("loss.min_snr_gamma / loss.debiased_estimation: difference training "
+                            "weighs every timestep alike (its loss is in x0 units); not used")
     if not found.pairs:
         return [UserError("data.dataset_dir",
                           f"no image pairs in {cfg.data.dataset_dir}: a pair is NAME.png with "
