@@ -43,6 +43,11 @@ def demo_dataset_dir() -> str:
     return str(resources.files("lora_train_ext") / "demo_data")
 
 
+def demo_pairs_dir() -> str:
+    """Image pairs for `demo --mode difference`: three shapes and the same with a warm tint."""
+    return str(resources.files("lora_train_ext") / "demo_pairs")
+
+
 def demo_defaults(out_dir: str = "demo_out") -> RunConfig:
     """The demo's settings: 64 px, no buckets, fp32, AdamW 1e-3, 120 steps of batch 4, rank 8."""
     return demo_config(out_dir, steps=120, seed=0, rank=8, alpha=None, lr=1e-3, batch_size=4,
@@ -105,6 +110,9 @@ def run_demo(out_dir: str = "demo_out", steps: int = 120, seed: int = 0, rank: i
     if cfg.model.arch != "sd1" and cfg.save.comment == demo_comment("sd1"):
         cfg.save.comment = demo_comment(cfg.model.arch)  # the demo's defaults, another arch
     cfg.model.checkpoint = ""  # the demo writes its own; checked once it is there
+    if cfg.mode.kind == "difference" and not cfg.mode.after_dir and \
+            os.path.normpath(cfg.data.dataset_dir) == os.path.normpath(demo_dataset_dir()):
+        cfg.data.dataset_dir = demo_pairs_dir()  # the demo's images have no pairs; these do
     # every setting, the folders, the dataset and the optimizer's package, before model work
     preflight(cfg, device="cpu", dataset=not resume_dir).raise_if_failed()
     out_dir = cfg.save.output_dir or "."

@@ -162,6 +162,8 @@ class RunManager:
         """(report text, [(image, caption)]) as the model will see the dataset."""
         from .core.data import TrainData
 
+        if cfg.mode.kind == "difference":
+            return self._check_pairs(cfg, samples)
         problems = [p for p in cfg.problems() if p.field.startswith("data.")]
         if not cfg.data.dataset_dir:
             problems.insert(0, UserError("data.dataset_dir",
@@ -172,6 +174,28 @@ class RunManager:
                          arch=self.host.model_info().arch or "sd1", require_images=False)
         shown = data.preview(count=samples) if data.report.ok else []
         return data.report.summary_text(), list(shown)
+
+    def _check_pairs(self, cfg: RunConfig, samples: int):
+        """Difference training: the pairs found, the images without their other half (each
+        line naming its folder's setting), and the first pairs side by side as trained."""
+        from PIL import Image
+
+        from .core.config import parse_resolution
+        from .core.modes import pair_pixels, scan_pairs
+
+        problems = [p for p in cfg.problems()
+                    if p.field.startswith("data.") or p.field.startswith("mode.")]
+        if problems:
+            raise UserErrors(problems)
+        found = scan_pairs(cfg)
+        size = parse_resolution(cfg.data.resolution)
+        shown = []
+        for pair in found.pairs[:max(0, samples // 2)]:
+            for path, which in ((pair.first, "first"), (pair.second, "second")):
+                arr = ((pair_pixels(path, size).permute(1, 2, 0).numpy() + 1) * 127.5)
+                shown.append((Image.fromarray(arr.round().clip(0, 255).astype("uint8")),
+                              f"{pair.name} ({which}): {pair.caption}"))
+        return found.summary(), shown
 
     # -- creating ---------------------------------------------------------------------------
     def prepare_config(self, cfg: RunConfig) -> RunConfig:

@@ -40,3 +40,17 @@ def test_real_size_module_counts():
     row = measure(roots, "sdxl", "lora", rank=16)
     assert row["modules"] == {"unet": 722, "te1": 72, "te2": 192}
     assert row["tensors"] == 3 * row["module_count"]  # down, up, alpha
+
+
+def test_oft_and_boft_defaults_per_arch():
+    from lora_train_ext.bench.file_sizes import oft_table
+
+    rows = {(r["arch"], r["algo"]): r for r in oft_table(arches=("sd1", "sdxl"))}
+    assert rows["sd1", "oft"]["modules"] == rows["sd1", "boft"]["modules"] == \
+        {"unet": 192, "te": 72}  # the linear layers, as LoRA's
+    assert rows["sdxl", "oft"]["modules"] == {"unet": 722, "te1": 72, "te2": 192}
+    for r in rows.values():
+        assert r["tensors"] == 2 * r["module_count"] and r["block_size"] == 16  # blocks, alpha
+    # README's table: SD1 OFT 9.8 MiB, BOFT 54.6 MiB; SDXL 57.9 / 332.8 MiB (fp16)
+    assert (rows["sd1", "oft"]["params"], rows["sd1", "boft"]["params"]) == (5121288, 28601096)
+    assert rows["sdxl", "boft"]["file_bytes"] > 5 * rows["sdxl", "oft"]["file_bytes"]

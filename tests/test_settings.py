@@ -19,6 +19,7 @@ from lora_train_ext.core.preflight import preflight, trained_parts
 from lora_train_ext.host.standalone import StandaloneHost
 from lora_train_ext.runs import RunManager
 from lora_train_ext.ui import tab
+from lora_train_ext.demo import demo_pairs_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 NUMERIC = [s for s in SETTINGS.values() if s.kind in (int, float) and not s.choices
@@ -166,7 +167,9 @@ def test_a_preset_chosen_in_the_tab_reaches_the_run_whole(name, tmp_path, demo_d
     base = manager.preset_config(name)
     values = tab.form_values(base)
     index = {f.path: i for i, f in enumerate(tab.ALL_FIELDS)}
-    values[index["data.dataset_dir"]] = demo_dataset
+    # difference training reads image pairs: the demo's own pairs
+    values[index["data.dataset_dir"]] = (demo_pairs_dir() if base.mode.kind == "difference"
+                                         else demo_dataset)
     hidden = next(f for f in SETTINGS.values() if f.group is None and not f.not_built
                   and f.path != "model.arch")
     on_train("task(x)", name, *values)

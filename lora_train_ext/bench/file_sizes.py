@@ -1,6 +1,6 @@
 """Module counts and file sizes per arch x algorithm, at real size, without any weights.
 
-    python -m lora_train_ext.bench.file_sizes [--rank 16] [--save-dtype fp16] [--json]
+    python -m lora_train_ext.bench.file_sizes [--rank 16] [--save-dtype fp16] [--json] [--oft]
 
 The real SD1.5 / SD2.1 / SDXL UNets and text encoders are built on the `meta` device from the real
 configs (`specs.py`, `clip.py`, `openclip.py`), the network is built as a training run builds it
@@ -82,9 +82,10 @@ def network_config(algo: str, rank: int) -> NetworkConfig:
 
 
 def measure(roots: dict[str, torch.nn.Module], arch: str, algo: str, rank: int,
-            save_dtype: str = "fp16") -> dict:
-    """One row: modules per part, tensors, parameters and file bytes of the saved network."""
-    network = build_network(roots, arch, network_config(algo, rank), seed=0)
+            save_dtype: str = "fp16", config: NetworkConfig | None = None) -> dict:
+    """One row: modules per part, tensors, parameters and file bytes of the saved network
+    (`config`: the network's settings; default `network_config(algo, rank)`)."""
+    network = build_network(roots, arch, config or network_config(algo, rank), seed=0)
     state = {k[len("adapters."):]: v for k, v in network.state_dict().items()}
     specs = saved_tensor_specs(state, save_dtype)
     modules: dict[str, int] = {}
@@ -102,6 +103,21 @@ def table(rank: int = 16, arches=ARCHES, algos=SUPPORTED_ALGOS, save_dtype: str 
         roots = real_roots(arch)
         for algo in algos:
             rows.append(measure(roots, arch, algo, rank, save_dtype))
+    return rows
+
+
+def oft_table(arches=ARCHES, save_dtype: str = "fp16") -> list[dict]:
+    """OFT and BOFT with their default settings (NetworkConfig's: block size 16, no
+    constraint, not rescaled, the linear layers only (conv_rank 0), UNet and text encoders),
+    per arch at real width: modules, tensors, parameters, file bytes."""
+    rows = []
+    for arch in arches:
+        roots = real_roots(arch)
+        for algo in ("oft", "boft"):
+            defaults = NetworkConfig(algo=algo)
+            row = measure(roots, arch, algo, defaults.rank, save_dtype, config=defaults)
+            row["block_size"] = defaults.oft_block_size
+            rows.append(row)
     return rows
 
 
@@ -126,7 +142,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--save-dtype", choices=sorted(SAVE_DTYPES), default="fp16")
     parser.add_argument("--json", action="store_true", help="one JSON object per row")
+    parser.add_argument("--oft", action="store_true",
+                        help="OFT and BOFT at their default settings (block size 16) instead")
     args = parser.parse_args(argv)
+    if args.oft:
+        rows = oft_table(save_dtype=args.save_dtype)
+        if args.json:
+            for r in rows:
+                print(json.dumps(r))
+        else:
+            print(f"OFT / BOFT defaults (block size {rows[0]['block_size']}, linear layers, "
+                  f"UNet + text encoders), {args.save_dtype}, real-size models; sizes without "
+                  "metadata")
+            print(format_table(rows))
+        return 0
     rows = table(args.rank, save_dtype=args.save_dtype)
     if args.json:
         for r in rows:

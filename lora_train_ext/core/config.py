@@ -52,7 +52,7 @@ RESERVED_NAMES = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(1, 10))
                   *(f"lpt{i}" for i in range(1, 10))}
 
 # tab groups, in the order the accordions appear; "" = the simple fields shown at the top
-MODES = ("images", "slider")
+MODES = ("images", "slider", "difference")
 SLIDER_ACTIONS = ("slider", "enhance", "erase")
 GROUPS = ("", "Training mode", "Network", "Optimizer and learning rate", "Training", "Dataset", "Captions",
           "Loss and noise", "Samples", "Saving")
@@ -536,6 +536,12 @@ def _ok_sample_prompts(v: str) -> None:
     parse_sample_prompts(v, SamplePrompt(prompt=""), field="value")
 
 
+def _ok_pair_suffix(v: str) -> None:
+    _raise_if(not v.strip(), "must not be empty (e.g. _after)")
+    _raise_if(any(c in v for c in '/\\:*?"<>|'),
+              'must be part of a file name: no / \\ : * ? " < > |')
+
+
 def _multiple_of_8(v: int) -> None:
     _raise_if(v % 8, "must be a multiple of 8")
 
@@ -543,8 +549,9 @@ def _multiple_of_8(v: int) -> None:
 @dataclass
 class ModeConfig:
     kind: str = setting(
-        "images", "What the LoRA learns from: images (a captioned dataset) or slider (prompts "
-                  "only: a concept slider / LECO, no images)", "Training mode", "Training mode",
+        "images", "What the LoRA learns from: images (a captioned dataset), slider (prompts "
+                  "only: a concept slider / LECO, no images) or difference (image pairs: what "
+                  "changes from NAME.png to NAME_after.png)", "Training mode", "Training mode",
         choices=MODES, flag="--mode")
     target: str = setting("", "Slider: the prompt the LoRA acts on, e.g. 'a photo of a person'",
                           "Slider target prompt", "Training mode", flag="--slider-target")
@@ -567,6 +574,14 @@ class ModeConfig:
         3, "Slider: steps of the frozen model from noise to the trained timestep, so the "
            "latents look like what that timestep sees (0 = pure noise)", "Slider denoise steps",
         "Training mode", low=0, high=50, flag="--slider-denoise-steps")
+    pair_suffix: str = setting(
+        "_after", "Difference: the second image of a pair is NAME<suffix> beside NAME in the "
+                  "dataset folder (not used when a second-images folder is given)",
+        "Pair suffix", "Training mode", check=_ok_pair_suffix, flag="--pair-suffix")
+    after_dir: str = setting(
+        "", "Difference: a folder with the second images, named like the first ones in the "
+            "dataset folder (empty = NAME<suffix> pairs in the dataset folder)",
+        "Second-images folder", "Training mode", flag="--after-dir")
 
 
 @dataclass
@@ -640,6 +655,15 @@ def _cross_field_problems(cfg: "RunConfig") -> list[UserError]:
         for name in ("target", "positive"):
             if isinstance(getattr(mode, name), str) and not getattr(mode, name).strip():
                 out.append(UserError(f"mode.{name}", f"a slider needs a {name} prompt"))
+    if mode.kind in ("slider", "difference"):  # the validation loss is the images mode's
+        if d.validation_dir:
+            out.append(UserError("data.validation_dir", f"the validation loss is measured on "
+                                                        f"captioned images; leave it empty "
+                                                        f"with mode.kind {mode.kind}"))
+        if isinstance(d.validation_count, int) and d.validation_count > 0:
+            out.append(UserError("data.validation_count", f"the validation loss is measured on "
+                                                          f"captioned images; leave it 0 with "
+                                                          f"mode.kind {mode.kind}"))
     if isinstance(d.max_bucket_side, int) and isinstance(d.min_bucket_side, int) and \
             d.max_bucket_side < d.min_bucket_side:
         out.append(UserError("data.max_bucket_side", f"{d.max_bucket_side} is below "

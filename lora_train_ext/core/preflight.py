@@ -84,7 +84,9 @@ def preflight(cfg: RunConfig, *, arch: str | None = None, device: torch.device |
         out.problems += _checkpoint_problems(cfg, arch, allow_pickle)
     out.problems += _output_problems(cfg)
     out.problems += _file_problems(cfg, arch)
-    if dataset and cfg.mode.kind != "slider":  # a slider trains from prompts alone
+    if dataset and cfg.mode.kind == "difference":  # image pairs instead of a captioned set
+        out.problems += _pair_problems(cfg, out)
+    elif dataset and cfg.mode.kind != "slider":  # a slider trains from prompts alone
         folder_problems = _dataset_folder_problems(cfg)
         out.problems += folder_problems
         if scan and not folder_problems and "data.resolution" not in bad_fields:
@@ -183,6 +185,37 @@ def _dataset_folder_problems(cfg: RunConfig) -> list[UserError]:
             not os.path.isdir(d.cache_dir):
         out.append(UserError("data.cache_dir", f"{d.cache_dir} is a file, not a folder"))
     return out
+
+
+def _pair_problems(cfg: RunConfig, out: Preflight) -> list[UserError]:
+    """Difference training: NAME + NAME<mode.pair_suffix> in the dataset folder, or the second
+    images in mode.after_dir. Unmatched images are warnings naming their folder's setting (the
+    run leaves them out); no pair at all is a problem."""
+    from .modes import scan_pairs
+
+    if "mode.pair_suffix" in {p.field for p in out.problems}:
+        return []
+    try:
+        found = scan_pairs(cfg)
+    except UserError as e:
+        return [e]
+    out.dataset_summary = found.summary()
+    out.warnings += found.unmatched_messages()
+    lc = cfg.loss
+    if lc.loss in ("huber", "smooth_l1"):
+        out.warnings.append(f"loss.loss: difference training measures the x0 shift with mse "
+                            f"(or l1); {lc.loss} is not used")
+    if lc.min_snr_gamma or lc.debiased_estimation:
+        out.warnings.append("loss.min_snr_gamma / loss.debiased_estimation: difference training "
+                            "weighs every timestep alike (its loss is in x0 units); not used")
+    if not found.pairs:
+        return [UserError("data.dataset_dir",
+                          f"no image pairs in {cfg.data.dataset_dir}: a pair is NAME.png with "
+                          + (f"NAME.png in mode.after_dir ({cfg.mode.after_dir})"
+                             if cfg.mode.after_dir else f"NAME{cfg.mode.pair_suffix}.png beside it")
+                          + (f" ({found.unmatched_messages()[0]})" if found.unmatched_messages()
+                             else ""))]
+    return []
 
 
 def _dataset_problems(cfg: RunConfig, out: Preflight) -> list[UserError]:

@@ -103,6 +103,17 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "optim": {"optimizer": "AdamW", "lr": 1e-4, "scheduler": "constant"},
         "train": {"max_steps": 500, "batch_size": 1},
     },
+    # Difference training (ADDifT-style): image pairs NAME + NAME_after in the dataset folder
+    # (or mode.after_dir), the UNet with LoCon (the ResNet blocks too: on the tiny model LoCon
+    # learned a change faster than attention-only LoRA), a small rank, ~600 steps, the middle
+    # timesteps. A starting point: measured on the tiny model only (README, difference training).
+    "difference": {
+        "mode": {"kind": "difference", "pair_suffix": "_after", "after_dir": ""},
+        "network": {"algo": "locon", "rank": 8, "alpha": 4.0, "train_on": "unet"},
+        "optim": {"optimizer": "AdamW", "lr": 1e-4, "scheduler": "constant"},
+        "loss": {"timestep_min": 200, "timestep_max": 800},
+        "train": {"max_steps": 600, "batch_size": 1},
+    },
 }
 
 

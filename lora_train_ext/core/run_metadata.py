@@ -203,12 +203,22 @@ def run_settings(cfg: RunConfig, planned_steps: int, step_offset: int) -> dict[s
 
 
 def training_mode_json(cfg: RunConfig) -> str:
-    """How the file was made: the mode and, for a slider, its prompts (what inspect shows)."""
+    """How the file was made: the mode and, for a slider, its prompts; for difference training
+    how the pairs were named (folder names only, no paths) and what +1 does (what inspect
+    shows)."""
     m = cfg.mode
     out: dict[str, Any] = {"mode": m.kind}
     if m.kind == "slider":
         out.update(target=m.target, positive=m.positive, negative=m.negative,
                    neutral=m.neutral or m.target, action=m.action, guidance=m.guidance)
+    elif m.kind == "difference":
+        folder = os.path.basename(os.path.normpath(cfg.data.dataset_dir or "."))
+        if m.after_dir:
+            pairs = f"{folder}/NAME -> {os.path.basename(os.path.normpath(m.after_dir))}/NAME"
+        else:
+            pairs = f"{folder}/NAME -> {folder}/NAME{m.pair_suffix}"
+        out.update(pairs=pairs, strength_1="adds the change (first -> second)",
+                   caption=cfg.data.default_caption, trigger=cfg.data.trigger_word)
     return json.dumps(out)
 
 
