@@ -59,10 +59,10 @@ def setting_type(path: str):
 class StderrProgress:
     """A one-line progress bar on stderr: step/total, loss, rate, ETA."""
 
-    def __init__(self, stream=sys.stderr, width: int = 24):
-        self.stream = stream
+    def __init__(self, stream=None, width: int = 24):
+        self.stream = sys.stderr if stream is None else stream  # the one of now, not of import
         self.width = width
-        self.is_tty = stream.isatty()
+        self.is_tty = self.stream.isatty()
         self._last = 0.0
 
     def __call__(self, event) -> None:
