@@ -6,7 +6,9 @@ GET /runs; GET /runs/{id}; GET /queue; POST /runs/{id}/stop, /pause, /resume, /c
 /move {"by": N};
 GET /model; GET /loras; POST /test (a TE x UNet grid, PNG as base64); GET/POST /merge,
 POST /merge/revert, /merge/compare, /merge/save (LoRAs merged into the loaded model).
-When the WebUI has `--api-auth`, every route needs the same HTTP basic credentials.
+When the WebUI has `--api-auth`, every route needs the same HTTP basic credentials. A run asked for
+here writes only inside the host's folders (`Host.write_roots()`: output, Lora and run folder):
+save.output_dir, save.run_dir and data.cache_dir elsewhere get 422 naming the setting.
 The routes exist only when asked for: the WebUI started with `--api` (or `--nowebui`), or the
 setting "Train LoRA > HTTP API" on (host/webui.py `api_requested`).
 
@@ -151,7 +153,7 @@ def add_routes(app, host, manager: RunManager, credentials: dict[str, str] | Non
     def start_run(body: dict[str, Any]):
         try:
             cfg = RunConfig.from_dict(body.get("config", body))
-            record = manager.enqueue(cfg)
+            record = manager.enqueue(cfg, confine=True)  # writes only in the host's folders
         except UserError as e:
             return user_error(e)
         return {"id": record.id, "state": record.state,

@@ -164,9 +164,11 @@ class RunManager:
         return data.report.summary_text(), list(shown)
 
     # -- creating ---------------------------------------------------------------------------
-    def prepare_config(self, cfg: RunConfig) -> RunConfig:
+    def prepare_config(self, cfg: RunConfig, confine: bool = False) -> RunConfig:
         """Fill host defaults (output folder, arch) and run the one preflight check: every
-        problem at once (UserErrors), before the run is queued."""
+        problem at once (UserErrors), before the run is queued. confine: the folders the run
+        writes to (WRITE_PATHS) must be inside the host's own (`Host.write_roots()`), as for a
+        run asked for over HTTP."""
         info = self.host.model_info()
         if info.problem:
             raise UserError("model", info.problem)
@@ -176,12 +178,17 @@ class RunManager:
             cfg.save.run_dir = self.host.run_dir()
         cfg.model.arch = info.arch
         result = preflight(cfg, arch=info.arch, device=self.host.device(),
-                           host_check=self.host.check_config).raise_if_failed()
+                           host_check=self.host.check_config)
+        if confine:
+            outside = outside_problems(cfg, self.host.write_roots())
+            named = {p.field for p in outside}
+            result.problems = outside + [p for p in result.problems if p.field not in named]
+        result.raise_if_failed()
         self.last_warnings = list(result.warnings)
         return cfg
 
-    def create(self, cfg: RunConfig) -> RunRecord:
-        cfg = self.prepare_config(cfg)
+    def create(self, cfg: RunConfig, confine: bool = False) -> RunRecord:
+        cfg = self.prepare_config(cfg, confine)
         record = RunRecord(id=uuid.uuid4().hex[:12], config=cfg)
         with self._lock:
             self.runs[record.id] = record
@@ -253,9 +260,10 @@ class RunManager:
         return record
 
     # -- the queue: runs one after another in a worker thread that takes the host's lock ------
-    def enqueue(self, cfg: RunConfig) -> RunRecord:
-        """Check `cfg` (the preflight) and put the run at the end of the queue."""
-        record = self.create(cfg)
+    def enqueue(self, cfg: RunConfig, confine: bool = False) -> RunRecord:
+        """Check `cfg` (the preflight; `confine`: see prepare_config) and put the run at the end
+        of the queue."""
+        record = self.create(cfg, confine)
         with self._queue_changed:
             self._queue.append(record.id)
             self._queue_changed.notify_all()
@@ -393,6 +401,33 @@ class RunManager:
         record = self.get(run_id)
         record.control.request_resume()
         return record
+
+
+# the settings that choose where a run writes (a folder of the server when asked over HTTP)
+WRITE_PATHS = ("save.output_dir", "save.run_dir", "data.cache_dir")
+
+
+def inside(path: str, roots: list[str]) -> bool:
+    """`path` (symlinks and `..` resolved, as far as it exists) is one of `roots` or below one."""
+    real = os.path.realpath(os.path.abspath(path))
+    for root in roots:
+        base = os.path.realpath(os.path.abspath(root))
+        try:
+            if os.path.commonpath([real, base]) == base:
+                return True
+        except ValueError:  # another drive (Windows)
+            continue
+    return False
+
+
+def outside_problems(cfg: RunConfig, roots: list[str]) -> list[UserError]:
+    """A UserError for each folder the run would write to (WRITE_PATHS) that is outside `roots`
+    (empty settings take their defaults, which are inside)."""
+    shown = ", ".join(roots)
+    return [UserError(path, f"{cfg.get(path)} is outside the folders runs may write to over "
+                            f"the API ({shown}); give a folder inside one of them, or leave it "
+                            "empty for the default")
+            for path in WRITE_PATHS if cfg.get(path) and not inside(str(cfg.get(path)), roots)]
 
 
 def memory_mib() -> float:

@@ -235,3 +235,71 @@ def test_routes_from_the_script_honour_api_auth(monkeypatch, sd1_bundle):
     client = TestClient(app)
     assert client.get(PREFIX + "/runs").status_code == 401
     assert client.get(PREFIX + "/runs", auth=("carol", "pw")).json() == {"runs": []}
+
+
+# -- the folders a run asked for over HTTP writes to ----------------------------------------------
+def _tree(folder) -> list[str]:
+    return sorted(os.path.relpath(os.path.join(r, f), folder)
+                  for r, _, files in os.walk(folder) for f in files)
+
+
+def test_write_folders_outside_the_hosts_are_refused_naming_the_setting(tmp_path, demo_dataset):
+    host_dir, elsewhere = tmp_path / "host", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    host = StandaloneHost(str(host_dir))
+    app = FastAPI()
+    add_routes(app, host, RunManager(host))
+    client = TestClient(app)
+    lora = host_dir / "Lora"
+    os.symlink(elsewhere, lora / "link_out")  # inside by name, outside in fact
+    base = {**RUN, "data": {**RUN["data"], "dataset_dir": demo_dataset}}
+    cases = [("save.output_dir", str(elsewhere)),
+             ("save.output_dir", str(lora / ".." / ".." / "elsewhere")),
+             ("save.output_dir", str(lora / "link_out" / "sub")),
+             ("save.run_dir", str(elsewhere / "runs")),
+             ("data.cache_dir", str(elsewhere / "cache")),
+             ("save.output_dir", "relative_folder")]
+    before = _tree(tmp_path)
+    for path, value in cases:
+        section, key = path.split(".")
+        body = {**base, section: {**base.get(section, {}), key: value}}
+        if path == "data.cache_dir":
+            body["data"]["cache_to_disk"] = True
+        r = client.post(PREFIX + "/runs", json=body)
+        assert r.status_code == 422, (path, value, r.text)
+        answer = r.json()
+        assert answer["field"] == path and "outside the folders" in answer["error"], answer
+        assert str(lora) in answer["error"] and str(host_dir / "runs") in answer["error"]
+        assert [p["field"] for p in answer["problems"]] == [path]
+    # a bad setting beside it is reported too, all at once
+    body = {**base, "network": {"rank": 0}, "save": {"output_dir": str(elsewhere)}}
+    fields = {p["field"] for p in client.post(PREFIX + "/runs", json=body).json()["problems"]}
+    assert fields == {"network.rank", "save.output_dir"}
+    assert _tree(tmp_path) == before and client.get(PREFIX + "/runs").json()["runs"] == []
+
+    # a folder below the host's is fine: the run trains and writes there
+    body = {**base, "save": {"output_name": "inside", "output_dir": str(lora / "sub")},
+            "data": {**base["data"], "cache_to_disk": True,
+                     "cache_dir": str(host_dir / "runs" / "cache")}}
+    r = client.post(PREFIX + "/runs", json=body)
+    assert r.status_code == 200, r.text
+    run_id, deadline = r.json()["id"], time.time() + 600
+    while (status := client.get(f"{PREFIX}/runs/{run_id}").json())["state"] in ("queued", "running"):
+        assert time.time() < deadline
+        time.sleep(0.1)
+    assert status["state"] == "finished", status
+    assert status["files"] == [str(lora / "sub" / "inside.safetensors")]
+    assert os.listdir(elsewhere) == []
+
+
+def test_inside_resolves_links_and_dots(tmp_path):
+    from lora_train_ext.runs import inside
+
+    root = tmp_path / "root"
+    (root / "a").mkdir(parents=True)
+    os.symlink(tmp_path, root / "up")
+    assert inside(str(root), [str(root)]) and inside(str(root / "a" / "new" / "x"), [str(root)])
+    assert not inside(str(root / "a" / ".." / ".."), [str(root)])
+    assert not inside(str(root / "up" / "root2"), [str(root)])
+    assert not inside(str(tmp_path / "root2"), [str(root)])  # a prefix of the name is not inside
+    assert inside(str(tmp_path / "root2"), [str(root), str(tmp_path)])

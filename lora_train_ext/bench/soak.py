@@ -19,7 +19,7 @@ would drive the extension. The runs come in a fixed cycle, each kind with its ow
   (POST /move), the other cancelled while queued, the long one stopped; the moved one runs.
 
 After each cycle, with no run active, a batch of bad requests (settings out of range, unknown
-optimizer, bad output names, missing or wrong paths, bodies that are not JSON objects or are too
+optimizer, bad output names, missing or wrong paths, folders to write outside the host's, bodies that are not JSON objects or are too
 big, unknown runs, grids of missing files) must each be refused with a 4xx in the error shape,
 naming the expected field, and must leave the output folder's file tree as it was.
 
@@ -130,6 +130,7 @@ class Soak:
         self.wait_s = wait_s
         self.log = log or (lambda text: None)
         self.dataset = demo_dataset_dir()
+        self.elsewhere = out_dir.rstrip(os.sep) + "_elsewhere"  # outside the host's folders
         self.host = StandaloneHost(out_dir)
         self.manager = RunManager(self.host)
         app = FastAPI()
@@ -342,6 +343,12 @@ class Soak:
             ("/runs", "json", run(data__dataset_dir=a_file), 422, "data.dataset_dir"),
             ("/runs", "json", run(data__dataset_dir=empty), 422, "data.dataset_dir"),
             ("/runs", "json", run(data__resolution="-64"), 422, "data.resolution"),
+            ("/runs", "json", run(save__output_dir=self.elsewhere), 422, "save.output_dir"),
+            ("/runs", "json", run(save__run_dir=os.path.join(self.host.lora_dir(), "..", "..",
+                                                              "runs_elsewhere")),
+             422, "save.run_dir"),
+            ("/runs", "json", run(data__cache_to_disk=True, data__cache_dir=self.elsewhere), 422,
+             "data.cache_dir"),
             ("/runs", "raw", b"{not json", 422, "body"),
             ("/runs", "raw", b"[1, 2, 3]", 422, "body"),
             ("/runs", "raw", b"", 422, "body"),
@@ -391,6 +398,8 @@ class Soak:
         if after != before:
             changed = sorted(set(after) ^ set(before) | {k for k in after if after[k] != before.get(k)})
             self.problems.append(f"bad requests changed files: {changed[:5]}")
+        if os.path.exists(self.elsewhere):
+            self.problems.append(f"a bad request wrote outside the host's folders: {self.elsewhere}")
         if len(self.manager.runs) != runs_before:
             self.problems.append("a bad request created a run record")
 
