@@ -2,7 +2,7 @@
 in between; then the process is checked for what it kept.
 
     python -m lora_train_ext.bench.soak [--runs 50] [--steps 4] [--time-limit 1800] [--json]
-                                        [--kinds plain,stop_resume,...] [--keep DIR]
+                                        [--kinds plain,queue,...] [--keep DIR]
 
 Everything goes through the HTTP API's handlers (FastAPI's in-process test client, no socket) on
 a `StandaloneHost` (the tiny in-code SD1 model the demo uses) with one `RunManager`, as a script
@@ -32,7 +32,8 @@ for a state ends after `--wait` seconds with an error. At the end, with the queu
 - RSS (start: the host built; after the first cycle; peak sampled after every action; end) and the
   number of open file descriptors and threads at start and end.
 
-Prints the figures (one JSON object with --json); exit status 1 when a check failed.
+Prints the figures (one JSON object with --json) on stdout, a line per cycle on stderr; exit
+status 1 when a check failed.
 """
 
 from __future__ import annotations
@@ -522,7 +523,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.keep:
         os.makedirs(args.keep, exist_ok=True)
-    log = None if args.json else (lambda text: print(text, file=sys.stderr, flush=True))
+    def log(text: str) -> None:  # progress on stderr, the figures on stdout
+        print(text, file=sys.stderr, flush=True)
     try:
         figures = soak(args.runs, args.steps, args.keep, args.time_limit, args.wait, log,
                        tuple(k.strip() for k in args.kinds.split(",") if k.strip()))
