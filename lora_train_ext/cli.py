@@ -429,6 +429,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # out of memory: what to lower, not a traceback
+        if "out of memory" not in str(e).lower() and type(e).__name__ != "OutOfMemoryError":
+            raise
+        from .runs import describe_failure
+
+        print(f"training failed: {describe_failure(e)}", file=sys.stderr)
+        return 1
 
 
 def _log(line: str) -> None:

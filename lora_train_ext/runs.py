@@ -251,7 +251,7 @@ class RunManager:
         except TrainingError as e:
             record.state, record.error = "failed", f"training failed: {e}"
         except Exception as e:  # out of memory and the unexpected: say what to change
-            record.state, record.error = "failed", describe_failure(e)
+            record.state, record.error = "failed", describe_failure(e, record.config)
             traceback.print_exc()
         finally:
             record.finished = record.finished or time.time()
@@ -446,13 +446,45 @@ def memory_mib() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def describe_failure(error: BaseException) -> str:
-    """One line a user can act on, for errors that are not UserErrors."""
+def describe_failure(error: BaseException, cfg: RunConfig | None = None) -> str:
+    """One line a user can act on, for errors that are not UserErrors; out of memory names the
+    settings to lower, with values from the run's own (`cfg`) where it is known."""
     text = str(error)
     if "out of memory" in text.lower() or type(error).__name__ == "OutOfMemoryError":
-        return ("out of memory: lower train.batch_size or data.resolution, turn on "
-                "train.gradient_checkpointing, or use network.rank lower / an 8-bit optimizer")
+        if cfg is None:
+            return ("out of memory: lower train.batch_size or data.resolution, turn on "
+                    "train.gradient_checkpointing, or use network.rank lower / an 8-bit optimizer")
+        return "out of memory: " + "; ".join(smaller_settings(cfg)) + \
+            " (the model is as it was before the run)"
     return f"{type(error).__name__}: {text}"
+
+
+def smaller_settings(cfg: RunConfig) -> list[str]:
+    """`setting now -> lower` for each setting that uses less memory at a lower value, the
+    cheapest in quality first; without a concrete value where none is lower."""
+    from .core.config import parse_resolution
+
+    out = []
+    t, n = cfg.train, cfg.network
+    if not t.gradient_checkpointing:
+        out.append("train.gradient_checkpointing off -> on")
+    if t.batch_size > 1:
+        half = max(1, t.batch_size // 2)
+        out.append(f"train.batch_size {t.batch_size} -> {half} (train.grad_accum "
+                   f"{t.grad_accum} -> {t.grad_accum * t.batch_size // half} keeps the batch)")
+    try:
+        width, height = parse_resolution(cfg.data.resolution)
+    except Exception:  # noqa: BLE001 - a resolution preflight let through: say it plainly
+        width = height = 0
+    if max(width, height) > 256:
+        lower = [max(256, (side * 3 // 4) // 64 * 64) for side in (width, height)]
+        text = str(lower[0]) if lower[0] == lower[1] else f"{lower[0]}x{lower[1]}"
+        out.append(f"data.resolution {cfg.data.resolution} -> {text}")
+    if "8bit" not in cfg.optim.optimizer.lower():
+        out.append(f"optim.optimizer {cfg.optim.optimizer} -> an 8-bit one (AdamW8bit)")
+    if n.rank > 4:
+        out.append(f"network.rank {n.rank} -> {n.rank // 2}")
+    return out or ["lower data.resolution or free memory taken by other programs"]
 
 
 def parse_strengths(text: str, field: str) -> list[float]:

@@ -487,3 +487,47 @@ def test_plain_converts_numpy_and_names_what_it_cannot_save():
     assert _plain_types(out) == []
     with pytest.raises(TypeError, match=r"state\.x\[1\]: a builtins\.set"):
         plain({"x": [1, {2}]}, "state")
+
+
+# -- 2e. a loss that turns NaN / Inf mid-run ------------------------------------------------------
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_nonfinite_loss_stops_the_run_and_keeps_the_last_good_snapshot(bad, tmp_path, monkeypatch):
+    from conftest import small_run_config, state_sha256
+    from lora_train_ext.core.bundle import TrainControl
+    from lora_train_ext.core.errors import TrainingError
+    from lora_train_ext.core.models.tiny import build_bundle
+    from lora_train_ext.core.trainer import Trainer, train
+    from lora_train_ext.demo import demo_dataset_dir
+
+    bundle = build_bundle("sd1", "tiny", seed=0)
+    before = state_sha256(*bundle.base_modules())
+    out = tmp_path / "out"
+    cfg = small_run_config(out, demo_dataset_dir(), 8, lr=1e-3, batch_size=1,
+                           save__save_every_steps=2)
+    calls = {"n": 0}
+    original = Trainer._micro_step
+
+    def turns_bad(self, batch):  # the 5th step's loss is `bad`
+        calls["n"] += 1
+        loss = original(self, batch)
+        return loss * bad if calls["n"] == 5 else loss
+    monkeypatch.setattr(Trainer, "_micro_step", turns_bad)
+    written = {}
+    control = TrainControl()
+    control.add_listener(lambda e: written.__setitem__(e.path, _sha(e.path))
+                         if e.kind == "snapshot" else None)
+    with pytest.raises(TrainingError) as info:
+        train(bundle, cfg, control)
+    message = str(info.value)
+    assert f"loss became {bad} at step 5" in message
+    assert "the last good snapshot is kept: demo_lora-step00000004.safetensors" in message, message
+    # the snapshots of steps 2 and 4 are there as written; no final file, no temp file
+    assert sorted(os.path.basename(p) for p in written) == [
+        "demo_lora-step00000002.safetensors", "demo_lora-step00000004.safetensors"]
+    for path, digest in written.items():
+        assert _sha(path) == digest
+        tensors, meta = lora_file.load_lora(path)
+        assert meta["ss_steps"] in ("2", "4") and all(torch.isfinite(t).all() for t in tensors.values())
+    names = os.listdir(out)
+    assert "demo_lora.safetensors" not in names and not any(".tmp." in n for n in names), names
+    assert state_sha256(*bundle.base_modules()) == before

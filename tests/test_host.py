@@ -113,8 +113,57 @@ def test_injected_exception_is_reported_and_model_restored(webui, demo_dataset, 
     manager.execute(record)
     assert record.state == "failed"
     assert record.error.startswith("out of memory") and "batch_size" in record.error
+    # the settings to lower, from the run's own values (batch 2, 64 px, rank 4, AdamW)
+    assert "train.batch_size 2 -> 1 (train.grad_accum 1 -> 2 keeps the batch)" in record.error
+    assert "train.gradient_checkpointing off -> on" in record.error
+    assert "optim.optimizer AdamW -> an 8-bit one" in record.error
+    assert "data.resolution" not in record.error and "network.rank" not in record.error
     assert state_sha256(model) == before
     assert requires_grad_flags(model) == flags
+
+
+@pytest.mark.parametrize("where", ["start", "step", "snapshot", "host.hot_load",
+                                   "host.on_progress", "host.interrupt_requested"])
+def test_an_exception_in_any_callback_restores_the_model(where, webui, demo_dataset):
+    """A listener of each event the run sends, or a host hook the run calls, raises: the run
+    fails with the message, the model is as it was, the lock is free and the next run works."""
+    fake, host = webui
+    model = fake.shared.sd_model
+    before, flags = state_sha256(model), requires_grad_flags(model)
+    manager = RunManager(host)
+    cfg = _cfg(demo_dataset, steps=6, name="boom")
+    cfg.save.save_every_steps = 2
+    record = manager.create(cfg)
+
+    def boom(*args, **kwargs):
+        raise RuntimeError(f"injected in {where}")
+    if where.startswith("host."):
+        name = where.split(".", 1)[1]
+        calls = {"n": 0}
+        original = getattr(host, name)
+
+        def fails_later(*args, **kwargs):  # after the run has started training
+            calls["n"] += 1
+            if calls["n"] > (1 if name == "hot_load" else 3):  # hot_load: the 2nd snapshot
+                boom()
+            return original(*args, **kwargs)
+        setattr(host, name, fails_later)  # on the instance; taken away below
+    else:
+        record.control.add_listener(lambda e: boom() if e.kind == where and e.step >= 0 else None)
+    with host.exclusive("test"):
+        manager.execute(record)
+    assert record.state == "failed" and f"injected in {where}" in record.error, record.error
+    assert state_sha256(model) == before
+    assert requires_grad_flags(model) == flags
+    host.__dict__.pop(where.partition(".")[2], None)
+    lock = host.gpu_lock()
+    assert lock.acquire(timeout=60)  # let go by the failed run (another thread could take it)
+    lock.release()
+    again = manager.create(_cfg(demo_dataset, steps=2, name="after"))
+    with host.exclusive("test"):
+        manager.execute(again)
+    assert again.state == "finished", again.error
+    assert state_sha256(model) == before
 
 
 def test_bad_fields_are_refused_before_model_work(webui, tmp_path):
