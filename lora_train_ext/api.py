@@ -75,6 +75,27 @@ async def read_json_object(request, limit: int = MAX_BODY_BYTES) -> dict[str, An
     return body
 
 
+class ApiError(Exception):
+    """A refusal in the extension's error shape, {"error", "field"} (with FastAPI's "detail"
+    too), for what FastAPI would answer as {"detail"}: an unknown run (404), credentials (401).
+    Its handler is added for this class alone, so the WebUI's other routes answer as before."""
+
+    def __init__(self, status: int, message: str, field: str, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.field, self.headers = status, message, field, headers
+
+    def response(self):
+        from fastapi.responses import JSONResponse
+
+        return JSONResponse(status_code=self.status, headers=self.headers,
+                            content={"error": self.message, "field": self.field,
+                                     "detail": self.message})
+
+
+async def _api_error_response(request, exc: ApiError):
+    return exc.response()
+
+
 def _json_kind(value: Any) -> str:
     return {list: "an array", str: "a string", bool: "true/false", type(None): "null"}.get(
         type(value), "a number")
@@ -99,19 +120,20 @@ def parse_api_auth(text: str | None) -> dict[str, str]:
 
 def add_routes(app, host, manager: RunManager, credentials: dict[str, str] | None = None,
                exclusive: Callable | None = None) -> None:
-    from fastapi import Depends, HTTPException, Request
+    from fastapi import Depends, Request
     from fastapi.responses import JSONResponse
     from fastapi.security import HTTPBasic, HTTPBasicCredentials
     from starlette.concurrency import run_in_threadpool
 
     basic = HTTPBasic(auto_error=False)
+    app.add_exception_handler(ApiError, _api_error_response)
 
     def auth(creds: HTTPBasicCredentials | None = Depends(basic)):
         if not credentials:
             return
         if creds is None or not check_credentials(credentials, creds.username, creds.password):
-            raise HTTPException(status_code=401, detail="incorrect username or password",
-                                headers={"WWW-Authenticate": "Basic"})
+            raise ApiError(401, "incorrect username or password (the WebUI's --api-auth)",
+                           "auth", headers={"WWW-Authenticate": "Basic"})
 
     def user_error(e: UserError) -> JSONResponse:
         """422 naming the (first) field; `problems` lists every problem found at once."""
@@ -173,7 +195,8 @@ def add_routes(app, host, manager: RunManager, credentials: dict[str, str] | Non
         try:
             return manager.get(run_id)
         except KeyError:
-            raise HTTPException(status_code=404, detail=f"no run {run_id}") from None
+            raise ApiError(404, f"no run {run_id}; GET {PREFIX}/runs lists them",
+                           "run_id") from None
 
     @app.get(PREFIX + "/runs/{run_id}", dependencies=deps)
     def run_status(run_id: str):

@@ -303,3 +303,31 @@ def test_inside_resolves_links_and_dots(tmp_path):
     assert not inside(str(root / "up" / "root2"), [str(root)])
     assert not inside(str(tmp_path / "root2"), [str(root)])  # a prefix of the name is not inside
     assert inside(str(tmp_path / "root2"), [str(root), str(tmp_path)])
+
+
+def test_unknown_runs_and_bad_credentials_get_the_error_shape_other_routes_keep_theirs(tmp_path):
+    from fastapi import HTTPException
+
+    host = StandaloneHost(str(tmp_path))
+    app = FastAPI()
+
+    @app.get("/other")  # a route of the WebUI or another extension
+    def other():
+        raise HTTPException(status_code=404, detail="theirs")
+    add_routes(app, host, RunManager(host), credentials={"alice": "secret"})
+    client = TestClient(app)
+    r = client.get(PREFIX + "/runs", auth=("alice", "wrong"))
+    assert r.status_code == 401 and r.headers["www-authenticate"] == "Basic"
+    assert r.json()["field"] == "auth" and "incorrect username or password" in r.json()["error"]
+    auth = ("alice", "secret")
+    for method, path in [("get", "/runs/nope"), ("post", "/runs/nope/stop"),
+                         ("post", "/runs/nope/pause"), ("post", "/runs/nope/resume"),
+                         ("post", "/runs/nope/cancel"), ("get", "/runs/nope/snapshots")]:
+        r = getattr(client, method)(PREFIX + path, auth=auth)
+        assert r.status_code == 404, (path, r.text)
+        assert r.json()["field"] == "run_id" and r.json()["error"].startswith("no run nope"), r.text
+    r = client.post(PREFIX + "/runs/nope/move", json={"by": 1}, auth=auth)
+    assert r.status_code == 404 and r.json()["field"] == "run_id"
+    r = client.post(PREFIX + "/snapshot-grid", json={"run": "nope", "prompt": "x"}, auth=auth)
+    assert r.status_code == 404 and r.json()["field"] == "run_id"
+    assert client.get("/other").json() == {"detail": "theirs"}

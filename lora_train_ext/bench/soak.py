@@ -363,7 +363,8 @@ class Soak:
              "test.prompt"),
             ("/test", "json", {"lora": some_lora, "prompt": "x", "te_strengths": "a, b"}, 422,
              "te_strengths"),
-            ("/runs/no_such_run/stop", "none", None, 404, ""),
+            ("/runs/no_such_run/stop", "none", None, 404, "run_id"),
+            ("/snapshot-grid", "json", {"run": "no_such_run", "prompt": "x"}, 404, "run_id"),
             (f"/runs/{finished}/pause", "none", None, 409, "run_id"),
             (f"/runs/{finished}/move", "json", {"by": "x"}, 422, "by"),
             ("/snapshot-grid", "json", {"snapshots": [], "prompt": "x"}, 422, "snapshots"),
@@ -388,7 +389,7 @@ class Soak:
             except ValueError:
                 answer = {}
             said = answer.get("field", "") if isinstance(answer, dict) else ""
-            shaped = isinstance(answer, dict) and ("error" in answer or "detail" in answer)
+            shaped = isinstance(answer, dict) and isinstance(answer.get("error"), str)
             if r.status_code == expected and shaped and said == field:
                 self.counts["bad_requests_refused"] += 1
             else:
