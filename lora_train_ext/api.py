@@ -20,6 +20,7 @@ POST bodies are JSON objects of at most MAX_BODY_BYTES: a bigger one gets 413, a
 import base64
 import io
 import json
+import math
 import secrets
 from typing import Any, Callable
 
@@ -94,6 +95,41 @@ class ApiError(Exception):
 
 async def _api_error_response(request, exc: ApiError):
     return exc.response()
+
+
+# what a generation request may ask for (the WebUI's own txt2img limits)
+STEPS_RANGE = (1, 150)
+SIZE_RANGE = (64, 2048)
+CFG_RANGE = (0.0, 30.0)
+SEED_RANGE = (0, 2**32 - 1)
+
+
+def whole_number(body: dict[str, Any], key: str, default: int, low: int, high: int) -> int:
+    """body[key] as a whole number in low..high (default when absent); UserError naming key."""
+    value = body.get(key, default)
+    ok = isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(value, float) and value.is_integer():
+        value, ok = int(value), True
+    elif isinstance(value, str):
+        try:
+            value, ok = int(value.strip()), True
+        except ValueError:
+            ok = False
+    if not ok or not low <= value <= high:
+        raise UserError(key, f"{value!r} is not valid; give a whole number in {low}..{high}")
+    return value
+
+
+def real_number(body: dict[str, Any], key: str, default: float, low: float, high: float) -> float:
+    """body[key] as a finite number in low..high (default when absent); UserError naming key."""
+    value = body.get(key, default)
+    try:
+        number = float(value) if not isinstance(value, bool) else math.nan
+    except (TypeError, ValueError, OverflowError):
+        number = math.nan
+    if not math.isfinite(number) or not low <= number <= high:
+        raise UserError(key, f"{value!r} is not valid; give a number in {low:g}..{high:g}")
+    return number
 
 
 def _json_kind(value: Any) -> str:
@@ -248,11 +284,16 @@ def add_routes(app, host, manager: RunManager, credentials: dict[str, str] | Non
         record = known_run(run_id)
         return {"snapshots": snapshots_of(host, record.config.save.output_name)}
 
-    def grid_size(body: dict[str, Any]) -> int:
-        size = int(body.get("size", host.model_info().default_resolution))
-        if size < 64 or size % 8:
-            raise UserError("size", "give a multiple of 8, at least 64")
-        return size
+    def generation(body: dict[str, Any]) -> dict[str, Any]:
+        """seed, steps, size (and cfg_scale) of a generation request, checked before the lock is
+        waited for: UserError naming the field."""
+        size = whole_number(body, "size", host.model_info().default_resolution, *SIZE_RANGE)
+        if size % 8:
+            raise UserError("size", f"{size} is not a multiple of 8; give one in "
+                                    f"{SIZE_RANGE[0]}..{SIZE_RANGE[1]}")
+        return {"seed": whole_number(body, "seed", 1234, *SEED_RANGE),
+                "steps": whole_number(body, "steps", 20, *STEPS_RANGE), "size": size,
+                "cfg_scale": real_number(body, "cfg_scale", 7.0, *CFG_RANGE)}
 
     def grid_call(job: str, make, missing_field: str):
         """Make a grid under the host's lock: (grid image, extra JSON) -> the JSON answer with
@@ -278,16 +319,25 @@ def add_routes(app, host, manager: RunManager, credentials: dict[str, str] | Non
     def best_snapshot_grid(body: dict[str, Any]):
         """Snapshots (rows) x strengths (columns) through the host's txt2img; body: snapshots
         (names) or run (id), strengths "0.5, 1", prompt, negative_prompt, seed, steps, size."""
-        def make():
-            names = body.get("snapshots")
-            if not names and body.get("run"):
-                names = snapshots_of(host, known_run(str(body["run"])).config.save.output_name)
+        try:
+            gen = generation(body)
             strengths = parse_strengths(str(body.get("strengths", "0.5, 0.75, 1")), "strengths")
-            size = grid_size(body)
+            names = body.get("snapshots")
+            if names is not None and (not isinstance(names, list)
+                                      or not all(isinstance(n, str) for n in names)):
+                raise UserError("snapshots", "give a list of snapshot names, e.g. "
+                                             '["my_lora-step00000100", "my_lora"]')
+        except UserError as e:
+            return user_error(e)
+
+        def make():
+            chosen = names
+            if not chosen and body.get("run"):
+                chosen = snapshots_of(host, known_run(str(body["run"])).config.save.output_name)
             grid, tags = snapshot_grid(
-                host, [str(n) for n in names or []], strengths, str(body.get("prompt", "")),
-                str(body.get("negative_prompt", "")), int(body.get("seed", 1234)),
-                steps=int(body.get("steps", 20)), width=size, height=size)
+                host, list(chosen or []), strengths, str(body.get("prompt", "")),
+                str(body.get("negative_prompt", "")), gen["seed"], steps=gen["steps"],
+                width=gen["size"], height=gen["size"])
             return grid, {"tags": tags, "path": host.save_grid(grid, str(body.get("prompt", "")))}
         return grid_call("lora-train snapshot grid", make, "snapshots")
 
@@ -324,11 +374,15 @@ def add_routes(app, host, manager: RunManager, credentials: dict[str, str] | Non
     @post_json("/merge/compare")
     def merge_compare(body: dict[str, Any]):
         """A (original weights) and B (merged) at the same prompt and seed, PNG as base64."""
+        try:
+            gen = generation(body)
+        except UserError as e:
+            return user_error(e)
+
         def run():
             a, b = manager.merger.compare(
                 str(body.get("prompt", "")), str(body.get("negative_prompt", "")),
-                int(body.get("seed", 1234)), int(body.get("steps", 20)),
-                int(body.get("size", host.model_info().default_resolution)))
+                gen["seed"], gen["steps"], gen["size"])
             return {"a_png_base64": png64(a), "b_png_base64": png64(b)}
         return merge_call(run)
 
@@ -342,15 +396,19 @@ def add_routes(app, host, manager: RunManager, credentials: dict[str, str] | Non
 
     @post_json("/test")
     def test(body: dict[str, Any]):
-        def make():
+        try:
+            gen = generation(body)
             te = parse_strengths(str(body.get("te_strengths", "0, 1")), "te_strengths")
             unet = parse_strengths(str(body.get("unet_strengths", "0, 1")), "unet_strengths")
-            size = grid_size(body)
+        except UserError as e:
+            return user_error(e)
+
+        def make():
             grid, images, prompts = strength_grid(
                 host, str(body.get("lora", "")), str(body.get("prompt", "")),
-                str(body.get("negative_prompt", "")), int(body.get("seed", 1234)), te, unet,
-                steps=int(body.get("steps", 20)), width=size, height=size,
-                cfg_scale=float(body.get("cfg_scale", 7.0)))
+                str(body.get("negative_prompt", "")), gen["seed"], te, unet,
+                steps=gen["steps"], width=gen["size"], height=gen["size"],
+                cfg_scale=gen["cfg_scale"])
             path = host.save_grid(grid, str(body.get("prompt", "")))
             return grid, {"prompts": prompts, "path": path, "rows": te, "columns": unet}
         return grid_call("lora-train test grid", make, "lora")

@@ -331,3 +331,41 @@ def test_unknown_runs_and_bad_credentials_get_the_error_shape_other_routes_keep_
     r = client.post(PREFIX + "/snapshot-grid", json={"run": "nope", "prompt": "x"}, auth=auth)
     assert r.status_code == 404 and r.json()["field"] == "run_id"
     assert client.get("/other").json() == {"detail": "theirs"}
+
+
+GENERATION_ROUTES = ["/test", "/snapshot-grid", "/merge/compare"]
+BAD_GENERATION = [("steps", 10**9), ("steps", 0), ("steps", "abc"), ("steps", None), ("steps", 2.5),
+                  ("steps", True), ("size", 10**9), ("size", 60), ("size", 100), ("size", -64),
+                  ("seed", -5), ("seed", 2**70), ("seed", [1]), ("cfg_scale", 1e9),
+                  ("cfg_scale", "nan"), ("cfg_scale", "x")]
+
+
+@pytest.mark.parametrize("route", GENERATION_ROUTES)
+def test_generation_numbers_are_bounded_and_checked_before_the_lock(route, tmp_path):
+    """Huge steps or sizes would hold the GPU (or exhaust its memory) for everyone; each bad one
+    is refused naming its field at once, even while a run holds the host's lock."""
+    host = StandaloneHost(str(tmp_path))
+    app = FastAPI()
+    add_routes(app, host, RunManager(host))
+    client = TestClient(app)
+    with host.exclusive("a run"):  # a waiting request would hang here, not fail
+        for field, value in BAD_GENERATION:
+            if field == "cfg_scale" and route != "/test":
+                continue
+            r = client.post(PREFIX + route, json={"lora": "x", "snapshots": ["x"], "prompt": "p",
+                                                  field: value})
+            assert r.status_code == 422, (route, field, value, r.text)
+            assert r.json()["field"] == field and "give" in r.json()["error"], r.text
+        r = client.post(PREFIX + "/snapshot-grid", json={"snapshots": "abc", "prompt": "p"})
+        assert r.status_code == 422 and r.json()["field"] == "snapshots"
+    assert not os.path.exists(tmp_path / "grids")
+
+
+def test_number_helpers_take_what_json_and_forms_send():
+    from lora_train_ext.api import real_number, whole_number
+
+    assert whole_number({"s": "12"}, "s", 1, 1, 150) == 12
+    assert whole_number({"s": 12.0}, "s", 1, 1, 150) == 12
+    assert whole_number({}, "s", 20, 1, 150) == 20
+    assert real_number({"c": "7.5"}, "c", 7.0, 0, 30) == 7.5
+    assert real_number({"c": 0}, "c", 7.0, 0, 30) == 0.0

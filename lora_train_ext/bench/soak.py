@@ -359,6 +359,8 @@ class Soak:
             ("/test", "json", {"lora": "no_such_lora", "prompt": "x", "steps": 2, "size": 64},
              404, "lora"),
             ("/test", "json", {"lora": some_lora, "prompt": "x", "steps": 2, "size": 60}, 422, "size"),
+            ("/test", "json", {"lora": some_lora, "prompt": "x", "size": 10**6}, 422, "size"),
+            ("/test", "json", {"lora": some_lora, "prompt": "x", "steps": 10**9}, 422, "steps"),
             ("/test", "json", {"lora": some_lora, "prompt": "", "steps": 2, "size": 64}, 422,
              "test.prompt"),
             ("/test", "json", {"lora": some_lora, "prompt": "x", "te_strengths": "a, b"}, 422,
