@@ -350,3 +350,19 @@ def test_run_records_keep_at_most_100_ended_runs_oldest_dropped_first(tmp_path, 
     assert newest.id in ids and oldest_kept.id not in ids
     assert sum(r.state in runs_mod.ENDED_STATES for r in manager.list()) == 100
     assert sum(r.state in ("queued", "running", "paused") for r in manager.list()) == 5
+
+
+def test_webui_write_roots_are_its_configured_folders(webui, tmp_path, monkeypatch):
+    """What a run asked for over the API may write in: the output folder setting, the Lora
+    folder and the run folder setting (or outputs/lora-train in the WebUI's data folder)."""
+    fake, host = webui
+    lora = fake.shared.cmd_opts.lora_dir
+    from modules import paths_internal
+
+    default_runs = os.path.join(paths_internal.data_path, "outputs", "lora-train")
+    assert host.write_roots() == [lora, default_runs]
+    monkeypatch.setattr(fake.shared.opts, "lora_train_output_dir", str(tmp_path / "mine"),
+                        raising=False)
+    monkeypatch.setattr(fake.shared.opts, "lora_train_run_dir", str(tmp_path / "runs"),
+                        raising=False)
+    assert host.write_roots() == [str(tmp_path / "mine"), lora, str(tmp_path / "runs")]
