@@ -317,7 +317,7 @@ def test_run_records_keep_at_most_100_ended_runs_oldest_dropped_first(tmp_path, 
     host = StandaloneHost(str(tmp_path))
     manager = RunManager(host)
     assert manager.keep_finished == runs_mod.KEEP_FINISHED_RUNS == 100
-    monkeypatch.setattr(manager, "prepare_config", lambda cfg: cfg)
+    monkeypatch.setattr(manager, "prepare_config", lambda cfg, confine=False: cfg)
     active = [manager.create(RunConfig()) for _ in range(5)]
     for record, state in zip(active, ["running", "paused", "queued", "queued", "queued"]):
         record.state, record.created = state, 1.0  # older than everything else
