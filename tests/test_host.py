@@ -366,3 +366,31 @@ def test_webui_write_roots_are_its_configured_folders(webui, tmp_path, monkeypat
     monkeypatch.setattr(fake.shared.opts, "lora_train_run_dir", str(tmp_path / "runs"),
                         raising=False)
     assert host.write_roots() == [str(tmp_path / "mine"), lora, str(tmp_path / "runs")]
+
+
+def test_out_of_memory_advice_follows_the_runs_settings(monkeypatch, capsys):
+    from lora_train_ext import cli
+    from lora_train_ext.runs import describe_failure, smaller_settings
+
+    cfg = RunConfig()
+    cfg.data.resolution, cfg.network.rank, cfg.train.batch_size = "1024x768", 32, 4
+    assert smaller_settings(cfg) == [
+        "train.gradient_checkpointing off -> on",
+        "train.batch_size 4 -> 2 (train.grad_accum 1 -> 2 keeps the batch)",
+        "data.resolution 1024x768 -> 768x576",
+        f"optim.optimizer {cfg.optim.optimizer} -> an 8-bit one (AdamW8bit)",
+        "network.rank 32 -> 16"]
+    lean = RunConfig()
+    lean.data.resolution, lean.network.rank, lean.train.batch_size = "256", 4, 1
+    lean.train.gradient_checkpointing, lean.optim.optimizer = True, "AdamW8bit"
+    assert smaller_settings(lean) == ["lower data.resolution or free memory taken by other programs"]
+    assert describe_failure(RuntimeError("boom"), cfg) == "RuntimeError: boom"
+    # the command line: the advice, exit 1, no traceback
+    monkeypatch.setitem(cli.COMMANDS, "demo", lambda args: (_ for _ in ()).throw(
+        RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")))
+    assert cli.main(["demo"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("training failed: out of memory: lower train.batch_size"), err
+    monkeypatch.setitem(cli.COMMANDS, "demo", lambda args: (_ for _ in ()).throw(KeyError("x")))
+    with pytest.raises(KeyError):
+        cli.main(["demo"])  # anything else is not dressed up
