@@ -18,10 +18,11 @@ would drive the extension. The runs come in a fixed cycle, each kind with its ow
 - queue: a long run, two more queued behind it (their positions checked), the last moved up
   (POST /move), the other cancelled while queued, the long one stopped; the moved one runs.
 
-After each cycle, with no run active, a batch of bad requests (settings out of range, unknown
-optimizer, bad output names, missing or wrong paths, folders to write outside the host's, bodies that are not JSON objects or are too
-big, unknown runs, grids of missing files) must each be refused with a 4xx in the error shape,
-naming the expected field, and must leave the output folder's file tree as it was.
+After each cycle, with no run active, a batch of 37 bad requests (settings out of range, unknown
+optimizer, bad output names, missing or wrong paths, folders to write outside the host's, bodies
+that are not JSON objects or are too big, huge grid steps and sizes, unknown runs, grids of
+missing files) must each be refused with a 4xx in the error shape, naming the expected field,
+and must leave the output folder's file tree as it was (and write nothing outside it).
 
 Bounded: at most `--runs` training runs, no new cycle after `--time-limit` seconds, and every wait
 for a state ends after `--wait` seconds with an error. At the end, with the queue empty:
@@ -114,7 +115,7 @@ def tree(folder: str) -> dict[str, tuple[int, int]]:
     return out
 
 
-# -- the soak ----------------------------------------------------------------------------------------
+# -- the soak ------------------------------------------------------------------------------
 class Soak:
     def __init__(self, out_dir: str, steps: int = 4, wait_s: float = 600.0,
                  log: Callable[[str], None] | None = None):
@@ -400,7 +401,8 @@ class Soak:
         self.sample()
         after = tree(self.out_dir)
         if after != before:
-            changed = sorted(set(after) ^ set(before) | {k for k in after if after[k] != before.get(k)})
+            changed = sorted(set(after) ^ set(before)
+                             | {k for k in after if after[k] != before.get(k)})
             self.problems.append(f"bad requests changed files: {changed[:5]}")
         if os.path.exists(self.elsewhere):
             self.problems.append(f"a bad request wrote outside the host's folders: {self.elsewhere}")
@@ -437,7 +439,8 @@ class Soak:
         elapsed = time.monotonic() - t0
         self.check_end(base)
         gc.collect()
-        end = {"rss_mib": rss_mib(), "open_files": open_files(), "threads": threading.active_count()}
+        end = {"rss_mib": rss_mib(), "open_files": open_files(),
+               "threads": threading.active_count()}
         loaded = self.check_files()
         if start["open_files"] is not None and end["open_files"] != start["open_files"]:
             self.problems.append(f"open files {start['open_files']} at the start, "
@@ -446,7 +449,8 @@ class Soak:
         return {
             "runs": self.counts["runs"], "seconds": round(elapsed, 1),
             "counts": dict(self.counts), "files_checked": loaded,
-            "base_sha256_start": base, "base_sha256_end": weights_sha256(self.host.bundle.base_modules()),
+            "base_sha256_start": base,
+            "base_sha256_end": weights_sha256(self.host.bundle.base_modules()),
             "rss_mib": {"start": _r(start["rss_mib"]), "after_first_cycle": _r(after_first),
                         "peak_sampled": _r(peak), "end": _r(end["rss_mib"])},
             "open_files": {"start": start["open_files"], "end": end["open_files"]},
