@@ -538,6 +538,9 @@ def main(argv: list[str] | None = None) -> int:
     except SoakError as e:
         print(f"soak failed: {e}", file=sys.stderr)
         return 1
+    except ImportError as e:  # fastapi / httpx: the WebUI has them, a bare install may not
+        print(f"the soak drives the HTTP API and needs fastapi and httpx: {e}", file=sys.stderr)
+        return 2
     if args.json:
         print(json.dumps(figures, indent=1))
     else:
