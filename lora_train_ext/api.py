@@ -8,7 +8,9 @@ GET /model; GET /loras; POST /test (a TE x UNet grid, PNG as base64); GET/POST /
 POST /merge/revert, /merge/compare, /merge/save (LoRAs merged into the loaded model);
 POST /merge-file, /merge-loras, /extract, /resize (file_jobs.py: the command line's file tools
 as queued runs, watched with GET /runs/{id}: state, progress, result).
-When the WebUI has `--api-auth`, every route needs the same HTTP basic credentials.
+When the WebUI has `--api-auth`, every route needs the same HTTP basic credentials. A run asked for
+here writes only inside the host's folders (`Host.write_roots()`: output, Lora and run folder):
+save.output_dir, save.run_dir and data.cache_dir elsewhere get 422 naming the setting.
 The routes exist only when asked for: the WebUI started with `--api` (or `--nowebui`), or the
 setting "Train LoRA > HTTP API" on (host/webui.py `api_requested`).
 
@@ -20,6 +22,7 @@ POST bodies are JSON objects of at most MAX_BODY_BYTES: a bigger one gets 413, a
 import base64
 import io
 import json
+import math
 import secrets
 from typing import Any, Callable
 
@@ -75,6 +78,62 @@ async def read_json_object(request, limit: int = MAX_BODY_BYTES) -> dict[str, An
     return body
 
 
+class ApiError(Exception):
+    """A refusal in the extension's error shape, {"error", "field"} (with FastAPI's "detail"
+    too), for what FastAPI would answer as {"detail"}: an unknown run (404), credentials (401).
+    Its handler is added for this class alone, so the WebUI's other routes answer as before."""
+
+    def __init__(self, status: int, message: str, field: str, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.field, self.headers = status, message, field, headers
+
+    def response(self):
+        from fastapi.responses import JSONResponse
+
+        return JSONResponse(status_code=self.status, headers=self.headers,
+                            content={"error": self.message, "field": self.field,
+                                     "detail": self.message})
+
+
+async def _api_error_response(request, exc: ApiError):
+    return exc.response()
+
+
+# what a generation request may ask for (the WebUI's own txt2img limits)
+STEPS_RANGE = (1, 150)
+SIZE_RANGE = (64, 2048)
+CFG_RANGE = (0.0, 30.0)
+SEED_RANGE = (0, 2**32 - 1)
+
+
+def whole_number(body: dict[str, Any], key: str, default: int, low: int, high: int) -> int:
+    """body[key] as a whole number in low..high (default when absent); UserError naming key."""
+    value = body.get(key, default)
+    ok = isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(value, float) and value.is_integer():
+        value, ok = int(value), True
+    elif isinstance(value, str):
+        try:
+            value, ok = int(value.strip()), True
+        except ValueError:
+            ok = False
+    if not ok or not low <= value <= high:
+        raise UserError(key, f"{value!r} is not valid; give a whole number in {low}..{high}")
+    return value
+
+
+def real_number(body: dict[str, Any], key: str, default: float, low: float, high: float) -> float:
+    """body[key] as a finite number in low..high (default when absent); UserError naming key."""
+    value = body.get(key, default)
+    try:
+        number = float(value) if not isinstance(value, bool) else math.nan
+    except (TypeError, ValueError, OverflowError):
+        number = math.nan
+    if not math.isfinite(number) or not low <= number <= high:
+        raise UserError(key, f"{value!r} is not valid; give a number in {low:g}..{high:g}")
+    return number
+
+
 def _json_kind(value: Any) -> str:
     return {list: "an array", str: "a string", bool: "true/false", type(None): "null"}.get(
         type(value), "a number")
@@ -99,19 +158,20 @@ def parse_api_auth(text: str | None) -> dict[str, str]:
 
 def add_routes(app, host, manager: RunManager, credentials: dict[str, str] | None = None,
                exclusive: Callable | None = None) -> None:
-    from fastapi import Depends, HTTPException, Request
+    from fastapi import Depends, Request
     from fastapi.responses import JSONResponse
     from fastapi.security import HTTPBasic, HTTPBasicCredentials
     from starlette.concurrency import run_in_threadpool
 
     basic = HTTPBasic(auto_error=False)
+    app.add_exception_handler(ApiError, _api_error_response)
 
     def auth(creds: HTTPBasicCredentials | None = Depends(basic)):
         if not credentials:
             return
         if creds is None or not check_credentials(credentials, creds.username, creds.password):
-            raise HTTPException(status_code=401, detail="incorrect username or password",
-                                headers={"WWW-Authenticate": "Basic"})
+            raise ApiError(401, "incorrect username or password (the WebUI's --api-auth)",
+                           "auth", headers={"WWW-Authenticate": "Basic"})
 
     def user_error(e: UserError) -> JSONResponse:
         """422 naming the (first) field; `problems` lists every problem found at once."""
@@ -153,7 +213,7 @@ def add_routes(app, host, manager: RunManager, credentials: dict[str, str] | Non
     def start_run(body: dict[str, Any]):
         try:
             cfg = RunConfig.from_dict(body.get("config", body))
-            record = manager.enqueue(cfg)
+            record = manager.enqueue(cfg, confine=True)  # writes only in the host's folders
         except UserError as e:
             return user_error(e)
         return {"id": record.id, "state": record.state,
@@ -173,7 +233,8 @@ def add_routes(app, host, manager: RunManager, credentials: dict[str, str] | Non
         try:
             return manager.get(run_id)
         except KeyError:
-            raise HTTPException(status_code=404, detail=f"no run {run_id}") from None
+            raise ApiError(404, f"no run {run_id}; GET {PREFIX}/runs lists them",
+                           "run_id") from None
 
     @app.get(PREFIX + "/runs/{run_id}", dependencies=deps)
     def run_status(run_id: str):
@@ -225,11 +286,16 @@ def add_routes(app, host, manager: RunManager, credentials: dict[str, str] | Non
         record = known_run(run_id)
         return {"snapshots": snapshots_of(host, record.config.save.output_name)}
 
-    def grid_size(body: dict[str, Any]) -> int:
-        size = int(body.get("size", host.model_info().default_resolution))
-        if size < 64 or size % 8:
-            raise UserError("size", "give a multiple of 8, at least 64")
-        return size
+    def generation(body: dict[str, Any]) -> dict[str, Any]:
+        """seed, steps, size (and cfg_scale) of a generation request, checked before the lock is
+        waited for: UserError naming the field."""
+        size = whole_number(body, "size", host.model_info().default_resolution, *SIZE_RANGE)
+        if size % 8:
+            raise UserError("size", f"{size} is not a multiple of 8; give one in "
+                                    f"{SIZE_RANGE[0]}..{SIZE_RANGE[1]}")
+        return {"seed": whole_number(body, "seed", 1234, *SEED_RANGE),
+                "steps": whole_number(body, "steps", 20, *STEPS_RANGE), "size": size,
+                "cfg_scale": real_number(body, "cfg_scale", 7.0, *CFG_RANGE)}
 
     def grid_call(job: str, make, missing_field: str):
         """Make a grid under the host's lock: (grid image, extra JSON) -> the JSON answer with
@@ -255,16 +321,25 @@ def add_routes(app, host, manager: RunManager, credentials: dict[str, str] | Non
     def best_snapshot_grid(body: dict[str, Any]):
         """Snapshots (rows) x strengths (columns) through the host's txt2img; body: snapshots
         (names) or run (id), strengths "0.5, 1", prompt, negative_prompt, seed, steps, size."""
-        def make():
-            names = body.get("snapshots")
-            if not names and body.get("run"):
-                names = snapshots_of(host, known_run(str(body["run"])).config.save.output_name)
+        try:
+            gen = generation(body)
             strengths = parse_strengths(str(body.get("strengths", "0.5, 0.75, 1")), "strengths")
-            size = grid_size(body)
+            names = body.get("snapshots")
+            if names is not None and (not isinstance(names, list)
+                                      or not all(isinstance(n, str) for n in names)):
+                raise UserError("snapshots", "give a list of snapshot names, e.g. "
+                                             '["my_lora-step00000100", "my_lora"]')
+        except UserError as e:
+            return user_error(e)
+
+        def make():
+            chosen = names
+            if not chosen and body.get("run"):
+                chosen = snapshots_of(host, known_run(str(body["run"])).config.save.output_name)
             grid, tags = snapshot_grid(
-                host, [str(n) for n in names or []], strengths, str(body.get("prompt", "")),
-                str(body.get("negative_prompt", "")), int(body.get("seed", 1234)),
-                steps=int(body.get("steps", 20)), width=size, height=size)
+                host, list(chosen or []), strengths, str(body.get("prompt", "")),
+                str(body.get("negative_prompt", "")), gen["seed"], steps=gen["steps"],
+                width=gen["size"], height=gen["size"])
             return grid, {"tags": tags, "path": host.save_grid(grid, str(body.get("prompt", "")))}
         return grid_call("lora-train snapshot grid", make, "snapshots")
 
@@ -301,11 +376,15 @@ def add_routes(app, host, manager: RunManager, credentials: dict[str, str] | Non
     @post_json("/merge/compare")
     def merge_compare(body: dict[str, Any]):
         """A (original weights) and B (merged) at the same prompt and seed, PNG as base64."""
+        try:
+            gen = generation(body)
+        except UserError as e:
+            return user_error(e)
+
         def run():
             a, b = manager.merger.compare(
                 str(body.get("prompt", "")), str(body.get("negative_prompt", "")),
-                int(body.get("seed", 1234)), int(body.get("steps", 20)),
-                int(body.get("size", host.model_info().default_resolution)))
+                gen["seed"], gen["steps"], gen["size"])
             return {"a_png_base64": png64(a), "b_png_base64": png64(b)}
         return merge_call(run)
 
@@ -341,15 +420,19 @@ def add_routes(app, host, manager: RunManager, credentials: dict[str, str] | Non
 
     @post_json("/test")
     def test(body: dict[str, Any]):
-        def make():
+        try:
+            gen = generation(body)
             te = parse_strengths(str(body.get("te_strengths", "0, 1")), "te_strengths")
             unet = parse_strengths(str(body.get("unet_strengths", "0, 1")), "unet_strengths")
-            size = grid_size(body)
+        except UserError as e:
+            return user_error(e)
+
+        def make():
             grid, images, prompts = strength_grid(
                 host, str(body.get("lora", "")), str(body.get("prompt", "")),
-                str(body.get("negative_prompt", "")), int(body.get("seed", 1234)), te, unet,
-                steps=int(body.get("steps", 20)), width=size, height=size,
-                cfg_scale=float(body.get("cfg_scale", 7.0)))
+                str(body.get("negative_prompt", "")), gen["seed"], te, unet,
+                steps=gen["steps"], width=gen["size"], height=gen["size"],
+                cfg_scale=gen["cfg_scale"])
             path = host.save_grid(grid, str(body.get("prompt", "")))
             return grid, {"prompts": prompts, "path": path, "rows": te, "columns": unet}
         return grid_call("lora-train test grid", make, "lora")

@@ -59,10 +59,10 @@ def setting_type(path: str):
 class StderrProgress:
     """A one-line progress bar on stderr: step/total, loss, rate, ETA."""
 
-    def __init__(self, stream=sys.stderr, width: int = 24):
-        self.stream = stream
+    def __init__(self, stream=None, width: int = 24):
+        self.stream = sys.stderr if stream is None else stream  # the one of now, not of import
         self.width = width
-        self.is_tty = stream.isatty()
+        self.is_tty = self.stream.isatty()
         self._last = 0.0
 
     def __call__(self, event) -> None:
@@ -429,6 +429,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # out of memory: what to lower, not a traceback
+        if "out of memory" not in str(e).lower() and type(e).__name__ != "OutOfMemoryError":
+            raise
+        from .runs import describe_failure
+
+        print(f"training failed: {describe_failure(e)}", file=sys.stderr)
+        return 1
 
 
 def _log(line: str) -> None:

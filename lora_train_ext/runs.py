@@ -198,9 +198,11 @@ class RunManager:
         return found.summary(), shown
 
     # -- creating ---------------------------------------------------------------------------
-    def prepare_config(self, cfg: RunConfig) -> RunConfig:
+    def prepare_config(self, cfg: RunConfig, confine: bool = False) -> RunConfig:
         """Fill host defaults (output folder, arch) and run the one preflight check: every
-        problem at once (UserErrors), before the run is queued."""
+        problem at once (UserErrors), before the run is queued. confine: the folders the run
+        writes to (WRITE_PATHS) must be inside the host's own (`Host.write_roots()`), as for a
+        run asked for over HTTP."""
         info = self.host.model_info()
         if info.problem:
             raise UserError("model", info.problem)
@@ -210,12 +212,17 @@ class RunManager:
             cfg.save.run_dir = self.host.run_dir()
         cfg.model.arch = info.arch
         result = preflight(cfg, arch=info.arch, device=self.host.device(),
-                           host_check=self.host.check_config).raise_if_failed()
+                           host_check=self.host.check_config)
+        if confine:
+            outside = outside_problems(cfg, self.host.write_roots())
+            named = {p.field for p in outside}
+            result.problems = outside + [p for p in result.problems if p.field not in named]
+        result.raise_if_failed()
         self.last_warnings = list(result.warnings)
         return cfg
 
-    def create(self, cfg: RunConfig) -> RunRecord:
-        cfg = self.prepare_config(cfg)
+    def create(self, cfg: RunConfig, confine: bool = False) -> RunRecord:
+        cfg = self.prepare_config(cfg, confine)
         record = RunRecord(id=uuid.uuid4().hex[:12], config=cfg)
         with self._lock:
             self.runs[record.id] = record
@@ -278,7 +285,7 @@ class RunManager:
         except TrainingError as e:
             record.state, record.error = "failed", f"training failed: {e}"
         except Exception as e:  # out of memory and the unexpected: say what to change
-            record.state, record.error = "failed", describe_failure(e)
+            record.state, record.error = "failed", describe_failure(e, record.config)
             traceback.print_exc()
         finally:
             record.finished = record.finished or time.time()
@@ -287,9 +294,10 @@ class RunManager:
         return record
 
     # -- the queue: runs one after another in a worker thread that takes the host's lock ------
-    def enqueue(self, cfg: RunConfig) -> RunRecord:
-        """Check `cfg` (the preflight) and put the run at the end of the queue."""
-        record = self.create(cfg)
+    def enqueue(self, cfg: RunConfig, confine: bool = False) -> RunRecord:
+        """Check `cfg` (the preflight; `confine`: see prepare_config) and put the run at the end
+        of the queue."""
+        record = self.create(cfg, confine)
         self._append(record)
         return record
 
@@ -518,6 +526,33 @@ class RunManager:
         return record
 
 
+# the settings that choose where a run writes (a folder of the server when asked over HTTP)
+WRITE_PATHS = ("save.output_dir", "save.run_dir", "data.cache_dir")
+
+
+def inside(path: str, roots: list[str]) -> bool:
+    """`path` (symlinks and `..` resolved, as far as it exists) is one of `roots` or below one."""
+    real = os.path.realpath(os.path.abspath(path))
+    for root in roots:
+        base = os.path.realpath(os.path.abspath(root))
+        try:
+            if os.path.commonpath([real, base]) == base:
+                return True
+        except ValueError:  # another drive (Windows)
+            continue
+    return False
+
+
+def outside_problems(cfg: RunConfig, roots: list[str]) -> list[UserError]:
+    """A UserError for each folder the run would write to (WRITE_PATHS) that is outside `roots`
+    (empty settings take their defaults, which are inside)."""
+    shown = ", ".join(roots)
+    return [UserError(path, f"{cfg.get(path)} is outside the folders runs may write to over "
+                            f"the API ({shown}); give a folder inside one of them, or leave it "
+                            "empty for the default")
+            for path in WRITE_PATHS if cfg.get(path) and not inside(str(cfg.get(path)), roots)]
+
+
 def memory_mib() -> float:
     """Memory in use now: the GPU's peak allocated where training runs on CUDA, else the
     process's resident set."""
@@ -534,13 +569,45 @@ def memory_mib() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def describe_failure(error: BaseException) -> str:
-    """One line a user can act on, for errors that are not UserErrors."""
+def describe_failure(error: BaseException, cfg: RunConfig | None = None) -> str:
+    """One line a user can act on, for errors that are not UserErrors; out of memory names the
+    settings to lower, with values from the run's own (`cfg`) where it is known."""
     text = str(error)
     if "out of memory" in text.lower() or type(error).__name__ == "OutOfMemoryError":
-        return ("out of memory: lower train.batch_size or data.resolution, turn on "
-                "train.gradient_checkpointing, or use network.rank lower / an 8-bit optimizer")
+        if cfg is None:
+            return ("out of memory: lower train.batch_size or data.resolution, turn on "
+                    "train.gradient_checkpointing, or use network.rank lower / an 8-bit optimizer")
+        return "out of memory: " + "; ".join(smaller_settings(cfg)) + \
+            " (the model is as it was before the run)"
     return f"{type(error).__name__}: {text}"
+
+
+def smaller_settings(cfg: RunConfig) -> list[str]:
+    """`setting now -> lower` for each setting that uses less memory at a lower value, the
+    cheapest in quality first; without a concrete value where none is lower."""
+    from .core.config import parse_resolution
+
+    out = []
+    t, n = cfg.train, cfg.network
+    if not t.gradient_checkpointing:
+        out.append("train.gradient_checkpointing off -> on")
+    if t.batch_size > 1:
+        half = max(1, t.batch_size // 2)
+        out.append(f"train.batch_size {t.batch_size} -> {half} (train.grad_accum "
+                   f"{t.grad_accum} -> {t.grad_accum * t.batch_size // half} keeps the batch)")
+    try:
+        width, height = parse_resolution(cfg.data.resolution)
+    except Exception:  # noqa: BLE001 - a resolution preflight let through: say it plainly
+        width = height = 0
+    if max(width, height) > 256:
+        lower = [max(256, (side * 3 // 4) // 64 * 64) for side in (width, height)]
+        text = str(lower[0]) if lower[0] == lower[1] else f"{lower[0]}x{lower[1]}"
+        out.append(f"data.resolution {cfg.data.resolution} -> {text}")
+    if "8bit" not in cfg.optim.optimizer.lower():
+        out.append(f"optim.optimizer {cfg.optim.optimizer} -> an 8-bit one (AdamW8bit)")
+    if n.rank > 4:
+        out.append(f"network.rank {n.rank} -> {n.rank // 2}")
+    return out or ["lower data.resolution or free memory taken by other programs"]
 
 
 def parse_strengths(text: str, field: str) -> list[float]:

@@ -236,3 +236,137 @@ def test_routes_from_the_script_honour_api_auth(monkeypatch, sd1_bundle):
     client = TestClient(app)
     assert client.get(PREFIX + "/runs").status_code == 401
     assert client.get(PREFIX + "/runs", auth=("carol", "pw")).json() == {"runs": []}
+
+
+# -- the folders a run asked for over HTTP writes to ----------------------------------------------
+def _tree(folder) -> list[str]:
+    return sorted(os.path.relpath(os.path.join(r, f), folder)
+                  for r, _, files in os.walk(folder) for f in files)
+
+
+def test_write_folders_outside_the_hosts_are_refused_naming_the_setting(tmp_path, demo_dataset):
+    host_dir, elsewhere = tmp_path / "host", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    host = StandaloneHost(str(host_dir))
+    app = FastAPI()
+    add_routes(app, host, RunManager(host))
+    client = TestClient(app)
+    lora = host_dir / "Lora"
+    os.symlink(elsewhere, lora / "link_out")  # inside by name, outside in fact
+    base = {**RUN, "data": {**RUN["data"], "dataset_dir": demo_dataset}}
+    cases = [("save.output_dir", str(elsewhere)),
+             ("save.output_dir", str(lora / ".." / ".." / "elsewhere")),
+             ("save.output_dir", str(lora / "link_out" / "sub")),
+             ("save.run_dir", str(elsewhere / "runs")),
+             ("data.cache_dir", str(elsewhere / "cache")),
+             ("save.output_dir", "relative_folder")]
+    before = _tree(tmp_path)
+    for path, value in cases:
+        section, key = path.split(".")
+        body = {**base, section: {**base.get(section, {}), key: value}}
+        if path == "data.cache_dir":
+            body["data"]["cache_to_disk"] = True
+        r = client.post(PREFIX + "/runs", json=body)
+        assert r.status_code == 422, (path, value, r.text)
+        answer = r.json()
+        assert answer["field"] == path and "outside the folders" in answer["error"], answer
+        assert str(lora) in answer["error"] and str(host_dir / "runs") in answer["error"]
+        assert [p["field"] for p in answer["problems"]] == [path]
+    # a bad setting beside it is reported too, all at once
+    body = {**base, "network": {"rank": 0}, "save": {"output_dir": str(elsewhere)}}
+    fields = {p["field"] for p in client.post(PREFIX + "/runs", json=body).json()["problems"]}
+    assert fields == {"network.rank", "save.output_dir"}
+    assert _tree(tmp_path) == before and client.get(PREFIX + "/runs").json()["runs"] == []
+
+    # a folder below the host's is fine: the run trains and writes there
+    body = {**base, "save": {"output_name": "inside", "output_dir": str(lora / "sub")},
+            "data": {**base["data"], "cache_to_disk": True,
+                     "cache_dir": str(host_dir / "runs" / "cache")}}
+    r = client.post(PREFIX + "/runs", json=body)
+    assert r.status_code == 200, r.text
+    run_id, deadline = r.json()["id"], time.time() + 600
+    while (status := client.get(f"{PREFIX}/runs/{run_id}").json())["state"] in ("queued", "running"):
+        assert time.time() < deadline
+        time.sleep(0.1)
+    assert status["state"] == "finished", status
+    assert status["files"] == [str(lora / "sub" / "inside.safetensors")]
+    assert os.listdir(elsewhere) == []
+
+
+def test_inside_resolves_links_and_dots(tmp_path):
+    from lora_train_ext.runs import inside
+
+    root = tmp_path / "root"
+    (root / "a").mkdir(parents=True)
+    os.symlink(tmp_path, root / "up")
+    assert inside(str(root), [str(root)]) and inside(str(root / "a" / "new" / "x"), [str(root)])
+    assert not inside(str(root / "a" / ".." / ".."), [str(root)])
+    assert not inside(str(root / "up" / "root2"), [str(root)])
+    assert not inside(str(tmp_path / "root2"), [str(root)])  # a prefix of the name is not inside
+    assert inside(str(tmp_path / "root2"), [str(root), str(tmp_path)])
+
+
+def test_unknown_runs_and_bad_credentials_get_the_error_shape_other_routes_keep_theirs(tmp_path):
+    from fastapi import HTTPException
+
+    host = StandaloneHost(str(tmp_path))
+    app = FastAPI()
+
+    @app.get("/other")  # a route of the WebUI or another extension
+    def other():
+        raise HTTPException(status_code=404, detail="theirs")
+    add_routes(app, host, RunManager(host), credentials={"alice": "secret"})
+    client = TestClient(app)
+    r = client.get(PREFIX + "/runs", auth=("alice", "wrong"))
+    assert r.status_code == 401 and r.headers["www-authenticate"] == "Basic"
+    assert r.json()["field"] == "auth" and "incorrect username or password" in r.json()["error"]
+    auth = ("alice", "secret")
+    for method, path in [("get", "/runs/nope"), ("post", "/runs/nope/stop"),
+                         ("post", "/runs/nope/pause"), ("post", "/runs/nope/resume"),
+                         ("post", "/runs/nope/cancel"), ("get", "/runs/nope/snapshots")]:
+        r = getattr(client, method)(PREFIX + path, auth=auth)
+        assert r.status_code == 404, (path, r.text)
+        assert r.json()["field"] == "run_id" and r.json()["error"].startswith("no run nope"), r.text
+    r = client.post(PREFIX + "/runs/nope/move", json={"by": 1}, auth=auth)
+    assert r.status_code == 404 and r.json()["field"] == "run_id"
+    r = client.post(PREFIX + "/snapshot-grid", json={"run": "nope", "prompt": "x"}, auth=auth)
+    assert r.status_code == 404 and r.json()["field"] == "run_id"
+    assert client.get("/other").json() == {"detail": "theirs"}
+
+
+GENERATION_ROUTES = ["/test", "/snapshot-grid", "/merge/compare"]
+BAD_GENERATION = [("steps", 10**9), ("steps", 0), ("steps", "abc"), ("steps", None), ("steps", 2.5),
+                  ("steps", True), ("size", 10**9), ("size", 60), ("size", 100), ("size", -64),
+                  ("seed", -5), ("seed", 2**70), ("seed", [1]), ("cfg_scale", 1e9),
+                  ("cfg_scale", "nan"), ("cfg_scale", "x")]
+
+
+@pytest.mark.parametrize("route", GENERATION_ROUTES)
+def test_generation_numbers_are_bounded_and_checked_before_the_lock(route, tmp_path):
+    """Huge steps or sizes would hold the GPU (or exhaust its memory) for everyone; each bad one
+    is refused naming its field at once, even while a run holds the host's lock."""
+    host = StandaloneHost(str(tmp_path))
+    app = FastAPI()
+    add_routes(app, host, RunManager(host))
+    client = TestClient(app)
+    with host.exclusive("a run"):  # a waiting request would hang here, not fail
+        for field, value in BAD_GENERATION:
+            if field == "cfg_scale" and route != "/test":
+                continue
+            r = client.post(PREFIX + route, json={"lora": "x", "snapshots": ["x"], "prompt": "p",
+                                                  field: value})
+            assert r.status_code == 422, (route, field, value, r.text)
+            assert r.json()["field"] == field and "give" in r.json()["error"], r.text
+        r = client.post(PREFIX + "/snapshot-grid", json={"snapshots": "abc", "prompt": "p"})
+        assert r.status_code == 422 and r.json()["field"] == "snapshots"
+    assert not os.path.exists(tmp_path / "grids")
+
+
+def test_number_helpers_take_what_json_and_forms_send():
+    from lora_train_ext.api import real_number, whole_number
+
+    assert whole_number({"s": "12"}, "s", 1, 1, 150) == 12
+    assert whole_number({"s": 12.0}, "s", 1, 1, 150) == 12
+    assert whole_number({}, "s", 20, 1, 150) == 20
+    assert real_number({"c": "7.5"}, "c", 7.0, 0, 30) == 7.5
+    assert real_number({"c": 0}, "c", 7.0, 0, 30) == 0.0

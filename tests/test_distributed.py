@@ -165,7 +165,7 @@ def test_ctrl_c_stops_both_processes_at_one_step_and_rank_0_saves_the_state(runs
     assert len(lines) == 1, stopped.stdout + stopped.stderr
     assert lines[0]["stopped"] and 1 <= lines[0]["steps"] < STEPS, lines
     assert "torchrun --nproc_per_node 2 -m lora_train_ext train --resume" in stopped.stderr
-    state = torch.load(str(root / "two" / "r-state" / STATE_FILE), weights_only=False)
+    state = torch.load(str(root / "two" / "r-state" / STATE_FILE), weights_only=True)
     assert state["world_size"] == 2 and len(state["process_rngs"]) == 2
     assert state["step"] == lines[0]["steps"]
 

@@ -261,7 +261,7 @@ def test_a_state_saved_fused_resumes_where_there_is_no_fused_kernel(
                                                                   lr=lr, **kwargs))
     first = train(sd1_bundle, cfg, control)
     assert first.stopped and os.path.isdir(first.state_dir)
-    state = torch.load(os.path.join(first.state_dir, "training_state.pth"), weights_only=False)
+    state = torch.load(os.path.join(first.state_dir, "training_state.pth"), weights_only=True)
     # mark the saved groups as fused, as a process with the kernel writes them
     for group in state["optimizer"]["param_groups"]:
         group["fused"] = True

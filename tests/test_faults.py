@@ -368,3 +368,166 @@ def test_cli_resume_from_a_truncated_state_names_the_flag(saved_state, tmp_path,
     assert cli.main(["demo", "--resume", bad]) == 2
     err = capsys.readouterr().err
     assert "--resume" in err and "cannot read" in err, err
+
+
+# -- 2d. a state file that would run code is refused, and the code never runs ------------------
+def _write_marker(path: str) -> str:
+    """What the pickle below asks the unpickler to call: proof that code from the file ran."""
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("code from the state file ran")
+    return path
+
+
+class _RunsCode:
+    """Unpickles by calling `_write_marker(path)`, as a malicious state file would call anything."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (_write_marker, (self.path,))
+
+
+def _state_with(state_dir: str, dest: Path, change) -> str:
+    """A copy of the state folder whose training_state.pth is the saved state after `change`."""
+    shutil.copytree(state_dir, dest)
+    path = dest / "training_state.pth"
+    state = torch.load(path, weights_only=True)
+    change(state)
+    torch.save(state, path)
+    return str(dest)
+
+
+def _plain_types(value, where="state"):
+    """Every place in `value` that holds something other than tensors, dicts, lists, tuples,
+    numbers, strings and None."""
+    if value is None or isinstance(value, (bool, int, float, str, torch.Tensor)):
+        return []
+    if type(value) in (dict, list, tuple):
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        return [p for k, v in items for p in _plain_types(v, f"{where}.{k}")]
+    return [f"{where}: {type(value).__name__}"]
+
+
+def test_a_saved_state_holds_only_plain_data(saved_state):
+    from lora_train_ext.core.run_state import STATE_FORMAT
+
+    state = torch.load(os.path.join(saved_state[2], "training_state.pth"), weights_only=True)
+    assert state["format"] == STATE_FORMAT == 3
+    assert _plain_types(state) == []
+    name, keys, pos, has_gauss, cached = state["rng"]["numpy"]
+    assert name == "MT19937" and isinstance(keys, list) and len(keys) == 624
+    assert all(isinstance(k, int) for k in keys) and isinstance(pos, int)
+
+
+@pytest.mark.parametrize("where", ["top", "rng", "optimizer"])
+def test_a_state_that_would_run_code_is_refused_and_the_code_never_runs(where, saved_state, tmp_path):
+    from lora_train_ext.core.distributed import saved_world_size
+    from lora_train_ext.core.trainer import train
+
+    bundle, cfg, state_dir = saved_state
+    marker = tmp_path / "code-ran.txt"
+
+    def plant(state):
+        target = {"top": state, "rng": state["rng"], "optimizer": state["optimizer"]["state"]}[where]
+        target["payload"] = _RunsCode(str(marker))
+    bad = _state_with(state_dir, tmp_path / "evil-state", plant)
+    with pytest.raises(UserError) as info:
+        train(bundle, cfg, resume_dir=bad)
+    assert info.value.field == "resume"
+    message = info.value.message
+    assert os.path.join(bad, "training_state.pth") in message and "could run code" in message
+    assert "_write_marker" in message, message  # what it asked for
+    assert saved_world_size(bad) is None  # the distributed check reads it the same way
+    assert not marker.exists()
+    # the file is live: the unpickler of torch.load(weights_only=False) does run it
+    torch.load(os.path.join(bad, "training_state.pth"), weights_only=False)
+    assert marker.read_text(encoding="utf-8") == "code from the state file ran"
+
+
+def test_cli_resume_of_a_state_that_would_run_code_names_the_flag(saved_state, tmp_path, capsys):
+    from lora_train_ext import cli
+
+    marker = tmp_path / "code-ran.txt"
+    bad = _state_with(saved_state[2], tmp_path / "demo_lora-state",
+                      lambda s: s.update(payload=_RunsCode(str(marker))))
+    assert cli.main(["demo", "--resume", bad]) == 2
+    err = capsys.readouterr().err
+    assert "--resume" in err and "could run code" in err, err
+    assert not marker.exists()
+
+
+def test_a_format_2_state_with_numpy_objects_is_refused_naming_the_format(saved_state, tmp_path):
+    import numpy as np
+
+    from lora_train_ext.core.trainer import train
+
+    bundle, cfg, state_dir = saved_state
+
+    def old(state):
+        state["format"] = 2
+        state["rng"]["numpy"] = np.random.get_state()  # an ndarray, as format 2 saved it
+    bad = _state_with(state_dir, tmp_path / "old-state", old)
+    with pytest.raises(UserError) as info:
+        train(bundle, cfg, resume_dir=bad)
+    assert info.value.field == "resume" and "state format 2" in info.value.message
+    assert os.path.join(bad, "training_state.pth") in info.value.message
+
+
+def test_plain_converts_numpy_and_names_what_it_cannot_save():
+    import numpy as np
+
+    from lora_train_ext.core.run_state import plain
+
+    t = torch.nn.Parameter(torch.ones(2))
+    out = plain({"a": np.arange(3, dtype=np.uint32), "b": (np.float32(0.5), [np.int64(7)]),
+                 "c": t, 1: None}, "state")
+    assert out["a"] == [0, 1, 2] and out["b"] == (0.5, [7]) and out[1] is None
+    assert type(out["c"]) is torch.Tensor and torch.equal(out["c"], t.detach())
+    assert _plain_types(out) == []
+    with pytest.raises(TypeError, match=r"state\.x\[1\]: a builtins\.set"):
+        plain({"x": [1, {2}]}, "state")
+
+
+# -- 2e. a loss that turns NaN / Inf mid-run ------------------------------------------------------
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_nonfinite_loss_stops_the_run_and_keeps_the_last_good_snapshot(bad, tmp_path, monkeypatch):
+    from conftest import small_run_config, state_sha256
+    from lora_train_ext.core.bundle import TrainControl
+    from lora_train_ext.core.errors import TrainingError
+    from lora_train_ext.core.models.tiny import build_bundle
+    from lora_train_ext.core.trainer import Trainer, train
+    from lora_train_ext.demo import demo_dataset_dir
+
+    bundle = build_bundle("sd1", "tiny", seed=0)
+    before = state_sha256(*bundle.base_modules())
+    out = tmp_path / "out"
+    cfg = small_run_config(out, demo_dataset_dir(), 8, lr=1e-3, batch_size=1,
+                           save__save_every_steps=2)
+    calls = {"n": 0}
+    original = Trainer._micro_step
+
+    def turns_bad(self, batch):  # the 5th step's loss is `bad`
+        calls["n"] += 1
+        loss = original(self, batch)
+        return loss * bad if calls["n"] == 5 else loss
+    monkeypatch.setattr(Trainer, "_micro_step", turns_bad)
+    written = {}
+    control = TrainControl()
+    control.add_listener(lambda e: written.__setitem__(e.path, _sha(e.path))
+                         if e.kind == "snapshot" else None)
+    with pytest.raises(TrainingError) as info:
+        train(bundle, cfg, control)
+    message = str(info.value)
+    assert f"loss became {bad} at step 5" in message
+    assert "the last good snapshot is kept: demo_lora-step00000004.safetensors" in message, message
+    # the snapshots of steps 2 and 4 are there as written; no final file, no temp file
+    assert sorted(os.path.basename(p) for p in written) == [
+        "demo_lora-step00000002.safetensors", "demo_lora-step00000004.safetensors"]
+    for path, digest in written.items():
+        assert _sha(path) == digest
+        tensors, meta = lora_file.load_lora(path)
+        assert meta["ss_steps"] in ("2", "4") and all(torch.isfinite(t).all() for t in tensors.values())
+    names = os.listdir(out)
+    assert "demo_lora.safetensors" not in names and not any(".tmp." in n for n in names), names
+    assert state_sha256(*bundle.base_modules()) == before

@@ -113,8 +113,57 @@ def test_injected_exception_is_reported_and_model_restored(webui, demo_dataset, 
     manager.execute(record)
     assert record.state == "failed"
     assert record.error.startswith("out of memory") and "batch_size" in record.error
+    # the settings to lower, from the run's own values (batch 2, 64 px, rank 4, AdamW)
+    assert "train.batch_size 2 -> 1 (train.grad_accum 1 -> 2 keeps the batch)" in record.error
+    assert "train.gradient_checkpointing off -> on" in record.error
+    assert "optim.optimizer AdamW -> an 8-bit one" in record.error
+    assert "data.resolution" not in record.error and "network.rank" not in record.error
     assert state_sha256(model) == before
     assert requires_grad_flags(model) == flags
+
+
+@pytest.mark.parametrize("where", ["start", "step", "snapshot", "host.hot_load",
+                                   "host.on_progress", "host.interrupt_requested"])
+def test_an_exception_in_any_callback_restores_the_model(where, webui, demo_dataset):
+    """A listener of each event the run sends, or a host hook the run calls, raises: the run
+    fails with the message, the model is as it was, the lock is free and the next run works."""
+    fake, host = webui
+    model = fake.shared.sd_model
+    before, flags = state_sha256(model), requires_grad_flags(model)
+    manager = RunManager(host)
+    cfg = _cfg(demo_dataset, steps=6, name="boom")
+    cfg.save.save_every_steps = 2
+    record = manager.create(cfg)
+
+    def boom(*args, **kwargs):
+        raise RuntimeError(f"injected in {where}")
+    if where.startswith("host."):
+        name = where.split(".", 1)[1]
+        calls = {"n": 0}
+        original = getattr(host, name)
+
+        def fails_later(*args, **kwargs):  # after the run has started training
+            calls["n"] += 1
+            if calls["n"] > (1 if name == "hot_load" else 3):  # hot_load: the 2nd snapshot
+                boom()
+            return original(*args, **kwargs)
+        setattr(host, name, fails_later)  # on the instance; taken away below
+    else:
+        record.control.add_listener(lambda e: boom() if e.kind == where and e.step >= 0 else None)
+    with host.exclusive("test"):
+        manager.execute(record)
+    assert record.state == "failed" and f"injected in {where}" in record.error, record.error
+    assert state_sha256(model) == before
+    assert requires_grad_flags(model) == flags
+    host.__dict__.pop(where.partition(".")[2], None)
+    lock = host.gpu_lock()
+    assert lock.acquire(timeout=60)  # let go by the failed run (another thread could take it)
+    lock.release()
+    again = manager.create(_cfg(demo_dataset, steps=2, name="after"))
+    with host.exclusive("test"):
+        manager.execute(again)
+    assert again.state == "finished", again.error
+    assert state_sha256(model) == before
 
 
 def test_bad_fields_are_refused_before_model_work(webui, tmp_path):
@@ -268,7 +317,7 @@ def test_run_records_keep_at_most_100_ended_runs_oldest_dropped_first(tmp_path, 
     host = StandaloneHost(str(tmp_path))
     manager = RunManager(host)
     assert manager.keep_finished == runs_mod.KEEP_FINISHED_RUNS == 100
-    monkeypatch.setattr(manager, "prepare_config", lambda cfg: cfg)
+    monkeypatch.setattr(manager, "prepare_config", lambda cfg, confine=False: cfg)
     active = [manager.create(RunConfig()) for _ in range(5)]
     for record, state in zip(active, ["running", "paused", "queued", "queued", "queued"]):
         record.state, record.created = state, 1.0  # older than everything else
@@ -301,3 +350,47 @@ def test_run_records_keep_at_most_100_ended_runs_oldest_dropped_first(tmp_path, 
     assert newest.id in ids and oldest_kept.id not in ids
     assert sum(r.state in runs_mod.ENDED_STATES for r in manager.list()) == 100
     assert sum(r.state in ("queued", "running", "paused") for r in manager.list()) == 5
+
+
+def test_webui_write_roots_are_its_configured_folders(webui, tmp_path, monkeypatch):
+    """What a run asked for over the API may write in: the output folder setting, the Lora
+    folder and the run folder setting (or outputs/lora-train in the WebUI's data folder)."""
+    fake, host = webui
+    lora = fake.shared.cmd_opts.lora_dir
+    from modules import paths_internal
+
+    default_runs = os.path.join(paths_internal.data_path, "outputs", "lora-train")
+    assert host.write_roots() == [lora, default_runs]
+    monkeypatch.setattr(fake.shared.opts, "lora_train_output_dir", str(tmp_path / "mine"),
+                        raising=False)
+    monkeypatch.setattr(fake.shared.opts, "lora_train_run_dir", str(tmp_path / "runs"),
+                        raising=False)
+    assert host.write_roots() == [str(tmp_path / "mine"), lora, str(tmp_path / "runs")]
+
+
+def test_out_of_memory_advice_follows_the_runs_settings(monkeypatch, capsys):
+    from lora_train_ext import cli
+    from lora_train_ext.runs import describe_failure, smaller_settings
+
+    cfg = RunConfig()
+    cfg.data.resolution, cfg.network.rank, cfg.train.batch_size = "1024x768", 32, 4
+    assert smaller_settings(cfg) == [
+        "train.gradient_checkpointing off -> on",
+        "train.batch_size 4 -> 2 (train.grad_accum 1 -> 2 keeps the batch)",
+        "data.resolution 1024x768 -> 768x576",
+        f"optim.optimizer {cfg.optim.optimizer} -> an 8-bit one (AdamW8bit)",
+        "network.rank 32 -> 16"]
+    lean = RunConfig()
+    lean.data.resolution, lean.network.rank, lean.train.batch_size = "256", 4, 1
+    lean.train.gradient_checkpointing, lean.optim.optimizer = True, "AdamW8bit"
+    assert smaller_settings(lean) == ["lower data.resolution or free memory taken by other programs"]
+    assert describe_failure(RuntimeError("boom"), cfg) == "RuntimeError: boom"
+    # the command line: the advice, exit 1, no traceback
+    monkeypatch.setitem(cli.COMMANDS, "demo", lambda args: (_ for _ in ()).throw(
+        RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")))
+    assert cli.main(["demo"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("training failed: out of memory: lower train.batch_size"), err
+    monkeypatch.setitem(cli.COMMANDS, "demo", lambda args: (_ for _ in ()).throw(KeyError("x")))
+    with pytest.raises(KeyError):
+        cli.main(["demo"])  # anything else is not dressed up

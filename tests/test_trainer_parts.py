@@ -100,7 +100,7 @@ def test_a_stand_in_dataset_trains_and_resumes_exactly(cache_latents, sd1_bundle
                          else None)
     first = train(sd1_bundle, cfg(tmp_path / "b"), control, data=StandInData())
     assert first.stopped and first.steps == 3
-    state = torch.load(f"{first.state_dir}/training_state.pth", weights_only=False)
+    state = torch.load(f"{first.state_dir}/training_state.pth", weights_only=True)
     assert state["data"] == {"epoch": 1, "batch_index": 1}
     assert (state["epoch"], state["batch_in_epoch"]) == (1, 1)
     resumed = train(sd1_bundle, cfg(tmp_path / "b"), data=StandInData(),

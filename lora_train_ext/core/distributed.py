@@ -306,11 +306,10 @@ def gather_objects(dist: Dist, obj: Any) -> list | None:
 def saved_world_size(folder: str) -> int | None:
     """The number of processes that saved the state in `folder` (None when it cannot be read:
     the trainer names the problem), read before any model is loaded."""
-    from .run_state import STATE_FILE
+    from .run_state import STATE_FILE, load_state_file
 
     try:
-        state = torch.load(os.path.join(folder, STATE_FILE), map_location="cpu",
-                           weights_only=False, mmap=True)
+        state = load_state_file(os.path.join(folder, STATE_FILE), mmap=True)
         return int(state.get("world_size", 1))
     except Exception:  # noqa: BLE001 - read_state reports it
         return None

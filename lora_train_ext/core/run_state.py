@@ -11,12 +11,20 @@ of processes and each process's own process RNGs; it resumes only with that numb
 
 The process's RNGs are the host's too (the WebUI's next generation draws from them): a run seeds
 them for itself, so `process_rngs_kept()` gives them back as they were when it ends.
+
+The file holds only what `torch.load(..., weights_only=True)` reads (tensors, dicts, lists,
+tuples, numbers, strings, None): numpy's RNG state is stored as a list, and `plain()` checks the
+whole state before it is written. It is read with `weights_only=True`, so a state file from
+elsewhere that asks the unpickler for anything more (a class, a function: code) is refused, naming
+the file, and nothing in it runs.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 import random
+import re
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
@@ -33,7 +41,7 @@ if TYPE_CHECKING:
 
 # not .pt / .ckpt / .safetensors: the WebUI lists those in the Lora folder as networks
 STATE_FILE = "training_state.pth"
-STATE_FORMAT = 2
+STATE_FORMAT = 3  # 3: only plain data (numpy's RNG as a list), read with weights_only=True
 # Settings a resumed run may change without changing its result (where files go and in what
 # precision, how many snapshots are kept, whether the end state is saved).
 _RESUME_FREE = ("save.output_dir", "save.run_dir", "save.output_name", "save.save_dtype", "save.keep_last",
@@ -79,14 +87,16 @@ def save_state(run: Trainer) -> str:
         "optimizer": run.optimizer.state_dict(),
         "scheduler": run.scheduler.state_dict(),
         "ema": run.ema.state_dict() if getattr(run, "ema", None) is not None else None,
-        "rng": rng_states(run.generator),
+        "rng": plain_rng_states(rng_states(run.generator)),
         "data": data,
         "config": run.cfg.to_dict(),
         "session_id": run.session_id,
         "started_at": run.started_at,
         "world_size": 1 if dist is None else dist.world,  # a resume needs as many processes
-        "process_rngs": per_process,  # a distributed run: each process's own, in rank order
+        "process_rngs": (None if per_process is None else  # a distributed run: each
+                         [plain_rng_states(r) for r in per_process]),  # process's, rank order
     }
+    state = plain(state, "state")
     atomic_write(os.path.join(folder, STATE_FILE), lambda tmp: torch.save(state, tmp))
     run.cfg.write(os.path.join(folder, "config.json"))
     return folder
@@ -100,11 +110,8 @@ def read_state(folder: str, cfg: RunConfig, warn: Callable[[str], None],
     if not os.path.isfile(path):
         raise UserError("resume", f"no saved state in {folder} (expected {STATE_FILE}, "
                                   "written with save.save_state or when a run is stopped)")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # a truncated or foreign file
-        raise UserError("resume", f"cannot read {path}: {e}") from None
-    if not isinstance(state, dict) or state.get("format") not in (1, STATE_FORMAT):
+    state = load_state_file(path)
+    if not isinstance(state, dict) or state.get("format") not in (1, 2, STATE_FORMAT):
         raise UserError("resume", f"{path} is not a state this version can resume")
     from .distributed import check_resume
 
@@ -115,6 +122,61 @@ def read_state(folder: str, cfg: RunConfig, warn: Callable[[str], None],
              + ", ".join(changed[:6]) + (", ..." if len(changed) > 6 else "")
              + "); the result will not match an uninterrupted run")
     return state
+
+
+_NEEDS_CODE = re.compile(r"unsupported (global|class)|allowed global|unrecognized function|"
+                         r"is blocked|safe_globals", re.IGNORECASE)
+_ASKED = re.compile(r"(?:GLOBAL|class|function)\s+([A-Za-z_][\w.]*)")
+
+
+def load_state_file(path: str, mmap: bool = False) -> Any:
+    """The content of a state file, read with the weights-only unpickler: tensors, dicts, lists,
+    tuples, numbers, strings. A file that asks for anything more (a class or function to call,
+    which could run code) is refused naming the file; so is a damaged one. UserError (resume)."""
+    kwargs = {"mmap": True} if mmap else {}
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, **kwargs)
+    except Exception as e:  # a truncated, foreign or unsafe file
+        text = str(e)
+        # torch's own advice (load with weights_only=False) is not for a file of unknown origin
+        detail = text.split("WeightsUnpickler error:", 1)[-1].strip().splitlines()
+        detail = detail[0].strip() if detail else ""
+        if isinstance(e, pickle.UnpicklingError) and _NEEDS_CODE.search(text):
+            asked = _ASKED.search(text)
+            what = f"it asks for {asked.group(1)}" if asked else detail[:200]
+            raise UserError("resume", (
+                f"refused {path}: it holds more than tensors, numbers, strings, lists and dicts "
+                f"({what}); loading it could run code, so it was not loaded. States saved by "
+                "lora-train-ext hold only those (state format 2, of earlier versions, held "
+                "numpy's RNG as an object: train again from the start, or resume it with the "
+                "version that saved it)")) from None
+        raise UserError("resume", f"cannot read {path}: {type(e).__name__}: {detail[:200]}") from None
+
+
+def plain(value: Any, where: str) -> Any:
+    """`value` with numpy arrays and scalars as lists and numbers, checked to hold only what the
+    weights-only unpickler accepts (tensors, dicts, lists, tuples, str, int, float, bool, None);
+    TypeError naming the place of anything else (a bug: the state would not load)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, torch.Tensor):
+        return value.detach() if type(value) is not torch.Tensor else value
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            if not isinstance(k, (str, int)):
+                raise TypeError(f"{where}: key {k!r} ({type(k).__name__}) cannot be saved in a state")
+            out[k] = plain(v, f"{where}.{k}")
+        return out
+    if isinstance(value, (list, tuple)):
+        items = [plain(v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return items if isinstance(value, list) else tuple(items)
+    raise TypeError(f"{where}: a {type(value).__module__}.{type(value).__name__} cannot be saved "
+                    "in a state (tensors, dicts, lists, tuples, numbers and strings only)")
 
 
 def restore_state(run: Trainer, state: dict, warn: Callable[[str], None]) -> None:
@@ -170,6 +232,15 @@ def process_rng_states() -> dict[str, Any]:
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
+
+
+def plain_rng_states(rng: dict[str, Any]) -> dict[str, Any]:
+    """RNG states as the state file keeps them: numpy's `(name, keys, pos, has_gauss, cached)`
+    with its keys as a list of ints (numpy takes them back as they are)."""
+    out = dict(rng)
+    name, keys, pos, has_gauss, cached = rng["numpy"]
+    out["numpy"] = (str(name), np.asarray(keys).tolist(), int(pos), int(has_gauss), float(cached))
+    return out
 
 
 def set_process_rng_states(rng: dict[str, Any]) -> None:

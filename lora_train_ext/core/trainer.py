@@ -279,9 +279,11 @@ class Trainer:
                 self.network.scale_weight_norms_(cfg.optim.scale_weight_norms)
             value = float(step_loss)
             if not math.isfinite(value):
+                kept = (f"; the last good snapshot is kept: {os.path.basename(self.snapshots[-1])}"
+                        if self.snapshots else "; nothing was saved")
                 raise TrainingError(
                     f"loss became {value} at step {self.step + 1}; lower the learning rate "
-                    f"(optim.lr), use train.dtype fp32/bf16, or set optim.max_grad_norm")
+                    f"(optim.lr), use train.dtype fp32/bf16, or set optim.max_grad_norm{kept}")
             self.step += 1
             if self.ema is not None:
                 self.ema.update(self.step)

@@ -120,6 +120,19 @@ class Host:
         folder, which holds only what the Lora cards show."""
         raise NotImplementedError
 
+    def write_roots(self) -> list[str]:
+        """The folders a run asked for over HTTP may write in (and below): the output folder,
+        the Lora folder and the run folder."""
+        roots: list[str] = []
+        for get in (self.output_dir, self.lora_dir, self.run_dir):
+            try:
+                folder = get()
+            except NotImplementedError:
+                continue
+            if folder and folder not in roots:
+                roots.append(folder)
+        return roots
+
     def hot_load(self, paths: list[str]) -> None:
         """Make new or rewritten adapter files usable at once (no restart)."""
 
