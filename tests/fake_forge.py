@@ -65,6 +65,9 @@ Each fact below was read in Forge's source (paths relative to its root):
   is set), `list_available_networks()`, `available_networks`, `loaded_networks`,
   `networks_in_memory`. The key map (kohya name -> parameter key) is Forge's
   (`model_lora_keys_unet` / `_clip`), built here from our own name functions.
+- modules/sd_models.py `forge_model_reload`: `sd_model.sd_checkpoint_info = checkpoint_info` (the
+  chosen one, `.filename` its path) and `sd_model.filename = checkpoint_info.filename` (here the
+  engine keeps its own info object with the chosen file's path).
 - modules/processing.py: prompt caches `cached_c / cached_uc` (and Txt2Img `cached_hr_c /
   cached_hr_uc`) of three items; `process_images` runs under `torch.inference_mode()`,
   `forge_model_reload()`, `forge_objects = forge_objects_original.shallow_copy()`, activates the
@@ -585,6 +588,8 @@ def install(arch: str, monkeypatch, tmp_path, placeholder: bool = False, seed: i
     def forge_model_reload():
         if isinstance(sd_models.model_data.sd_model, FakeInitialModel):
             engine = FakeForgeEngine(arch, seed=seed, prediction=prediction)
+            engine.sd_checkpoint_info.filename = ck_info.filename  # the chosen file
+            engine.filename = ck_info.filename
             sd_models.model_data.sd_model = engine
             shared.sd_model = engine
             sd_models.reloads += 1

@@ -639,10 +639,100 @@ class ForgeHost(WebUIHost):
         processing.StableDiffusionProcessingTxt2Img.cached_hr_c = [None, None, None]
         processing.StableDiffusionProcessingTxt2Img.cached_hr_uc = [None, None, None]
 
-    def checkpoint_state(self) -> dict:
-        raise UserError("merge", "merging into the loaded model is not available in Forge yet: "
-                                 "merge into a checkpoint file with `python -m lora_train_ext "
-                                 "merge`, then load it")
+    def checkpoint_state(self) -> "_ForgeState":
+        """The loaded model's UNet and text-encoder tensors under checkpoint names, as plain
+        aliases of Forge's (inference) tensors, so writes through them write the model. Forge's
+        text encoders are HF CLIP models: SD1's and SDXL's CLIP-L are named as in checkpoints;
+        SD2's and SDXL's OpenCLIP towers are renamed (keys.hf_to_openclip) and their q/k/v fused
+        into `in_proj_weight` / `in_proj_bias` copies that `checkpoint_written` copies back. The
+        VAE is left out (no LoRA changes it; Save takes it from the checkpoint file)."""
+        from ..core import keys
+
+        m = self._loaded_model()
+        arch = self.model_info().arch
+        fo = m.forge_objects_original
+        state = _ForgeState()
+        for k, t in fo.unet.model.diffusion_model.state_dict(keep_vars=True).items():
+            state[keys.UNET_CHECKPOINT_PREFIX + k] = plain_alias(t)
+        clip = fo.clip.cond_stage_model
+        parts = {"sd1": {"te": "clip_l"}, "sd2": {"te": "clip_h"},
+                 "sdxl": {"te1": "clip_l", "te2": "clip_g"}}.get(arch, {})
+        for part, name in parts.items():
+            prefix = keys.checkpoint_prefix(arch, part)
+            tensors = getattr(clip, name).transformer.state_dict(keep_vars=True)
+            if keys.te_family(arch, part) == "clip":
+                for k, t in tensors.items():
+                    state[prefix + k] = plain_alias(t)
+                continue
+            fused: dict[str, list] = {}
+            for k, t in tensors.items():
+                path, _, kind = k.rpartition(".")
+                if kind not in ("weight", "bias"):
+                    continue
+                try:
+                    oc_path, chunk = keys.hf_to_openclip(path)
+                except keys.KeyMapError:
+                    continue  # embeddings, projection: no LoRA changes them
+                if chunk is None:
+                    state[f"{prefix}{oc_path}.{kind}"] = plain_alias(t)
+                else:
+                    fused.setdefault(f"{prefix}{oc_path}_{kind}", []).append((chunk.index, t))
+            for key, chunks in fused.items():
+                chunks.sort(key=lambda c: c[0])
+                if [i for i, _ in chunks] != [0, 1, 2]:
+                    continue
+                aliases = [plain_alias(t) for _, t in chunks]
+                with torch.no_grad():
+                    state[key] = torch.cat([a.detach() for a in aliases], dim=0)
+                state.fused[key] = aliases
+        return state
+
+    def checkpoint_written(self, state: dict) -> None:
+        """The fused OpenCLIP q/k/v copies written back into Forge's q_proj / k_proj / v_proj."""
+        for key, aliases in getattr(state, "fused", {}).items():
+            rows = [a.shape[0] for a in aliases]
+            with torch.no_grad():
+                for alias, piece in zip(aliases, torch.split(state[key], rows, dim=0)):
+                    if not torch.equal(alias, piece.to(alias.device)):
+                        alias.copy_(piece)
+
+    def save_state(self, changed=()) -> dict:
+        """What Save writes: the loaded checkpoint file's tensors (so the VAE and every key keep
+        the file's names) with the model's UNet and text-encoder tensors in their places;
+        UserError when the file lacks a `changed` key."""
+        from safetensors.torch import load_file
+
+        from modules import sd_models
+
+        m = self._loaded_model()
+        info = getattr(m, "sd_checkpoint_info", None)
+        path = getattr(info, "filename", "") or ""
+        if not path.lower().endswith(".safetensors") or not os.path.isfile(path):
+            raise UserError("merge", "Save needs the loaded checkpoint as a .safetensors file "
+                                     f"(Forge loaded {os.path.basename(path) or 'no file'}); "
+                                     "merge into a file with `python -m lora_train_ext merge` "
+                                     "instead")
+        extra = (getattr(sd_models.model_data, "forge_loading_parameters", None) or {}).get(
+            "additional_modules") or []
+        if extra:
+            raise UserError("merge", "Forge uses modules beside the checkpoint ("
+                                     + ", ".join(os.path.basename(str(e)) for e in extra)
+                                     + "); Save writes the checkpoint file's own VAE and text "
+                                     "encoders: choose 'None' for them at the top of the page "
+                                     "(or merge into a file with `python -m lora_train_ext "
+                                     "merge`)")
+        model = self.checkpoint_state()
+        out = load_file(path)
+        missing = [k for k in changed if k not in out]
+        if missing:
+            raise UserError("merge", f"{os.path.basename(path)} does not name "
+                                     f"{len(missing)} of the model's tensors as checkpoints do "
+                                     f"(e.g. {missing[0]}); merge into a file with "
+                                     "`python -m lora_train_ext merge` instead")
+        for k, t in model.items():
+            if k in out:
+                out[k] = t.detach()
+        return out
 
     def release_networks(self) -> None:
         self.unload_baked_networks()
@@ -706,6 +796,14 @@ class ForgeHost(WebUIHost):
                                     sampler_name)
         finally:
             self._take_back(shared.sd_model)
+
+
+class _ForgeState(dict):
+    """checkpoint key -> tensor; `fused`: OpenCLIP in_proj copies -> Forge's q, k, v aliases."""
+
+    def __init__(self):
+        super().__init__()
+        self.fused: dict[str, list[torch.Tensor]] = {}
 
 
 def _forge_networks_module():
