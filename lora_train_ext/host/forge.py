@@ -80,6 +80,7 @@ from typing import Iterator
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from ..core.bundle import ModelBundle
 from ..core.errors import UserError
@@ -127,6 +128,46 @@ def plain_alias(t: torch.Tensor) -> torch.Tensor:
     if isinstance(t, nn.Parameter):
         return nn.Parameter(out, requires_grad=t.requires_grad)
     return out
+
+
+_IN_PLACE_ARITHMETIC = {"add_": torch.Tensor.add, "sub_": torch.Tensor.sub,
+                        "mul_": torch.Tensor.mul, "div_": torch.Tensor.div}
+
+
+class _OutOfPlaceArithmetic(TorchFunctionMode):
+    """While gradients are on, `x += n`, `h *= s` and the like on tensors autograd tracks run as
+    `x = x + n`: Forge's UNet blocks (backend/nn/unet.py BasicTransformerBlock._forward `x += n`,
+    ResBlock._forward `h *= (1 + scale); h += shift`) update in place tensors that the layer
+    norms before them saved for backward, which autograd refuses ("modified by an inplace
+    operation"). Values are the same; Python rebinds the name to the returned tensor."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        alt = _IN_PLACE_ARITHMETIC.get(getattr(func, "__name__", ""))
+        if alt is not None and torch.is_grad_enabled() and args and \
+                any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+            return alt(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+def _forge_blocks(unet: nn.Module) -> list[nn.Module]:
+    """The UNet's modules that route their forward through `_forward` (Forge's
+    BasicTransformerBlock and ResBlock, where its in-place arithmetic is)."""
+    return [mod for mod in unet.modules() if callable(getattr(type(mod), "_forward", None))]
+
+
+def _autograd_safe_forward(module: nn.Module):
+    original = type(module).forward.__get__(module)
+
+    @functools.wraps(original)
+    def forward(*args, **kwargs):
+        if not torch.is_grad_enabled():
+            return original(*args, **kwargs)
+        with _OutOfPlaceArithmetic():
+            return original(*args, **kwargs)
+
+    forward.lora_train_ext_out_of_place = True
+    return forward
 
 
 @dataclass
@@ -254,6 +295,7 @@ class ForgeHost(WebUIHost):
         self._held: _Held | None = None
         self._saved_attention_fn = None
         self._saved_clip_skip: list[tuple[object, int]] = []
+        self._blocks: list[nn.Module] = []  # Forge's UNet blocks given autograd-safe forwards
 
     # -- model ------------------------------------------------------------------------------
     def model_info(self) -> ModelInfo:
@@ -458,6 +500,7 @@ class ForgeHost(WebUIHost):
         held = _Held.make(list(_roots(m).values()))
         held.install()
         self._held = held
+        self._blocks = _forge_blocks(m.forge_objects_original.unet.model.diffusion_model)
         try:
             self._use_training_attention()
             self._set_clip_skip(m)
@@ -467,6 +510,7 @@ class ForgeHost(WebUIHost):
             held.give_back()
             self._restore_clip_skip()
             self._restore_attention()
+            self._blocks = []
             devices.torch_gc()
 
     def _set_clip_skip(self, m) -> None:
@@ -566,7 +610,12 @@ class ForgeHost(WebUIHost):
     # -- attention ------------------------------------------------------------------------------
     def _use_training_attention(self) -> None:
         """Train with PyTorch's SDP attention unless Forge's choice is SDP or xformers already
-        (its split / sub-quadratic / basic kernels are written for inference)."""
+        (its split / sub-quadratic / basic kernels are written for inference), and with Forge's
+        UNet blocks' in-place arithmetic made out of place (`_OutOfPlaceArithmetic`; instance
+        forwards, so gradient checkpointing's recomputation goes through them too)."""
+        for block in self._blocks:
+            if "forward" not in block.__dict__:
+                block.forward = _autograd_safe_forward(block)
         self._saved_attention_fn = None
         try:
             from backend import attention
@@ -583,6 +632,9 @@ class ForgeHost(WebUIHost):
         forge_unet.attention_function = sdp
 
     def _restore_attention(self) -> None:
+        for block in self._blocks:
+            if getattr(block.__dict__.get("forward"), "lora_train_ext_out_of_place", False):
+                del block.forward
         if self._saved_attention_fn is None:
             return
         from backend.nn import unet as forge_unet
