@@ -36,7 +36,8 @@ def _lora(fake, name: str, seed: int = 5) -> str:
             if unet >= 3:
                 continue
             unet += 1
-        elif not (("_layers_0_" in kohya and kohya.startswith("lora_te2_")) or
+        elif not (("_layers_0_" in kohya and (kohya.startswith("lora_te2_") or m.arch == "sd2"))
+                  or
                   "_layers_1_mlp_fc1" in kohya):
             continue
         tensors[f"{kohya}.lora_down.weight"] = torch.randn(2, w.shape[1], generator=g) * 0.5
@@ -47,7 +48,7 @@ def _lora(fake, name: str, seed: int = 5) -> str:
     return path
 
 
-@pytest.mark.parametrize("arch", ["sd1", "sdxl"])
+@pytest.mark.parametrize("arch", ["sd1", "sd2", "sdxl"])
 def test_merge_is_forges_lora_then_revert_and_save(arch, monkeypatch, tmp_path):
     from lora_train_ext.host.forge import ForgeHost
 
@@ -56,8 +57,8 @@ def test_merge_is_forges_lora_then_revert_and_save(arch, monkeypatch, tmp_path):
     m = fake.shared.sd_model
     path = _lora(fake, "mergeme")
     host.hot_load([path])
-    if arch == "sdxl":
-        assert sum("lora_te2_" in k and "_self_attn_" in k
+    if arch != "sd1":
+        assert sum(("lora_te2_" if arch == "sdxl" else "lora_te_") in k and "_self_attn_" in k
                    for k in load_file(path)) == 12  # q, k, v, out_proj (down, up, alpha)
     clean = _sha(m)
     objects = fake_forge.slots(m)
@@ -69,8 +70,9 @@ def test_merge_is_forges_lora_then_revert_and_save(arch, monkeypatch, tmp_path):
     merger = ModelMerger(host)
     state = merger.merge(parse_merge_lines("mergeme:0.7", host.find_lora))
     n_unet = sum(k.startswith("model.diffusion_model.") for k in state.backups)
-    # sd1: 3 UNet + CLIP-L fc1; sdxl: + OpenCLIP layer 0 (in_proj fused, out_proj, fc1, fc2), fc1
-    assert n_unet == 3 and len(state.backups) == (4 if arch == "sd1" else 9)
+    # sd1: 3 UNet + CLIP-L fc1; sd2: 3 UNet + OpenCLIP layer 0 (in_proj fused, out_proj, c_fc,
+    # c_proj) + c_fc of layer 1; sdxl: 3 UNet + CLIP-L fc1 + OpenCLIP layer 0 (4) + c_fc
+    assert n_unet == 3 and len(state.backups) == {"sd1": 4, "sd2": 8, "sdxl": 9}[arch]
     now = fake_forge.slots(m)
     assert now.keys() == objects.keys() and all(now[k] is objects[k] for k in objects)
     assert all(t.is_inference() for t in now.values())  # Forge's own tensors, written in place
@@ -88,12 +90,13 @@ def test_merge_is_forges_lora_then_revert_and_save(arch, monkeypatch, tmp_path):
     live = host.checkpoint_state()
     for key in state.backups:
         assert torch.equal(saved[key], live[key].float()), key
-    if arch == "sdxl":
+    if arch != "sd1":
         qkv = [k for k in state.backups if k.endswith("attn.in_proj_weight")]
         assert len(qkv) == 1 and saved[qkv[0]].shape == source[qkv[0]].shape
         assert not torch.equal(saved[qkv[0]], source[qkv[0]])
-        clip_g = m.forge_objects_original.clip.cond_stage_model.clip_g.transformer
-        attn = clip_g.text_model.encoder.layers[0].self_attn
+        clip = m.forge_objects_original.clip.cond_stage_model
+        tower = (clip.clip_g if arch == "sdxl" else clip.clip_h).transformer
+        attn = tower.text_model.encoder.layers[0].self_attn
         torch.testing.assert_close(saved[qkv[0]], torch.cat(
             [attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]), rtol=0, atol=0)
     untouched = [k for k in saved if k.startswith("first_stage_model.")]
