@@ -90,7 +90,10 @@ class ModelMerger:
             raise UserError("model", info.problem)
         self.host.release_networks()
         state = self.host.checkpoint_state()
-        backups, report = merge_into_state(state, specs, info.arch)
+        try:
+            backups, report = merge_into_state(state, specs, info.arch)
+        finally:
+            self.host.checkpoint_written(state)
         self.state = MergeState(specs=list(specs), backups=backups, report=report,
                                 model=info.hash or info.name, merged_at=time.time())
         self.host.model_changed()
@@ -106,7 +109,9 @@ class ModelMerger:
             self.state = MergeState()  # that model was unloaded: its weights went with it
             return False
         self.host.release_networks()
-        restore_state(self.host.checkpoint_state(), self.state.backups)
+        state = self.host.checkpoint_state()
+        restore_state(state, self.state.backups)
+        self.host.checkpoint_written(state)
         self.state = MergeState()
         self.host.model_changed()
         return True
@@ -122,13 +127,17 @@ class ModelMerger:
         merged = {k: state[k].detach().clone() for k in self.state.backups}
         b = self.host.generate([prompt], negative, seed, steps, size, size, cfg_scale)[0]
         self.host.release_networks()
+        state = self.host.checkpoint_state()  # generating may have moved the weights
         restore_state(state, self.state.backups)
+        self.host.checkpoint_written(state)
         self.host.model_changed()
         try:
             a = self.host.generate([prompt], negative, seed, steps, size, size, cfg_scale)[0]
         finally:
             self.host.release_networks()
+            state = self.host.checkpoint_state()
             restore_state(state, merged)
+            self.host.checkpoint_written(state)
             self.host.model_changed()
         return a, b
 
@@ -145,14 +154,14 @@ class ModelMerger:
             raise UserError("name", e.message) from None
         if precision not in TORCH_DTYPES:
             raise UserError("precision", f"{precision!r} is not valid; choose fp16, bf16 or fp32")
-        vae_state = self._read_vae(vae) if vae else {}
         folder = self.host.checkpoint_dir()
         path = os.path.join(folder, f"{name}.safetensors")
         if os.path.exists(path):
             raise UserError("name", f"{name}.safetensors exists in the checkpoint folder; "
                                     "choose another name")
         self.host.release_networks()
-        state = dict(self.host.checkpoint_state())
+        state = self.host.save_state(list(self.state.backups))
+        vae_state = self._read_vae(vae, state) if vae else {}
         for key, t in vae_state.items():
             state[key] = t
         dtype = TORCH_DTYPES[precision]
@@ -174,7 +183,7 @@ class ModelMerger:
         self.host.refresh_checkpoints()
         return path
 
-    def _read_vae(self, path: str) -> dict[str, torch.Tensor]:
+    def _read_vae(self, path: str, state: dict) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         if not os.path.isfile(path):
@@ -183,7 +192,7 @@ class ModelMerger:
             raw = load_file(path)
         except Exception as e:
             raise UserError("vae", f"cannot read {os.path.basename(path)}: {e}") from None
-        own = {k for k in self.host.checkpoint_state() if k.startswith("first_stage_model.")}
+        own = {k for k in state if k.startswith("first_stage_model.")}
         vae = {(k if k.startswith("first_stage_model.") else "first_stage_model." + k): t
                for k, t in raw.items()}
         vae = {k: t for k, t in vae.items() if k in own}

@@ -56,6 +56,10 @@ Each fact below was read in Forge's source (paths relative to its root):
   a model that does not fit is partly left in CPU memory: its modules get
   `prev_parameters_manual_cast` and `parameters_manual_cast = True`), `get_torch_device()`,
   `soft_empty_cache()`. `stream_next_load` here makes the next load stream one module.
+- backend/nn/unet.py BasicTransformerBlock: `forward` -> `checkpoint(self._forward, ...)`, whose
+  `_forward` adds the attention and feed-forward branches to `x` in place (`x += n`); ResBlock
+  `_forward` likewise (`h *= (1 + scale)`, `h += shift`). Here the tiny UNet's transformer blocks
+  run that way (`ForgeTransformerBlock`).
 - backend/attention.py: `attention_pytorch`, `attention_split`, ...; backend/nn/unet.py imports
   `attention_function` as a module global.
 - extensions-builtin/sd_forge_lora/networks.py: `load_lora_state_dict` (`functools.lru_cache`
@@ -65,6 +69,9 @@ Each fact below was read in Forge's source (paths relative to its root):
   is set), `list_available_networks()`, `available_networks`, `loaded_networks`,
   `networks_in_memory`. The key map (kohya name -> parameter key) is Forge's
   (`model_lora_keys_unet` / `_clip`), built here from our own name functions.
+- modules/sd_models.py `forge_model_reload`: `sd_model.sd_checkpoint_info = checkpoint_info` (the
+  chosen one, `.filename` its path) and `sd_model.filename = checkpoint_info.filename` (here the
+  engine keeps its own info object with the chosen file's path).
 - modules/processing.py: prompt caches `cached_c / cached_uc` (and Txt2Img `cached_hr_c /
   cached_hr_uc`) of three items; `process_images` runs under `torch.inference_mode()`,
   `forge_model_reload()`, `forge_objects = forge_objects_original.shallow_copy()`, activates the
@@ -429,6 +436,36 @@ def _hf_clip(hidden, layers, heads, mlp, act, seed):
         return CLIPTextModel(config).eval()
 
 
+def _forge_transformer_blocks(unet):
+    """The tiny UNet's transformer blocks as Forge's BasicTransformerBlock runs them."""
+    from lora_train_ext.core.models.unet import BasicTransformerBlock as Block
+
+    cls = type("BasicTransformerBlock", (ForgeTransformerBlock, Block), {})
+    for module in unet.modules():
+        if type(module) is Block:
+            module.__class__ = cls
+
+
+class ForgeTransformerBlock:
+    """backend/nn/unet.py BasicTransformerBlock: `forward` calls `checkpoint(self._forward, ...)`
+    (which just calls it), and `_forward` adds each branch to `x` in place: `x += n` after
+    self-attention and cross-attention, `x += x_skip` after the feed-forward. Same values as
+    the tiny block's `x = branch + x`."""
+
+    def forward(self, x, context=None):
+        return self._forward(x, context)
+
+    def _forward(self, x, context=None):
+        n = self.attn1(self.norm1(x))
+        x += n
+        n = self.attn2(self.norm2(x), context)
+        x += n
+        x_skip = x
+        x = self.ff(self.norm3(x))
+        x += x_skip
+        return x
+
+
 class FakeForgeEngine:
     """A ForgeDiffusionEngine over the tiny models of `arch` (seeds as `build_bundle`'s)."""
 
@@ -448,6 +485,7 @@ class FakeForgeEngine:
                 clips = {"clip_l": IntegratedCLIP(_hf_clip(32, 12, 2, 64, "quick_gelu", seed + 2)),
                          "clip_g": IntegratedCLIP(_hf_clip(32, 32, 2, 128, "gelu", seed + 3))}
             torch.manual_seed(seed + 10)  # the text projections (a checkpoint's, in Forge)
+        _forge_transformer_blocks(unet)
         vae.__class__ = type("IntegratedAutoencoderKL", (IntegratedVAE, type(vae)), {})
         vae.scaling_factor, vae.shift_factor = vae.scale_factor, 0.0
         clip = CLIP(clips)
@@ -585,6 +623,8 @@ def install(arch: str, monkeypatch, tmp_path, placeholder: bool = False, seed: i
     def forge_model_reload():
         if isinstance(sd_models.model_data.sd_model, FakeInitialModel):
             engine = FakeForgeEngine(arch, seed=seed, prediction=prediction)
+            engine.sd_checkpoint_info.filename = ck_info.filename  # the chosen file
+            engine.filename = ck_info.filename
             sd_models.model_data.sd_model = engine
             shared.sd_model = engine
             sd_models.reloads += 1

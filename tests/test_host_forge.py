@@ -230,6 +230,39 @@ def test_inference_weights_train_and_forges_objects_come_back_bit_identical(forg
     assert fake.processing.StableDiffusionProcessing.cached_c == [None, None, None]
 
 
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_forges_in_place_blocks_train_and_get_their_forward_back(checkpointing, forge,
+                                                                 demo_dataset):
+    """Forge's transformer blocks add in place (`x += n`, backend/nn/unet.py); autograd refuses
+    that unless the run makes it out of place, with gradient checkpointing's recomputation too."""
+    fake, host = forge
+    m = fake.shared.sd_model
+    unet = m.forge_objects_original.unet.model.diffusion_model
+    blocks = [b for b in unet.modules() if isinstance(b, fake_forge.ForgeTransformerBlock)]
+    assert blocks
+    before = _roots_sha(m)
+    seen = {}
+
+    def look(event):
+        if event.kind == "step" and not seen:
+            seen["wrapped"] = sum("forward" in b.__dict__ for b in blocks)
+    cfg = _cfg(demo_dataset, steps=3)
+    cfg.train.gradient_checkpointing = checkpointing
+    manager = RunManager(host)
+    record = manager.create(cfg)
+    record.control.add_listener(look)
+    with host.exclusive("test"):
+        manager.execute(record)
+    assert record.state == "finished", record.error
+    assert seen["wrapped"] == len(blocks)
+    assert not any("forward" in b.__dict__ for b in blocks)  # Forge's own forward back
+    assert _roots_sha(m) == before
+    x = torch.randn(1, 4, 8, 8)
+    with torch.inference_mode():  # and Forge's in-place forward still runs as before
+        cond = m.get_learned_conditioning(["a"])
+        assert torch.isfinite(unet(x, torch.tensor([10]), context=cond)).all()
+
+
 def test_the_placeholder_is_loaded_when_a_run_starts(monkeypatch, tmp_path, demo_dataset):
     fake = fake_forge.install("sd1", monkeypatch, tmp_path, placeholder=True)
     from lora_train_ext.host.forge import ForgeHost

@@ -94,3 +94,23 @@ def test_tab_labels_are_unique_and_the_lora_list_is_read_at_page_load(tmp_path):
                            for t in dep["targets"]) or dep.get("trigger") == "load"
                     for o in dep["outputs"]]
     assert "lora_train_test_lora" in load_outputs
+    assert "lora_train_model" in load_outputs  # the model line too (Forge chooses it later)
+
+
+def test_the_model_line_follows_the_host(monkeypatch, tmp_path):
+    """Forge builds the tab while no checkpoint is chosen; the line reads the model when asked."""
+    import fake_forge
+    from lora_train_ext.host.forge import ForgeHost
+
+    fake = fake_forge.install("sd1", monkeypatch, tmp_path, placeholder=True)
+    host = ForgeHost()
+    params = fake.sd_models.model_data.forge_loading_parameters
+    chosen = params["checkpoint_info"]
+    params["checkpoint_info"] = None
+    assert tab.model_line(host) == "**Model:** (none) (unknown) — no checkpoint is chosen"
+    params["checkpoint_info"] = chosen
+    assert tab.model_line(host) == "**Model:** fake_forge_sd1 (sd1)"
+    fake.sd_models.forge_model_reload()
+    assert tab.model_line(host) == "**Model:** fake_forge_sd1 (sd1)"
+    fake.shared.sd_model.is_inpaint = True
+    assert "inpainting and depth models cannot be trained" in tab.model_line(host)

@@ -157,6 +157,15 @@ class Host:
         them writes into the model."""
         raise NotImplementedError
 
+    def checkpoint_written(self, state: dict) -> None:
+        """After tensors of a `checkpoint_state()` were written: a host whose state holds copies
+        (not views) of some tensors copies them back."""
+
+    def save_state(self, changed=()) -> dict:
+        """Every tensor Save writes as a checkpoint, under checkpoint names (`changed`: the
+        keys a merge changed, which must be among them)."""
+        return dict(self.checkpoint_state())
+
     def release_networks(self) -> None:
         """Before weights are changed or restored in place: undo and forget what the host's
         own LoRA loader baked in (its backups would otherwise bring old weights back)."""

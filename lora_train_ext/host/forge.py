@@ -80,6 +80,7 @@ from typing import Iterator
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from ..core.bundle import ModelBundle
 from ..core.errors import UserError
@@ -127,6 +128,46 @@ def plain_alias(t: torch.Tensor) -> torch.Tensor:
     if isinstance(t, nn.Parameter):
         return nn.Parameter(out, requires_grad=t.requires_grad)
     return out
+
+
+_IN_PLACE_ARITHMETIC = {"add_": torch.Tensor.add, "sub_": torch.Tensor.sub,
+                        "mul_": torch.Tensor.mul, "div_": torch.Tensor.div}
+
+
+class _OutOfPlaceArithmetic(TorchFunctionMode):
+    """While gradients are on, `x += n`, `h *= s` and the like on tensors autograd tracks run as
+    `x = x + n`: Forge's UNet blocks (backend/nn/unet.py BasicTransformerBlock._forward `x += n`,
+    ResBlock._forward `h *= (1 + scale); h += shift`) update in place tensors that the layer
+    norms before them saved for backward, which autograd refuses ("modified by an inplace
+    operation"). Values are the same; Python rebinds the name to the returned tensor."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        alt = _IN_PLACE_ARITHMETIC.get(getattr(func, "__name__", ""))
+        if alt is not None and torch.is_grad_enabled() and args and \
+                any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+            return alt(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+def _forge_blocks(unet: nn.Module) -> list[nn.Module]:
+    """The UNet's modules that route their forward through `_forward` (Forge's
+    BasicTransformerBlock and ResBlock, where its in-place arithmetic is)."""
+    return [mod for mod in unet.modules() if callable(getattr(type(mod), "_forward", None))]
+
+
+def _autograd_safe_forward(module: nn.Module):
+    original = type(module).forward.__get__(module)
+
+    @functools.wraps(original)
+    def forward(*args, **kwargs):
+        if not torch.is_grad_enabled():
+            return original(*args, **kwargs)
+        with _OutOfPlaceArithmetic():
+            return original(*args, **kwargs)
+
+    forward.lora_train_ext_out_of_place = True
+    return forward
 
 
 @dataclass
@@ -254,6 +295,7 @@ class ForgeHost(WebUIHost):
         self._held: _Held | None = None
         self._saved_attention_fn = None
         self._saved_clip_skip: list[tuple[object, int]] = []
+        self._blocks: list[nn.Module] = []  # Forge's UNet blocks given autograd-safe forwards
 
     # -- model ------------------------------------------------------------------------------
     def model_info(self) -> ModelInfo:
@@ -458,6 +500,7 @@ class ForgeHost(WebUIHost):
         held = _Held.make(list(_roots(m).values()))
         held.install()
         self._held = held
+        self._blocks = _forge_blocks(m.forge_objects_original.unet.model.diffusion_model)
         try:
             self._use_training_attention()
             self._set_clip_skip(m)
@@ -467,6 +510,7 @@ class ForgeHost(WebUIHost):
             held.give_back()
             self._restore_clip_skip()
             self._restore_attention()
+            self._blocks = []
             devices.torch_gc()
 
     def _set_clip_skip(self, m) -> None:
@@ -566,7 +610,12 @@ class ForgeHost(WebUIHost):
     # -- attention ------------------------------------------------------------------------------
     def _use_training_attention(self) -> None:
         """Train with PyTorch's SDP attention unless Forge's choice is SDP or xformers already
-        (its split / sub-quadratic / basic kernels are written for inference)."""
+        (its split / sub-quadratic / basic kernels are written for inference), and with Forge's
+        UNet blocks' in-place arithmetic made out of place (`_OutOfPlaceArithmetic`; instance
+        forwards, so gradient checkpointing's recomputation goes through them too)."""
+        for block in self._blocks:
+            if "forward" not in block.__dict__:
+                block.forward = _autograd_safe_forward(block)
         self._saved_attention_fn = None
         try:
             from backend import attention
@@ -583,6 +632,9 @@ class ForgeHost(WebUIHost):
         forge_unet.attention_function = sdp
 
     def _restore_attention(self) -> None:
+        for block in self._blocks:
+            if getattr(block.__dict__.get("forward"), "lora_train_ext_out_of_place", False):
+                del block.forward
         if self._saved_attention_fn is None:
             return
         from backend.nn import unet as forge_unet
@@ -639,10 +691,100 @@ class ForgeHost(WebUIHost):
         processing.StableDiffusionProcessingTxt2Img.cached_hr_c = [None, None, None]
         processing.StableDiffusionProcessingTxt2Img.cached_hr_uc = [None, None, None]
 
-    def checkpoint_state(self) -> dict:
-        raise UserError("merge", "merging into the loaded model is not available in Forge yet: "
-                                 "merge into a checkpoint file with `python -m lora_train_ext "
-                                 "merge`, then load it")
+    def checkpoint_state(self) -> "_ForgeState":
+        """The loaded model's UNet and text-encoder tensors under checkpoint names, as plain
+        aliases of Forge's (inference) tensors, so writes through them write the model. Forge's
+        text encoders are HF CLIP models: SD1's and SDXL's CLIP-L are named as in checkpoints;
+        SD2's and SDXL's OpenCLIP towers are renamed (keys.hf_to_openclip) and their q/k/v fused
+        into `in_proj_weight` / `in_proj_bias` copies that `checkpoint_written` copies back. The
+        VAE is left out (no LoRA changes it; Save takes it from the checkpoint file)."""
+        from ..core import keys
+
+        m = self._loaded_model()
+        arch = self.model_info().arch
+        fo = m.forge_objects_original
+        state = _ForgeState()
+        for k, t in fo.unet.model.diffusion_model.state_dict(keep_vars=True).items():
+            state[keys.UNET_CHECKPOINT_PREFIX + k] = plain_alias(t)
+        clip = fo.clip.cond_stage_model
+        parts = {"sd1": {"te": "clip_l"}, "sd2": {"te": "clip_h"},
+                 "sdxl": {"te1": "clip_l", "te2": "clip_g"}}.get(arch, {})
+        for part, name in parts.items():
+            prefix = keys.checkpoint_prefix(arch, part)
+            tensors = getattr(clip, name).transformer.state_dict(keep_vars=True)
+            if keys.te_family(arch, part) == "clip":
+                for k, t in tensors.items():
+                    state[prefix + k] = plain_alias(t)
+                continue
+            fused: dict[str, list] = {}
+            for k, t in tensors.items():
+                path, _, kind = k.rpartition(".")
+                if kind not in ("weight", "bias"):
+                    continue
+                try:
+                    oc_path, chunk = keys.hf_to_openclip(path)
+                except keys.KeyMapError:
+                    continue  # embeddings, projection: no LoRA changes them
+                if chunk is None:
+                    state[f"{prefix}{oc_path}.{kind}"] = plain_alias(t)
+                else:
+                    fused.setdefault(f"{prefix}{oc_path}_{kind}", []).append((chunk.index, t))
+            for key, chunks in fused.items():
+                chunks.sort(key=lambda c: c[0])
+                if [i for i, _ in chunks] != [0, 1, 2]:
+                    continue
+                aliases = [plain_alias(t) for _, t in chunks]
+                with torch.no_grad():
+                    state[key] = torch.cat([a.detach() for a in aliases], dim=0)
+                state.fused[key] = aliases
+        return state
+
+    def checkpoint_written(self, state: dict) -> None:
+        """The fused OpenCLIP q/k/v copies written back into Forge's q_proj / k_proj / v_proj."""
+        for key, aliases in getattr(state, "fused", {}).items():
+            rows = [a.shape[0] for a in aliases]
+            with torch.no_grad():
+                for alias, piece in zip(aliases, torch.split(state[key], rows, dim=0)):
+                    if not torch.equal(alias, piece.to(alias.device)):
+                        alias.copy_(piece)
+
+    def save_state(self, changed=()) -> dict:
+        """What Save writes: the loaded checkpoint file's tensors (so the VAE and every key keep
+        the file's names) with the model's UNet and text-encoder tensors in their places;
+        UserError when the file lacks a `changed` key."""
+        from safetensors.torch import load_file
+
+        from modules import sd_models
+
+        m = self._loaded_model()
+        info = getattr(m, "sd_checkpoint_info", None)
+        path = getattr(info, "filename", "") or ""
+        if not path.lower().endswith(".safetensors") or not os.path.isfile(path):
+            raise UserError("merge", "Save needs the loaded checkpoint as a .safetensors file "
+                                     f"(Forge loaded {os.path.basename(path) or 'no file'}); "
+                                     "merge into a file with `python -m lora_train_ext merge` "
+                                     "instead")
+        extra = (getattr(sd_models.model_data, "forge_loading_parameters", None) or {}).get(
+            "additional_modules") or []
+        if extra:
+            raise UserError("merge", "Forge uses modules beside the checkpoint ("
+                                     + ", ".join(os.path.basename(str(e)) for e in extra)
+                                     + "); Save writes the checkpoint file's own VAE and text "
+                                     "encoders: choose 'None' for them at the top of the page "
+                                     "(or merge into a file with `python -m lora_train_ext "
+                                     "merge`)")
+        model = self.checkpoint_state()
+        out = load_file(path)
+        missing = [k for k in changed if k not in out]
+        if missing:
+            raise UserError("merge", f"{os.path.basename(path)} does not name "
+                                     f"{len(missing)} of the model's tensors as checkpoints do "
+                                     f"(e.g. {missing[0]}); merge into a file with "
+                                     "`python -m lora_train_ext merge` instead")
+        for k, t in model.items():
+            if k in out:
+                out[k] = t.detach()
+        return out
 
     def release_networks(self) -> None:
         self.unload_baked_networks()
@@ -706,6 +848,14 @@ class ForgeHost(WebUIHost):
                                     sampler_name)
         finally:
             self._take_back(shared.sd_model)
+
+
+class _ForgeState(dict):
+    """checkpoint key -> tensor; `fused`: OpenCLIP in_proj copies -> Forge's q, k, v aliases."""
+
+    def __init__(self):
+        super().__init__()
+        self.fused: dict[str, list[torch.Tensor]] = {}
 
 
 def _forge_networks_module():

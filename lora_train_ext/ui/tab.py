@@ -267,7 +267,7 @@ def build_tab(host, manager: RunManager, wrap_gpu: Callable[[Callable], Callable
 
     with gr.Blocks(analytics_enabled=False) as tab:
         with gr.Row():
-            gr.Markdown(f"**Model:** {html.escape(info.label)}", elem_id="lora_train_model")
+            model_md = gr.Markdown(model_line(host), elem_id="lora_train_model")
         with gr.Row():
             with gr.Column(scale=3):
                 for f in SIMPLE_FIELDS:
@@ -585,9 +585,22 @@ def build_tab(host, manager: RunManager, wrap_gpu: Callable[[Callable], Callable
         test_button.click(wrap_gpu(on_test, [None]), inputs=[task_id, lora, prompt, negative, seed, steps, size,
                                                        te_strengths, unet_strengths],
                           outputs=[test_image, test_info], **test_kw)
+        # the model is read at page load and every few seconds: Forge builds the tab before it
+        # chooses (or loads) a checkpoint, and a user may switch checkpoints at any time
+        tab.load(lambda: model_line(host), inputs=[], outputs=[model_md], every=5,
+                 show_progress="hidden")
         tab.load(lambda: [status_html(manager), sample_gallery(manager), queue_table_html(manager)],
                  inputs=[], outputs=[status, samples, queue_html], every=1, show_progress="hidden")
     return tab
+
+
+def model_line(host) -> str:
+    """The tab's first line: the host's model now (name, arch, why it cannot train)."""
+    try:
+        label = host.model_info().label
+    except Exception as e:  # the line must not break the page's polling
+        label = f"(unknown) — {e}"
+    return f"**Model:** {html.escape(label)}"
 
 
 def _submit_js(function: str) -> str:
