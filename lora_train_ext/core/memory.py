@@ -152,8 +152,8 @@ class _SavedCounter:
         self.block_inputs: dict[int, int] = {}
 
     def add(self, t: torch.Tensor) -> None:
-        if id(t) in self.seen or t.device.type != "meta":
-            return
+        if id(t) in self.seen or t.device.type != "meta":  # weights are in `seen` from the
+            return                                          # start: they are not activations
         self.seen.add(id(t))
         self.keep.append(t)
         n = t.numel() * t.element_size()
@@ -170,7 +170,11 @@ class _SavedCounter:
 def _flash_attention(counter: _SavedCounter):
     """Attention as the memory-efficient kernels keep it: q, k, v, the output and one float per
     query row and head (the log-sum-exp), never the (N x N) weights."""
+    original = F.scaled_dot_product_attention
+
     def sdpa(q, k, v, *args, **kwargs):
+        if q.device.type != "meta":  # another thread's real attention (a generation)
+            return original(q, k, v, *args, **kwargs)
         out = (q[..., :1] * 0).expand(*q.shape[:-1], v.shape[-1]) + v.sum(-2, keepdim=True)
         out = out + k.sum(-2, keepdim=True)[..., :1] * 0
         out = out.contiguous()
@@ -223,6 +227,10 @@ def trace_unet(unet: nn.Module, arch: str, network_cfg, *, batch: int, height: i
     _real_scalars(net)
     net.attach()
     counter = _SavedCounter()
+    for module in (copy_, net):
+        for w in list(module.parameters()) + list(module.buffers()):
+            counter.seen.add(id(w))
+            counter.keep.append(w)
     blocks = [*copy_.input_blocks, copy_.middle_block, *copy_.output_blocks]
     handles = []
     for i, block in enumerate(blocks):

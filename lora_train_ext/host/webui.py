@@ -266,6 +266,21 @@ class WebUIHost(Host):
             return torch.device(devices.device)
         return next(shared.sd_model.model.diffusion_model.parameters()).device
 
+    def model_parts(self):
+        from modules import shared
+
+        m = shared.sd_model
+        info = self.model_info()
+        if m is None or not info.arch:
+            return None
+        if info.arch == "sdxl":
+            tes = _sdxl_text_encoders(m) or {}
+        elif info.arch == "sd2":
+            tes = {"te": m.cond_stage_model.wrapped.model}
+        else:
+            tes = {"te": m.cond_stage_model.wrapped.transformer}
+        return info.arch, m.model.diffusion_model, tes, m.first_stage_model
+
     def weights_dtype(self) -> torch.dtype:
         from modules import shared
 
