@@ -11,7 +11,8 @@ warm-up run that loads every lazily imported module), then measures on Linux:
 
 - `rss_model`: resident memory after loading, less the interpreter's before (`VmRSS`);
 - `run_growth`: the run's peak resident memory (`VmHWM`, reset through `/proc/self/clear_refs`
-  just before the run) less the resident memory just before it;
+  just before the run) less the resident memory just before it; apart, the peak of the set-up
+  (checks, network, latent and text caches: up to the first step) and of the steps;
 - the estimate (`core.memory.estimate`) of the same run: `model_bytes` and `run_bytes`.
 
 Cases are the options of docs/PERFORMANCE.md's memory table: base precision fp32 / bf16,
@@ -133,9 +134,21 @@ def child(name: str, size: str, arch: str, checkpoint: str, work: str, steps: in
         Trainer(bundle, warm).run()
     cfg = _config(arch, data, os.path.join(work, "out-" + name), case, steps)
     model_rss = _status("VmRSS") - before_model
+    from ..core.bundle import TrainControl
+
+    phases: dict[str, int] = {}
+
+    def at_start(event) -> None:  # set-up done (checks, network, latent and text caches)
+        if event.kind == "start":
+            phases["setup"] = _status("VmHWM") - before
+            phases["held"] = _status("VmRSS") - before
+            with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+                f.write("5")
+
     before = _settle()
-    result = Trainer(bundle, cfg).run()
-    growth = _status("VmHWM") - before
+    result = Trainer(bundle, cfg, TrainControl(at_start)).run()
+    phases["steps"] = _status("VmHWM") - before  # from the held memory at the start
+    growth = max(phases["setup"], phases["steps"])
     est = estimate(cfg, arch=arch, unet=bundle.unet, text_encoders=bundle.text_encoders,
                    vae=bundle.vae, device="cpu", images=max(2, batch), captions=max(2, batch))
     return {"case": name, "size": size, "arch": arch, "base_dtype": base_dtype,
@@ -143,6 +156,9 @@ def child(name: str, size: str, arch: str, checkpoint: str, work: str, steps: in
             "checkpointing": case[4], "offload": case[5], "steps": result.steps,
             "threads": torch.get_num_threads(),
             "rss_model_mib": round(model_rss / MiB), "run_growth_mib": round(growth / MiB),
+            "setup_growth_mib": round(phases["setup"] / MiB),
+            "steps_growth_mib": round(phases["steps"] / MiB),
+            "held_at_start_mib": round(phases["held"] / MiB),
             "estimate_model_mib": round(est.model_bytes / MiB),
             "estimate_run_mib": round(est.run_bytes / MiB),
             "run_error": round(est.run_bytes / growth - 1, 3) if growth > 0 else None,

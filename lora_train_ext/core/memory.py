@@ -46,9 +46,10 @@ OPTIMIZER_STATE = {"adamw": 2.0, "adam": 2.0, "adamw8bit": 0.5, "adam8bit": 0.5,
                    "sgdschedulefree": 1.0, "came": 2.0}
 # Fitted to measured peaks (docs/PERFORMANCE.md, "Memory"): what a step holds at its peak is
 # the saved tensors plus the gradients flowing back through them (SAVED_FACTOR x the traced
-# saved bytes); with checkpointing the blocks' inputs stay and one block at a time is recomputed,
+# saved bytes; in half precision less, as measured: the trace, all in the half type, counts
+# more than autocast keeps); with checkpointing the blocks' inputs stay and one block at a time is recomputed,
 # its saved tensors and their gradients (RECOMPUTE_FACTOR x the largest block's).
-SAVED_FACTOR = 1.4
+SAVED_FACTOR = {"fp32": 1.4, "half": 0.95}  # fp32 steps; bf16 / fp16 autocast steps
 RECOMPUTE_FACTOR = 3.0
 # Caching latents runs the VAE's encoder without gradients on a chunk of images: its peak is a
 # few activations of the full-resolution layers (VAE_FACTOR x one of them) and, on the CPU,
@@ -374,12 +375,13 @@ def estimate(cfg, *, arch: str, unet: nn.Module, text_encoders: dict[str, nn.Mod
     parts["adapter"] = adapter
 
     traced = _cached_trace(unet, arch, n, batch, height, width, tokens, compute)
+    factor = SAVED_FACTOR["fp32" if compute == torch.float32 else "half"]
     if t.gradient_checkpointing:
-        step = SAVED_FACTOR * traced["kept"] + RECOMPUTE_FACTOR * traced["max_block"]
+        step = factor * traced["kept"] + RECOMPUTE_FACTOR * traced["max_block"]
     else:
-        step = SAVED_FACTOR * traced["total"]
+        step = factor * traced["total"]
     if te_trained:
-        step += SAVED_FACTOR * sum(_trace_te(m, batch, tokens, compute)
+        step += factor * sum(_trace_te(m, batch, tokens, compute)
                                    for m in text_encoders.values())
     parts["activations"] = int(step)
 
