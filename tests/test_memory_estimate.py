@@ -41,9 +41,8 @@ def test_trace_counts_activations_not_weights(sd1_bundle):
     a = M.trace_unet(sd1_bundle.unet, "sd1", net, batch=1, height=128, width=128)
     b = M.trace_unet(sd1_bundle.unet, "sd1", net, batch=2, height=128, width=128)
     c = M.trace_unet(sd1_bundle.unet, "sd1", net, batch=1, height=256, width=256)
-    # activations scale with the batch and the pixels (attention linearly: flash kernels);
-    # a part does not: per-module tensors of the adapter's weights (the fused delta)
-    assert 1.6 * a["total"] < b["total"] <= 2 * a["total"]
+    # activations scale with the batch and the pixels (attention linearly: flash kernels)
+    assert 1.8 * a["total"] < b["total"] < 2.2 * a["total"]
     assert 3.0 * a["total"] < c["total"] < 4.5 * a["total"]
     assert a["kept"] + a["max_block"] < a["total"]
     weights = sum(p.numel() * 4 for p in sd1_bundle.unet.parameters())

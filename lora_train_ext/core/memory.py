@@ -46,11 +46,11 @@ OPTIMIZER_STATE = {"adamw": 2.0, "adam": 2.0, "adamw8bit": 0.5, "adam8bit": 0.5,
                    "sgdschedulefree": 1.0, "came": 2.0}
 # Fitted to measured peaks (docs/PERFORMANCE.md, "Memory"): what a step holds at its peak is
 # the saved tensors plus the gradients flowing back through them (SAVED_FACTOR x the traced
-# saved bytes; in half precision less, as measured: the trace, all in the half type, counts
-# more than autocast keeps); with checkpointing the blocks' inputs stay and one block at a time is recomputed,
+# saved bytes; in half precision more, as measured: autocast keeps some tensors in fp32 and
+# casts of the inputs that the trace, all in the half type, does not see); with checkpointing the blocks' inputs stay and one block at a time is recomputed,
 # its saved tensors and their gradients (RECOMPUTE_FACTOR x the largest block's).
-SAVED_FACTOR = {"fp32": 1.4, "half": 0.95}  # fp32 steps; bf16 / fp16 autocast steps
-RECOMPUTE_FACTOR = 3.0
+SAVED_FACTOR = {"fp32": 1.5, "half": 1.7}  # fp32 steps; bf16 / fp16 autocast steps
+RECOMPUTE_FACTOR = 4.0
 # Caching latents runs the VAE's encoder without gradients on a chunk of images: its peak is a
 # few activations of the full-resolution layers (VAE_FACTOR x one of them) and, on the CPU,
 # where the attention of its middle block keeps its (tokens x tokens) weights, those weights
@@ -152,12 +152,21 @@ class _SavedCounter:
         self.per_block: dict[int, int] = {}
         self.block_inputs: dict[int, int] = {}
 
+    @staticmethod
+    def key(t: torch.Tensor) -> int:
+        """The tensor's storage: views of one tensor (a weight's transpose, an activation's
+        reshape) are counted once, as the storage they share."""
+        return t.untyped_storage()._cdata
+
     def add(self, t: torch.Tensor) -> None:
-        if id(t) in self.seen or t.device.type != "meta":  # weights are in `seen` from the
-            return                                          # start: they are not activations
-        self.seen.add(id(t))
+        if t.device.type != "meta":
+            return
+        key = self.key(t)
+        if key in self.seen:  # weights are there from the start: they are not activations
+            return
+        self.seen.add(key)
         self.keep.append(t)
-        n = t.numel() * t.element_size()
+        n = t.untyped_storage().nbytes()
         self.total += n
         self.largest = max(self.largest, n)
         if self.block is not None:
@@ -230,7 +239,7 @@ def trace_unet(unet: nn.Module, arch: str, network_cfg, *, batch: int, height: i
     counter = _SavedCounter()
     for module in (copy_, net):
         for w in list(module.parameters()) + list(module.buffers()):
-            counter.seen.add(id(w))
+            counter.seen.add(counter.key(w))
             counter.keep.append(w)
     blocks = [*copy_.input_blocks, copy_.middle_block, *copy_.output_blocks]
     handles = []
