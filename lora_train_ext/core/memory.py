@@ -49,8 +49,8 @@ OPTIMIZER_STATE = {"adamw": 2.0, "adam": 2.0, "adamw8bit": 0.5, "adam8bit": 0.5,
 # saved bytes; in half precision more, as measured: autocast keeps some tensors in fp32 and
 # casts of the inputs that the trace, all in the half type, does not see); with checkpointing the blocks' inputs stay and one block at a time is recomputed,
 # its saved tensors and their gradients (RECOMPUTE_FACTOR x the largest block's).
-SAVED_FACTOR = {"fp32": 1.5, "half": 1.7}  # fp32 steps; bf16 / fp16 autocast steps
-RECOMPUTE_FACTOR = 4.0
+SAVED_FACTOR = {"fp32": 1.4, "half": 1.7}  # fp32 steps; bf16 / fp16 autocast steps
+RECOMPUTE_FACTOR = 3.5
 # Caching latents runs the VAE's encoder without gradients on a chunk of images: its peak is a
 # few activations of the full-resolution layers (VAE_FACTOR x one of them) and, on the CPU,
 # where the attention of its middle block keeps its (tokens x tokens) weights, those weights
