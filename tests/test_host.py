@@ -108,6 +108,12 @@ def test_run_under_medvram_and_lowvram(webui, demo_dataset, medvram):
         manager.execute(record)
     assert record.state == "finished", record.error
     assert os.path.isfile(record.files[0])
+    # the estimate before the run counted the whole model, from the WebUI's own modules
+    weights = sum(t.numel() * t.element_size() for m in (
+        model.model.diffusion_model, model.cond_stage_model.wrapped.transformer,
+        model.first_stage_model) for t in [*m.parameters(), *m.buffers()])
+    assert record.memory_estimate["model_bytes"] == weights
+    assert record.memory_estimate["kind"] == "RSS"
     assert fake.lowvram.moves == []  # no hook moved anything during the run
     assert seen["hooks"][0] == [] and seen["hooks"][1] == {"encode": None, "decode": None}
     assert seen["in_gpu"] is None
