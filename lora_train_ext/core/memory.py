@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -367,6 +366,9 @@ def estimate(cfg, *, arch: str, unet: nn.Module, text_encoders: dict[str, nn.Mod
     te_b = sum(_param_bytes(m, base_dtype) for m in text_encoders.values())
     vae_b = _param_bytes(vae, base_dtype)
     offload_te = t.offload_frozen and not te_trained and d.cache_text
+    if t.offload_frozen and not offload_te:
+        notes.append("train.offload_frozen: the text encoder stays on the device (it is "
+                     "trained, or data.cache_text is off)")
     offload_vae = t.offload_frozen and d.cache_latents
     model = unet_b + te_b + vae_b
     if on_gpu:  # offloaded parts live in the CPU's memory during the run

@@ -54,10 +54,6 @@ def move_tensors(module: nn.Module, device: torch.device | str) -> int:
     return moved
 
 
-def devices_of(module: nn.Module) -> set[str]:
-    return {str(t.device) for _, _, _, t in _tensors(module)}
-
-
 class Placement:
     """Where each tensor of some modules is now; `restore()` puts every one back there."""
 
