@@ -1,7 +1,9 @@
 """HTTP API under /lora-train/v1/: the same operations as the tab, for scripts.
 
 Routes: GET /settings (the settings table); POST /runs (a RunConfig as JSON, partial allowed)
--> {id, position in the queue}, or 422 with every problem found by the preflight check;
+-> {id, position in the queue, memory (the run's memory estimate)}, or 422 with every problem
+found by the preflight check; POST /estimate (the same body) -> {memory, warnings}: the memory
+estimate without queueing (peak, parts, free memory, the options that make it fit);
 GET /runs; GET /runs/{id}; GET /queue; POST /runs/{id}/stop, /pause, /resume, /cancel,
 /move {"by": N};
 GET /model; GET /loras; POST /test (a TE x UNet grid, PNG as base64); GET/POST /merge,
@@ -217,7 +219,19 @@ def add_routes(app, host, manager: RunManager, credentials: dict[str, str] | Non
         except UserError as e:
             return user_error(e)
         return {"id": record.id, "state": record.state,
-                "position": manager.position(record.id)}
+                "position": manager.position(record.id), "memory": record.memory_estimate}
+
+    @post_json("/estimate")
+    def memory_estimate(body: dict[str, Any]):
+        """The run's memory estimate before it starts (the same check as POST /runs, nothing
+        queued): peak, parts, the device's free memory, and the options that make it fit."""
+        try:
+            cfg = manager.prepare_config(RunConfig.from_dict(body.get("config", body)))
+        except UserError as e:
+            return user_error(e)
+        est = manager.last_estimate
+        return {"memory": est.to_dict() if est is not None else None,
+                "warnings": list(manager.last_warnings)}
 
     @app.get(PREFIX + "/queue", dependencies=deps)
     def queue():

@@ -11,6 +11,7 @@ Records of ended runs (finished, stopped, failed, cancelled) are kept up to `kee
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import threading
 import time
@@ -19,6 +20,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from .core.bundle import Progress, TrainControl
 from .core.config import RunConfig
 from .core.presets import PRESETS
@@ -26,6 +29,8 @@ from .core.errors import TrainingError, UserError, UserErrors
 from .core.preflight import preflight
 from .core.run_files import ema_path
 from .core.trainer import train
+
+log = logging.getLogger(__name__)
 
 STATES = ("queued", "running", "finished", "stopped", "failed", "cancelled")
 ENDED_STATES = ("finished", "stopped", "failed", "cancelled")
@@ -61,6 +66,7 @@ class RunRecord:
     progress: dict[str, Any] = field(default_factory=dict)  # a file job's (see job_progress)
     result: dict[str, Any] = field(default_factory=dict)  # a file job's report, or its error
     job: Any = field(default=None, repr=False)  # a file job's FileJob
+    memory_estimate: dict[str, Any] | None = None  # core.memory.MemoryEstimate.to_dict()
     last_elapsed: float = field(default=0.0, repr=False)  # seconds into the run at the last step
     control: TrainControl = field(default_factory=TrainControl, repr=False)
 
@@ -81,6 +87,7 @@ class RunRecord:
             "samples": [{"step": s, "path": p} for s, p in self.samples],
             "val_loss": self.val_history[-1][1] if self.val_history else None,
             "val_history": [{"step": s, "val_loss": v} for s, v in self.val_history],
+            "memory_estimate": self.memory_estimate,
         }
 
 
@@ -91,6 +98,7 @@ class RunManager:
         self.keep_finished = keep_finished
         self._lock = threading.Lock()
         self.last_warnings: list[str] = []
+        self.last_estimate = None  # core.memory.MemoryEstimate of the last run checked
         self._queue: list[str] = []  # ids of queued runs, in the order they will run
         self._queue_changed = threading.Condition(self._lock)
         self._worker: threading.Thread | None = None
@@ -219,11 +227,34 @@ class RunManager:
             result.problems = outside + [p for p in result.problems if p.field not in named]
         result.raise_if_failed()
         self.last_warnings = list(result.warnings)
+        self.last_estimate = self.memory_estimate(cfg)
+        if self.last_estimate is not None and self.last_estimate.fits is False:
+            self.last_warnings.append(self.last_estimate.text())
         return cfg
+
+    def memory_estimate(self, cfg: RunConfig):
+        """The run's peak memory on the host's device (core.memory.MemoryEstimate), with the
+        options that make it fit the free memory when it does not; None when the host cannot
+        show its model's parts or the estimate fails (it never stops a run)."""
+        from .core.memory import device_free_bytes, estimate
+
+        try:
+            parts = self.host.model_parts()
+            if parts is None:
+                return None
+            arch, unet, tes, vae = parts
+            device = self.host.device() or torch.device("cpu")
+            return estimate(cfg, arch=arch, unet=unet, text_encoders=tes, vae=vae,
+                            device=device, free_bytes=device_free_bytes(device))
+        except Exception as e:  # an estimate is advice: a model it cannot trace is no error
+            log.warning("memory estimate failed: %s", e)
+            return None
 
     def create(self, cfg: RunConfig, confine: bool = False) -> RunRecord:
         cfg = self.prepare_config(cfg, confine)
         record = RunRecord(id=uuid.uuid4().hex[:12], config=cfg)
+        if self.last_estimate is not None:
+            record.memory_estimate = self.last_estimate.to_dict()
         with self._lock:
             self.runs[record.id] = record
             self._prune_locked()

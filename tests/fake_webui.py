@@ -23,6 +23,17 @@ Each fact below was checked in the WebUI's source (paths relative to its root):
   it with demo=None under --nowebui). modules/options.py: `OptionInfo(default, label,
   section=...)` with `needs_restart()` returning itself; `opts.add_option(key, info)`; reading an
   option gives the stored value or its default. cmd_opts has `api`, `nowebui`, `api_auth`.
+- modules/lowvram.py (--medvram / --lowvram; `apply_lowvram` below): `setup_for_low_vram` sets
+  `sd_model.lowvram = True`, registers forward pre-hooks that are functions named
+  `send_me_to_gpu` (move the hooked module, or its recorded parent, to `devices.device` and the
+  module now in `module_in_gpu` back to the CPU) on the SD1 text encoder
+  `cond_stage_model.transformer` (parent: that `cond_stage_model`; the hijack later wraps it, so
+  it is `cond_stage_model.wrapped.transformer` then: modules/sd_models.py `load_model` calls
+  `send_model_to_device` before `model_hijack.hijack`), on `first_stage_model` (whose `encode`
+  and `decode` are replaced by instance-level wrappers that call the hook first), and with
+  --medvram on `model` (the UNet's wrapper), with --lowvram on the UNet's `time_embed`, each of
+  `input_blocks`, `middle_block` and each of `output_blocks`. `send_everything_to_cpu()` moves
+  `module_in_gpu` to the CPU and sets it to None. Here `moves` records each hook's move.
 """
 
 from __future__ import annotations
@@ -167,6 +178,17 @@ def install(bundle, monkeypatch):
     sd_vae = types.ModuleType("modules.sd_vae")
     sd_vae.loaded_vae_file = None
 
+    lowvram = types.ModuleType("modules.lowvram")
+    lowvram.module_in_gpu = None
+    lowvram.moves = []
+
+    def send_everything_to_cpu():
+        if lowvram.module_in_gpu is not None:
+            lowvram.module_in_gpu.to(torch.device("cpu"))
+        lowvram.module_in_gpu = None
+
+    lowvram.send_everything_to_cpu = send_everything_to_cpu
+    lowvram.is_enabled = lambda m: m.lowvram
     networks = types.ModuleType("networks")
     networks.loaded_networks = []
     networks.networks_in_memory = {}
@@ -191,13 +213,58 @@ def install(bundle, monkeypatch):
                       ("modules.processing", processing), ("modules.sd_hijack", sd_hijack),
                       ("modules.sd_vae", sd_vae), ("modules.paths_internal", paths_internal),
                       ("modules.script_callbacks", script_callbacks),
+                      ("modules.lowvram", lowvram),
                       ("networks", networks)):
         monkeypatch.setitem(sys.modules, name, mod)
         if "." in name:
             setattr(modules, name.split(".", 1)[1], mod)
     return types.SimpleNamespace(shared=shared, networks=networks, processing=processing,
                                  call_queue=call_queue, sd_hijack=sd_hijack,
-                                 script_callbacks=script_callbacks)
+                                 script_callbacks=script_callbacks, lowvram=lowvram,
+                                 devices=devices)
+
+
+def apply_lowvram(fake, medvram: bool) -> list[tuple[torch.nn.Module, object]]:
+    """The WebUI's low-VRAM set-up on the fake SD1 model, as modules/lowvram.py does it (see the
+    module's notes); returns (module, hook) for every hook registered."""
+    m, lowvram, devices = fake.shared.sd_model, fake.lowvram, fake.devices
+    fake.shared.cmd_opts.medvram, fake.shared.cmd_opts.lowvram = medvram, not medvram
+    m.lowvram = True
+    parents = {}
+
+    def send_me_to_gpu(module, _):
+        module = parents.get(module, module)
+        if lowvram.module_in_gpu is module:
+            return
+        if lowvram.module_in_gpu is not None:
+            lowvram.module_in_gpu.to(torch.device("cpu"))
+        module.to(devices.device)
+        lowvram.module_in_gpu = module
+        lowvram.moves.append(module)
+
+    vae = m.first_stage_model
+    encode, decode = vae.encode, vae.decode
+
+    def encode_wrap(x):
+        send_me_to_gpu(vae, None)
+        return encode(x)
+
+    def decode_wrap(z):
+        send_me_to_gpu(vae, None)
+        return decode(z)
+
+    te = m.cond_stage_model.wrapped.transformer
+    parents[te] = m.cond_stage_model.wrapped
+    hooked = [te, vae]
+    unet = m.model.diffusion_model
+    if medvram:
+        hooked.append(m.model)
+    else:
+        hooked += [unet.time_embed, *unet.input_blocks, unet.middle_block, *unet.output_blocks]
+    for module in hooked:
+        module.register_forward_pre_hook(send_me_to_gpu)
+    vae.encode, vae.decode = encode_wrap, decode_wrap
+    return [(module, send_me_to_gpu) for module in hooked]
 
 
 @contextmanager

@@ -103,7 +103,7 @@ def test_stop_a_running_run(client, demo_dataset):
 # -- request bodies: size limit and shape ---------------------------------------------------------
 JSON_POST_ROUTES = ["/runs", "/runs/someid/move", "/test", "/snapshot-grid", "/merge",
                     "/merge/compare", "/merge/save", "/merge-file", "/merge-loras", "/extract",
-                    "/resize"]
+                    "/resize", "/estimate"]
 
 
 def test_every_post_route_with_a_body_is_limited(client):
@@ -370,3 +370,33 @@ def test_number_helpers_take_what_json_and_forms_send():
     assert whole_number({}, "s", 20, 1, 150) == 20
     assert real_number({"c": "7.5"}, "c", 7.0, 0, 30) == 7.5
     assert real_number({"c": 0}, "c", 7.0, 0, 30) == 0.0
+
+
+def test_memory_estimate_route_and_run_reply(client, demo_dataset, monkeypatch):
+    """POST /estimate gives the estimate without queueing; a bigger batch needs more; when it
+    does not fit the free memory, the reply names options that would make it fit."""
+    auth = ("alice", "secret")
+    body = {**RUN, "data": {**RUN["data"], "dataset_dir": demo_dataset}}
+    r = client.post(PREFIX + "/estimate", json=body, auth=auth)
+    assert r.status_code == 200, r.text
+    mem = r.json()["memory"]
+    assert mem["kind"] == "RSS" and mem["device"] == "cpu"
+    assert mem["model_bytes"] > 0 and mem["run_bytes"] > mem["parts"]["activations"] > 0
+    assert mem["peak_bytes"] == mem["model_bytes"] + mem["run_bytes"]
+    assert client.get(PREFIX + "/queue", auth=auth).json()["queue"] == []
+    bigger = {**body, "train": {**body["train"], "batch_size": 8}}
+    mem8 = client.post(PREFIX + "/estimate", json=bigger, auth=auth).json()["memory"]
+    assert mem8["parts"]["activations"] > 3 * mem["parts"]["activations"]
+    # a device with little free memory: the estimate says so and names what fits
+    from lora_train_ext.core import memory
+
+    monkeypatch.setattr(memory, "device_free_bytes",
+                        lambda device: int(mem8["run_bytes"] * 0.6))
+    tight = client.post(PREFIX + "/estimate", json=bigger, auth=auth).json()
+    assert tight["memory"]["fits"] is False
+    suggestions = tight["memory"]["suggestions"]
+    assert any("gradient_checkpointing" in s or "batch_size = 1" in s for s in suggestions), \
+        suggestions
+    assert any("does not fit" in w for w in tight["warnings"])
+    r = client.post(PREFIX + "/estimate", json={"network": {"rank": 0}}, auth=auth)
+    assert r.status_code == 422 and r.json()["field"] == "network.rank"

@@ -41,8 +41,8 @@ def test_model_info_and_refusals(webui):
     fake, host = webui
     info = host.model_info()
     assert (info.arch, info.prediction, info.problem) == ("sd1", "epsilon", "")
-    fake.shared.cmd_opts.medvram = True
-    assert "--medvram" in host.model_info().problem
+    fake.shared.cmd_opts.medvram = True  # supported: see test_run_under_medvram_and_lowvram
+    assert host.model_info().problem == ""
     fake.shared.cmd_opts.medvram = False
     fake.shared.sd_model = None
     assert host.model_info().problem == "no checkpoint is loaded"
@@ -67,6 +67,64 @@ def test_run_saves_to_lora_dir_hot_loads_and_restores(webui, demo_dataset):
     assert fake.shared.state.sampling_step == 6 and fake.shared.state.sampling_steps == 6
     assert "loss" in fake.shared.state.textinfo
     assert fake.shared.state.begun == 1
+
+
+def _hook_table(model):
+    """Every module's forward pre-hooks in order, and the VAE's instance-level methods."""
+    vae = model.first_stage_model
+    return ([(name, list(m._forward_pre_hooks.items())) for name, m in model.named_modules()
+             if m._forward_pre_hooks],
+            {k: vae.__dict__.get(k) for k in ("encode", "decode")})
+
+
+@pytest.mark.parametrize("medvram", [True, False], ids=["medvram", "lowvram"])
+def test_run_under_medvram_and_lowvram(webui, demo_dataset, medvram):
+    """The WebUI's low-VRAM hooks stay out of the run (none fires: the trainer's steps would see
+    blocks moved away between forward and backward) and come back exactly afterwards."""
+    fake, host = webui
+    model = fake.shared.sd_model
+    hooked = fake_webui.apply_lowvram(fake, medvram=medvram)
+    unet = model.model.diffusion_model
+    assert len(hooked) == (3 if medvram else 4 + len(unet.input_blocks) + len(unet.output_blocks))
+    # the WebUI conditioned a prompt before: the text encoder's parent is on the GPU
+    model.get_learned_conditioning(["a prompt"])
+    assert fake.lowvram.module_in_gpu is model.cond_stage_model.wrapped
+    fake.lowvram.moves.clear()
+    table = _hook_table(model)
+    assert len(table[0]) == len(hooked) and all(table[1].values())
+    before = state_sha256(model)
+    assert host.model_info().problem == ""
+    seen = {}
+
+    def during(event):
+        if event.kind == "step" and "hooks" not in seen:
+            seen["hooks"] = _hook_table(model)
+            seen["in_gpu"] = fake.lowvram.module_in_gpu
+
+    manager = RunManager(host)
+    record = manager.create(_cfg(demo_dataset, steps=3, name=f"low{int(medvram)}"))
+    record.control.add_listener(during)
+    with host.exclusive("test"):
+        manager.execute(record)
+    assert record.state == "finished", record.error
+    assert os.path.isfile(record.files[0])
+    # the estimate before the run counted the whole model, from the WebUI's own modules
+    weights = sum(t.numel() * t.element_size() for m in (
+        model.model.diffusion_model, model.cond_stage_model.wrapped.transformer,
+        model.first_stage_model) for t in [*m.parameters(), *m.buffers()])
+    assert record.memory_estimate["model_bytes"] == weights
+    assert record.memory_estimate["kind"] == "RSS"
+    assert fake.lowvram.moves == []  # no hook moved anything during the run
+    assert seen["hooks"][0] == [] and seen["hooks"][1] == {"encode": None, "decode": None}
+    assert seen["in_gpu"] is None
+    # afterwards: the same hooks in the same order, the wrappers, the module on the GPU
+    assert _hook_table(model) == table
+    assert fake.lowvram.module_in_gpu is model.cond_stage_model.wrapped
+    assert model.lowvram is True
+    assert state_sha256(model) == before
+    # and the WebUI's hooks work again
+    model.first_stage_model.encode(torch.zeros(1, 3, 64, 64))
+    assert fake.lowvram.moves == [model.first_stage_model]
 
 
 def test_baked_networks_are_unloaded_before_training(webui, demo_dataset):

@@ -484,6 +484,11 @@ class TrainConfig:
                                  "Adapter precision", "Training", choices=ADAPTER_DTYPES)
     gradient_checkpointing: bool = setting(False, "Less VRAM, about 20-30% slower",
                                            "Gradient checkpointing", "Training")
+    offload_frozen: bool = setting(
+        False, "Less VRAM: keep the VAE in CPU memory once the latents are cached, and the text "
+               "encoders once their outputs are (not when a text encoder is trained); back on "
+               "the device for samples, pauses and the run's end", "Offload frozen parts",
+        "Training")
     ema: bool = setting(False, "Keep an exponential moving average of the adapter's weights, "
                                "saved beside the file as NAME-ema.safetensors", "EMA", "Training")
     ema_decay: float = setting(0.999, "EMA decay per step: 0.999 averages about the last 1000 "

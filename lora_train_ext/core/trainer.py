@@ -15,6 +15,7 @@ average of the adapter's weights).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -39,6 +40,7 @@ from .ema import AdapterEMA, ema_for_run
 from .errors import TrainingError, UserError
 from .guard import BaseGuard
 from .lora_file import save_lora
+from .offload import FrozenOffload, offload_plan
 from .networks import AdapterNetwork, build_network, part_of
 from .networks.targets import block_value, parse_block_values
 from .preflight import preflight
@@ -135,6 +137,7 @@ class Trainer:
         self.log: F.RunLog | None = None
         self.validation: V.Validation | None = None
         self.ema: AdapterEMA | None = None
+        self.offload: FrozenOffload | None = None  # train.offload_frozen
 
     # -- the run -----------------------------------------------------------------------------
     def run(self) -> TrainResult:
@@ -227,6 +230,7 @@ class Trainer:
                 self.data.cache_latents(bundle.encode, bundle.vae_id, progress=self._cache_progress)
         if self.validation is not None:
             self.validation.prepare(bundle.encode, bundle.vae_id)
+        self._set_up_offload()
         if cfg.train.gradient_checkpointing:
             self.checkpointing = GradientCheckpointing([bundle.unet, *(
                 te for p, te in bundle.text_encoders.items() if self.te_trained)]).enable()
@@ -235,6 +239,36 @@ class Trainer:
         if self.dist is not None:
             D.set_up(self.dist, self, state)  # rank 0's weights; each process its own RNGs
         return self.step_offset + planned
+
+    def _set_up_offload(self) -> None:
+        """train.offload_frozen: the VAE (latents cached) and the text encoders (outputs cached,
+        not trained) go to the CPU until the run's end; what cannot go is said in a warning."""
+        cfg, bundle = self.cfg, self.bundle
+        names, notes = offload_plan(
+            enabled=cfg.train.offload_frozen, te_trained=self.te_trained,
+            cache_text=cfg.data.cache_text,
+            latents_cached=bool(cfg.data.cache_latents and getattr(self.data, "latents_cached",
+                                                                    False)),
+            te_names=list(bundle.text_encoders))
+        for message in notes:
+            self._warn(message)
+        if not names:
+            return
+        parts = {"vae": bundle.vae, **bundle.text_encoders}
+        self.offload = FrozenOffload({n: parts[n] for n in names}, home=self.device)
+        self.offload.send_away()
+        self.control.emit(Progress("log", message="offloaded to the CPU: " + ", ".join(names)))
+
+    def _offloaded_tes(self) -> list[str]:
+        if self.offload is None:
+            return []
+        return [n for n in self.bundle.text_encoders if n in self.offload.parts]
+
+    def _all_home(self) -> None:
+        """Offloaded parts back on the device (the host's samples, a pause): the guard takes
+        their new storage as the baseline."""
+        if self.offload is not None and self.offload.bring_home():
+            self.guard.accept_moved()
 
     def _loop(self, total: int, t0: float) -> bool:
         """Train until `total` optimizer steps; True when stopped early by the control."""
@@ -330,10 +364,13 @@ class Trainer:
         started = time.time()
         O.set_train_mode(self.optimizer, False)
         self.network.eval()
+        self._all_home()  # the host samples with the whole model
         try:
             with process_rngs_kept(), torch.no_grad():
                 paths = list(sampler(self.step, prompts_for(self.cfg)))
         finally:
+            if self.offload is not None:
+                self.offload.send_away()
             self.network.train()
             O.set_train_mode(self.optimizer, True)
             self.sample_seconds += time.time() - started
@@ -369,7 +406,7 @@ class Trainer:
         if batch.latents is not None:
             latents = batch.latents.to(self.device)
         else:
-            with torch.no_grad():
+            with torch.no_grad(), self._using("vae"):
                 latents = bundle.encode(batch.images.to(self.device))
         latents = latents.float()
         lc = cfg.loss
@@ -412,10 +449,16 @@ class Trainer:
         keys = [(c, tuple(sizes[i]) if sizes else ()) for i, c in enumerate(captions)]
         for i, key in enumerate(keys):
             if key not in self._text_cache:
-                with torch.no_grad():
+                with torch.no_grad(), self._using(*self._offloaded_tes()):
                     fresh = self.bundle.condition([captions[i]], [sizes[i]] if sizes else [])
                 self._text_cache[key] = _index_cond(fresh, 0)
         return _cat_cond([self._text_cache[k] for k in keys])
+
+    def _using(self, *names: str):
+        """The offloaded parts named on the device for one use (a caption not yet cached)."""
+        if self.offload is None or not names:
+            return contextlib.nullcontext()
+        return self.offload.using(*names)
 
     def _next_batch(self):
         """The next batch in (epoch, batch_in_epoch) order. An epoch ends as soon as its last
@@ -486,6 +529,9 @@ class Trainer:
             self.checkpointing.disable()
         if self.network is not None:
             self.network.detach()
+        if self.offload is not None:
+            self.offload.restore()
+            guard.accept_moved()
         guard.restore()
         self._text_cache.clear()
 
@@ -585,6 +631,7 @@ class Trainer:
         if self.checkpointing is not None:
             self.checkpointing.disable()
         self.network.detach()
+        self._all_home()  # the host generates with the whole model while paused
         with process_rngs_kept():
             control.emit(Progress("paused", step=self.step, total=total, path=path,
                                   message=f"paused at step {self.step}: test "
@@ -612,6 +659,8 @@ class Trainer:
         self.network.attach()
         if self.checkpointing is not None:
             self.checkpointing.enable()
+        if self.offload is not None:
+            self.offload.send_away()
         control.emit(Progress("resumed", step=self.step, total=total,
                               message=f"resumed at step {self.step}"))
 

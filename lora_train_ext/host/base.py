@@ -55,6 +55,11 @@ class Host:
         """The torch device the model trains on (None: not known, no device checks)."""
         return None
 
+    def model_parts(self):
+        """(arch, unet, text encoders by kohya part, vae) of the resident model as it is, for
+        the memory estimate (nothing is changed); None when the host cannot tell."""
+        return None
+
     def check_config(self, cfg) -> None:
         """Refuse settings this host's model cannot train with (raise UserError)."""
 

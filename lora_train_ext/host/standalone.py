@@ -66,6 +66,10 @@ class StandaloneHost(Host):
     def device(self) -> torch.device:
         return self.bundle.device
 
+    def model_parts(self):
+        b = self.bundle
+        return b.arch, b.unet, dict(b.text_encoders), b.vae
+
     @contextlib.contextmanager
     def prepared_model(self) -> Iterator[ModelBundle]:
         threads = torch.get_num_threads()

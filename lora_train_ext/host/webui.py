@@ -19,6 +19,16 @@ Facts used here were checked in the WebUI's v1.10.1 source:
   hijack wrapper that never conditioned may lack the attribute.
 - `modules.sd_vae.loaded_vae_file`: the path of the VAE file in use, None for the checkpoint's own.
 - Attention optimisations are class-level forwards set by `sd_hijack.apply_optimizations()`.
+- --medvram / --lowvram (modules/lowvram.py `setup_for_low_vram`, applied by
+  modules/sd_models.py `send_model_to_device` before the hijack): the model gets `lowvram = True`;
+  the text encoder (SD1 `cond_stage_model.transformer`, later `.wrapped.transformer`, moved with
+  its parent; SD2 `cond_stage_model.model` and its `token_embedding`; SDXL the `conditioner`), the
+  VAE (`first_stage_model`, whose `encode` / `decode` become instance-level wrappers) and, with
+  --medvram, `model` (the UNet's wrapper) or, with --lowvram, the UNet's `time_embed`, each input
+  block, the middle block and each output block stay on the CPU, each with a forward pre-hook (a
+  function named `send_me_to_gpu`) that moves it to the GPU and the module there before it back
+  to the CPU; `lowvram.module_in_gpu` is the one on the GPU, `send_everything_to_cpu()` moves it
+  back. --medvram-sdxl does the same for SDXL models only.
 """
 
 from __future__ import annotations
@@ -118,6 +128,76 @@ def api_requested() -> bool:
         return False
 
 
+class _LowVramSuspended:
+    """--medvram / --lowvram for the length of a run. The WebUI keeps all but one part of the
+    model on the CPU and moves parts in forward pre-hooks; a training step needs the UNet's
+    blocks (and the text encoder, the VAE while caching) on the GPU at once, and a hook moving a
+    block away between the forward and the backward would break the backward. So for the run:
+    where every tensor is, which module is on the GPU, the `send_me_to_gpu` hooks and the VAE's
+    encode / decode wrappers are recorded; the hooks and wrappers are taken out and the whole
+    model goes onto the device. `exit()` puts every tensor back where it was, the hooks back in
+    their places and order, the wrappers and `lowvram.module_in_gpu` as they were, so the
+    WebUI's next generation runs in its low-VRAM mode as before. Nothing happens for a model
+    without `lowvram`."""
+
+    HOOK_NAME = "send_me_to_gpu"
+
+    def __init__(self, m):
+        self.m = m
+        self.active = bool(getattr(m, "lowvram", False))
+        self.placement = None
+        self.in_gpu = None
+        self.hooks: list[tuple[torch.nn.Module, list]] = []  # (module, its pre-hooks in order)
+        self.wrappers: list[tuple[object, str, object]] = []
+
+    def enter(self) -> None:
+        if not self.active:
+            return
+        from modules import devices, lowvram
+
+        from ..core.offload import Placement, move_tensors
+
+        m = self.m
+        self.placement = Placement([m])
+        self.in_gpu = lowvram.module_in_gpu
+        for sub in m.modules():
+            hooks = list(sub._forward_pre_hooks.items())
+            if any(getattr(h, "__name__", "") == self.HOOK_NAME for _, h in hooks):
+                self.hooks.append((sub, hooks))
+                for key, h in hooks:
+                    if getattr(h, "__name__", "") == self.HOOK_NAME:
+                        del sub._forward_pre_hooks[key]
+        vae = getattr(m, "first_stage_model", None)
+        for name in ("encode", "decode"):
+            if vae is not None and name in vae.__dict__:
+                self.wrappers.append((vae, name, vae.__dict__.pop(name)))
+        lowvram.module_in_gpu = None
+        move_tensors(m, devices.device)
+
+    def exit(self) -> None:
+        if not self.active or self.placement is None:
+            return
+        from modules import devices, lowvram
+
+        self.placement.restore()
+        for sub, hooks in self.hooks:
+            now = dict(sub._forward_pre_hooks)
+            sub._forward_pre_hooks.clear()
+            for key, h in hooks:  # the recorded order; hooks added since stay, after them
+                if getattr(h, "__name__", "") == self.HOOK_NAME:
+                    sub._forward_pre_hooks[key] = h
+                elif key in now:
+                    sub._forward_pre_hooks[key] = now.pop(key)
+            sub._forward_pre_hooks.update(now)
+        for obj, name, fn in self.wrappers:
+            setattr(obj, name, fn)
+        lowvram.module_in_gpu = self.in_gpu
+        self.placement = None
+        self.hooks.clear()
+        self.wrappers.clear()
+        devices.torch_gc()
+
+
 class WebUIHost(Host):
     name = "webui"
 
@@ -148,10 +228,6 @@ class WebUIHost(Host):
         elif arch == "sdxl" and _sdxl_text_encoders(m) is None:
             problem = ("this SDXL model lacks the CLIP-L + OpenCLIP bigG text encoder pair (a "
                        "refiner?); only SDXL base-type models can be trained")
-        elif getattr(opts, "lowvram", False) or getattr(opts, "medvram", False) or \
-                (arch == "sdxl" and getattr(opts, "medvram_sdxl", False)):
-            problem = ("training needs the whole model on the GPU: restart the WebUI without "
-                       "--medvram / --lowvram")
         return ModelInfo(name=name, arch=arch, prediction=prediction,
                          hash=getattr(info, "shorthash", "") or "", problem=problem,
                          default_resolution=1024 if arch == "sdxl" else 768 if prediction == "v" else 512,
@@ -165,6 +241,11 @@ class WebUIHost(Host):
         from ..core.device import preferred_dtype
 
         weights = next(m.model.diffusion_model.parameters())
+        if getattr(m, "lowvram", False):  # the UNet waits on the CPU; the run uses the GPU
+            from ..core.device import preferred_dtype
+            from modules import devices
+
+            return preferred_dtype(devices.device)
         if weights.device.type == "cpu" and weights.dtype != torch.float32:
             return "bf16"
         return preferred_dtype(weights.device)
@@ -179,7 +260,26 @@ class WebUIHost(Host):
 
         if shared.sd_model is None:
             return None
+        if getattr(shared.sd_model, "lowvram", False):  # --medvram / --lowvram: parts wait on
+            from modules import devices                  # the CPU; the run moves them
+
+            return torch.device(devices.device)
         return next(shared.sd_model.model.diffusion_model.parameters()).device
+
+    def model_parts(self):
+        from modules import shared
+
+        m = shared.sd_model
+        info = self.model_info()
+        if m is None or not info.arch:
+            return None
+        if info.arch == "sdxl":
+            tes = _sdxl_text_encoders(m) or {}
+        elif info.arch == "sd2":
+            tes = {"te": m.cond_stage_model.wrapped.model}
+        else:
+            tes = {"te": m.cond_stage_model.wrapped.transformer}
+        return info.arch, m.model.diffusion_model, tes, m.first_stage_model
 
     def weights_dtype(self) -> torch.dtype:
         from modules import shared
@@ -207,7 +307,9 @@ class WebUIHost(Host):
         self.unload_baked_networks()
         self._use_training_attention()
         saved = []  # (embedder, attribute, value before the run or _ABSENT)
+        low = _LowVramSuspended(m)
         try:
+            low.enter()
             bundle = self._bundle(m, info)
             # SDXL: gradients through the text encoders, no random caption dropout
             for emb in getattr(getattr(m, "conditioner", None), "embedders", []) or []:
@@ -221,6 +323,7 @@ class WebUIHost(Host):
                     setattr(emb, name, value)
                 elif hasattr(emb, name):
                     delattr(emb, name)
+            low.exit()
             self._restore_attention()
             devices.torch_gc()
 

@@ -421,6 +421,9 @@ def build_tab(host, manager: RunManager, wrap_gpu: Callable[[Callable], Callable
                 return [error_html(str(e)), queue_table_html(manager), gr.update()]
             message = (f"<div class='lora-train-message'>queued {html.escape(record.config.save.output_name)}"
                        f" (position {manager.position(record.id) or 'next'})</div>")
+            if record.memory_estimate:
+                message += (f"<div class='lora-train-message' id='lora_train_memory'>"
+                            f"{html.escape(record.memory_estimate['text'])}</div>")
             return [message + status_html(manager), queue_table_html(manager),
                     gr.update(choices=queue_choices(manager))]
 

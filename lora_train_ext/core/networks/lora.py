@@ -169,7 +169,10 @@ def lora_delta(down: torch.Tensor, up: torch.Tensor, alpha: torch.Tensor | float
 
 
 def _autocast_on(device_type: str) -> bool:
-    """Whether autocast is on for this device type (torch 2.1's API and the newer one)."""
+    """Whether autocast is on for this device type (torch 2.1's API and the newer one); never
+    for the meta device (the memory estimate's trace)."""
+    if device_type == "meta":
+        return False
     try:
         return torch.is_autocast_enabled(device_type)
     except TypeError:  # torch < 2.4: no argument; CPU has its own function
