@@ -57,6 +57,11 @@ class RunRecord:
     samples: list[tuple[int, str]] = field(default_factory=list)  # (step, image path)
     val_history: list[tuple[int, float]] = field(default_factory=list)  # (step, validation loss)
     paused_snapshot: str = ""  # the file written when the run last paused
+    # where the time from Train to the first optimizer step went, in seconds: queued_s (waiting
+    # for the model), model_s (the host readies its model), set_up_s, cache_s (latent caching),
+    # baseline_s (step-0 sample / validation), first_step_s; to_first_step_s (Train -> first
+    # step taken) and click_to_first_step_s (the same without caching and baseline)
+    startup: dict[str, float] = field(default_factory=dict)
     last_elapsed: float = field(default=0.0, repr=False)  # seconds into the run at the last step
     control: TrainControl = field(default_factory=TrainControl, repr=False)
 
@@ -71,6 +76,7 @@ class RunRecord:
             "samples": [{"step": s, "path": p} for s, p in self.samples],
             "val_loss": self.val_history[-1][1] if self.val_history else None,
             "val_history": [{"step": s, "val_loss": v} for s, v in self.val_history],
+            "startup": dict(self.startup),
         }
 
 
@@ -228,6 +234,8 @@ class RunManager:
         control.poll_stop = self.host.interrupt_requested
         try:
             with self.host.prepared_model() as bundle:
+                record.startup = {"queued_s": round(record.started - record.created, 3),
+                                  "model_s": round(time.time() - record.started, 3)}
                 result = train(bundle, record.config, control)
             record.files = [result.path, *([result.ema_path] if result.ema_path else []),
                             *result.snapshots]
@@ -330,6 +338,13 @@ class RunManager:
                 record.speed_history.append((event.step, record.images_per_s))
             record.last_elapsed = event.elapsed
             record.memory_history.append((event.step, memory_mib()))
+            if event.timings and "to_first_step_s" not in record.startup:
+                record.startup.update(event.timings)
+                total = round(time.time() - record.created, 3)
+                record.startup["to_first_step_s"] = total
+                record.startup["click_to_first_step_s"] = round(
+                    total - event.timings.get("cache_s", 0.0)
+                    - event.timings.get("baseline_s", 0.0), 3)
             if not event.message:
                 record.message = "training"  # not the caching message of before the loop
         elif event.kind == "start":

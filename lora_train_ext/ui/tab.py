@@ -94,6 +94,11 @@ def status_html(manager: RunManager) -> str:
         body += f"<div class='lora-train-error'>{html.escape(run.error)}</div>"
     elif run.message:
         body += f"<div class='lora-train-message'>{html.escape(run.message)}</div>"
+    first = run.startup.get("click_to_first_step_s")
+    if first is not None:
+        body += (f"<div class='lora-train-files'>First step {first:.1f} s after Train "
+                 f"(latent caching {run.startup.get('cache_s', 0.0):.1f} s and step-0 "
+                 f"samples {run.startup.get('baseline_s', 0.0):.1f} s apart)</div>")
     if run.files:
         body += "<div class='lora-train-files'>Saved: " + ", ".join(
             html.escape(os.path.basename(p)) for p in run.files) + "</div>"
