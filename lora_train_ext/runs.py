@@ -58,7 +58,8 @@ class RunRecord:
     val_history: list[tuple[int, float]] = field(default_factory=list)  # (step, validation loss)
     paused_snapshot: str = ""  # the file written when the run last paused
     # where the time from Train to the first optimizer step went, in seconds: queued_s (waiting
-    # for the model), model_s (the host readies its model), set_up_s, cache_s (latent caching),
+    # for the model), model_s (the host readies its model), guard_s (the base weights'
+    # fingerprint, checked after the run), set_up_s, cache_s (latent caching),
     # baseline_s (step-0 sample / validation), first_step_s; to_first_step_s (Train -> first
     # step taken) and click_to_first_step_s (the same without caching and baseline)
     startup: dict[str, float] = field(default_factory=dict)

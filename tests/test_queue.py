@@ -99,7 +99,8 @@ def test_run_reports_where_the_time_before_its_first_step_went(tmp_path, demo_da
     _wait(lambda: record.state not in ("queued", "running"))
     assert record.state == "finished", record.error
     s = record.to_json()["startup"]
-    parts = ("queued_s", "model_s", "set_up_s", "cache_s", "baseline_s", "first_step_s")
+    parts = ("queued_s", "model_s", "guard_s", "set_up_s", "cache_s", "baseline_s",
+             "first_step_s")
     assert set(s) == set(parts) | {"to_first_step_s", "click_to_first_step_s"}
     assert all(s[k] >= 0 for k in s)
     # the step-0 sample was drawn before the first step: its time is in baseline_s

@@ -79,7 +79,7 @@ class Progress:
     eta: float | None = None
     message: str = ""
     path: str = ""
-    # on the first step a run takes: where the time before it went, in seconds (set_up_s,
+    # on the first step a run takes: where the time before it went, in seconds (guard_s, set_up_s,
     # cache_s, baseline_s, first_step_s; see Trainer.run)
     timings: dict[str, float] = field(default_factory=dict)
 

@@ -144,13 +144,17 @@ class Trainer:
         with process_rngs_kept():  # the run seeds them for itself; the host's stay its own
             state, existing = self._check()
             self.guard = guard = BaseGuard(self.bundle.base_modules())
+            guarding = time.time()
             guard.freeze()
+            guard_seconds = time.time() - guarding  # the base weights' fingerprint
             try:
                 with torch.inference_mode(False), torch.enable_grad():
                     total = self._set_up(state, existing)
                     # the checks and the set-up apart from latent caching, reported apart
-                    self.startup = {"set_up_s": round(time.time() - t0 - self.cache_seconds, 3),
-                                    "cache_s": round(self.cache_seconds, 3)}
+                    self.startup = {
+                        "guard_s": round(guard_seconds, 3),
+                        "set_up_s": round(time.time() - t0 - self.cache_seconds - guard_seconds, 3),
+                        "cache_s": round(self.cache_seconds, 3)}
                     stopped = self._loop(total, t0)
                     result = self._finish(stopped, total, t0)
             finally:
