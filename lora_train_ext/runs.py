@@ -456,6 +456,7 @@ def parse_strengths(text: str, field: str) -> list[float]:
 
 def lora_prompt(name: str, te: float, unet: float) -> str:
     """The Lora extension's named form; the positional form puts TE first, which misleads."""
+    te, unet = te + 0.0, unet + 0.0  # -0.0 (a negative strength x a 0 split) reads as 0
     return f"<lora:{name}:te={te:g}:unet={unet:g}>"
 
 
