@@ -94,3 +94,21 @@ def test_tab_labels_are_unique_and_the_lora_list_is_read_at_page_load(tmp_path):
                            for t in dep["targets"]) or dep.get("trigger") == "load"
                     for o in dep["outputs"]]
     assert "lora_train_test_lora" in load_outputs
+
+
+def test_pause_button_says_resume_for_a_run_paused_elsewhere(tmp_path):
+    """A run paused through the API (or a page reloaded during a pause): the button the tab
+    refreshes every second reads Resume, and Pause and test again once the run goes on."""
+    manager = RunManager(StandaloneHost(str(tmp_path)))
+    assert tab.pause_label(manager) == "Pause and test"  # no run at all
+    run = _record(manager, "r", "running", 1.0)
+    assert tab.pause_label(manager) == "Pause and test"
+    run.control.request_pause()  # the API's /pause: pausing at the next step
+    assert tab.pause_label(manager) == "Resume"
+    run.state = "paused"
+    assert tab.pause_label(manager) == "Resume"
+    run.control.request_resume()
+    run.state = "running"
+    assert tab.pause_label(manager) == "Pause and test"
+    run.state = "finished"
+    assert tab.pause_label(manager) == "Pause and test"

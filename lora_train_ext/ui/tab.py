@@ -106,6 +106,14 @@ def status_html(manager: RunManager) -> str:
     return f"<div class='lora-train-status' data-state='{run.state}'>{body}{chart}</div>"
 
 
+def pause_label(manager: RunManager) -> str:
+    """'Resume' while the current run is paused or pausing, 'Pause and test' otherwise."""
+    run = manager.current()
+    if run is not None and run.state in ("running", "paused") and run.control.pause_requested:
+        return "Resume"
+    return "Pause and test"
+
+
 def tag_table_html(names: list[str], strengths: list[float], tags: list[str], path: str) -> str:
     """The grid's cells as a table of their `<lora:...>` tags; a click copies a tag."""
     head = "".join(f"<th>{s:g}</th>" for s in strengths)
@@ -397,9 +405,7 @@ def build_tab(host, manager: RunManager, wrap_gpu: Callable[[Callable], Callable
                     manager.pause(run.id)
             except UserError as e:
                 return [error_html(str(e)), gr.update()]
-            label = "Resume" if run is not None and run.state in ("running", "paused") and \
-                run.control.pause_requested else "Pause and test"
-            return [status_html(manager), gr.update(value=label)]
+            return [status_html(manager), gr.update(value=pause_label(manager))]
 
         def on_merge(task, action, lines, name, precision, vae, prompt_, negative_, seed_, steps_,
                      size_):
@@ -514,8 +520,12 @@ def build_tab(host, manager: RunManager, wrap_gpu: Callable[[Callable], Callable
         test_button.click(wrap_gpu(on_test, [None]), inputs=[task_id, lora, prompt, negative, seed, steps, size,
                                                        te_strengths, unet_strengths],
                           outputs=[test_image, test_info], **test_kw)
-        tab.load(lambda: [status_html(manager), sample_gallery(manager), queue_table_html(manager)],
-                 inputs=[], outputs=[status, samples, queue_html], every=1, show_progress="hidden")
+        # the Pause button's label follows the run too: a run paused through the API, or a page
+        # opened (or reloaded) while the run is paused, shows Resume
+        tab.load(lambda: [status_html(manager), sample_gallery(manager), queue_table_html(manager),
+                          gr.update(value=pause_label(manager))],
+                 inputs=[], outputs=[status, samples, queue_html, pause], every=1,
+                 show_progress="hidden")
     return tab
 
 
