@@ -67,6 +67,12 @@ class RunRecord:
     result: dict[str, Any] = field(default_factory=dict)  # a file job's report, or its error
     job: Any = field(default=None, repr=False)  # a file job's FileJob
     memory_estimate: dict[str, Any] | None = None  # core.memory.MemoryEstimate.to_dict()
+    # where the time from Train to the first optimizer step went, in seconds: queued_s (waiting
+    # for the model), model_s (the host readies its model), guard_s (the base weights'
+    # fingerprint, checked after the run), set_up_s, cache_s (latent caching),
+    # baseline_s (step-0 sample / validation), first_step_s; to_first_step_s (Train -> first
+    # step taken) and click_to_first_step_s (the same without caching and baseline)
+    startup: dict[str, float] = field(default_factory=dict)
     last_elapsed: float = field(default=0.0, repr=False)  # seconds into the run at the last step
     control: TrainControl = field(default_factory=TrainControl, repr=False)
 
@@ -88,6 +94,7 @@ class RunRecord:
             "val_loss": self.val_history[-1][1] if self.val_history else None,
             "val_history": [{"step": s, "val_loss": v} for s, v in self.val_history],
             "memory_estimate": self.memory_estimate,
+            "startup": dict(self.startup),
         }
 
 
@@ -300,6 +307,8 @@ class RunManager:
         control.poll_stop = self.host.interrupt_requested
         try:
             with self.host.prepared_model() as bundle:
+                record.startup = {"queued_s": round(record.started - record.created, 3),
+                                  "model_s": round(time.time() - record.started, 3)}
                 result = train(bundle, record.config, control)
             record.files = [result.path, *([result.ema_path] if result.ema_path else []),
                             *result.snapshots]
@@ -489,6 +498,13 @@ class RunManager:
                 record.speed_history.append((event.step, record.images_per_s))
             record.last_elapsed = event.elapsed
             record.memory_history.append((event.step, memory_mib()))
+            if event.timings and "to_first_step_s" not in record.startup:
+                record.startup.update(event.timings)
+                total = round(time.time() - record.created, 3)
+                record.startup["to_first_step_s"] = total
+                record.startup["click_to_first_step_s"] = round(
+                    total - event.timings.get("cache_s", 0.0)
+                    - event.timings.get("baseline_s", 0.0), 3)
             if not event.message:
                 record.message = "training"  # not the caching message of before the loop
         elif event.kind == "start":
@@ -661,6 +677,7 @@ def parse_strengths(text: str, field: str) -> list[float]:
 
 def lora_prompt(name: str, te: float, unet: float) -> str:
     """The Lora extension's named form; the positional form puts TE first, which misleads."""
+    te, unet = te + 0.0, unet + 0.0  # -0.0 (a negative strength x a 0 split) reads as 0
     return f"<lora:{name}:te={te:g}:unet={unet:g}>"
 
 

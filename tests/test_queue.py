@@ -84,3 +84,35 @@ def test_api_reports_queue_position_and_cancels(tmp_path, demo_dataset):
         assert client.post(PREFIX + f"/runs/{second['id']}/cancel").json()["state"] == "cancelled"
     _wait(lambda: manager.get(third["id"]).state == "finished")
     assert client.post(PREFIX + f"/runs/{third['id']}/move", json={"by": 1}).status_code == 409
+
+
+def test_run_reports_where_the_time_before_its_first_step_went(tmp_path, demo_dataset):
+    """Train -> first optimizer step, in parts (issue 15.4): latent caching and the step-0
+    sample are reported apart from the rest; the API's JSON and the tab's status carry it."""
+    from lora_train_ext.ui.tab import status_html
+
+    host = StandaloneHost(str(tmp_path))
+    manager = RunManager(host)
+    cfg = _cfg(demo_dataset, "timed", data__cache_latents=True,
+               sample__prompts="shp style, red circle --s 1 --w 64 --h 64", sample__every_steps=1)
+    record = manager.enqueue(cfg)
+    _wait(lambda: record.state not in ("queued", "running"))
+    assert record.state == "finished", record.error
+    s = record.to_json()["startup"]
+    parts = ("queued_s", "model_s", "guard_s", "set_up_s", "cache_s", "baseline_s",
+             "first_step_s")
+    assert set(s) == set(parts) | {"to_first_step_s", "click_to_first_step_s"}
+    assert all(s[k] >= 0 for k in s)
+    # the step-0 sample was drawn before the first step: its time is in baseline_s
+    assert record.samples and record.samples[0][0] == 0 and s["baseline_s"] > 0
+    assert s["cache_s"] > 0  # the demo images were encoded before the loop
+    assert s["click_to_first_step_s"] == pytest.approx(
+        s["to_first_step_s"] - s["cache_s"] - s["baseline_s"], abs=2e-3)
+    # the parts were measured one after another inside the whole
+    assert sum(s[k] for k in parts) <= s["to_first_step_s"] + 0.01
+    assert f"First step {s['click_to_first_step_s']:.1f} s after Train" in status_html(manager)
+    # a second run of the same manager has its own figures
+    again = manager.enqueue(_cfg(demo_dataset, "timed2"))
+    _wait(lambda: again.state not in ("queued", "running"))
+    assert again.startup["baseline_s"] < s["baseline_s"] or not again.samples
+    assert again.startup is not record.startup and "to_first_step_s" in again.startup

@@ -40,3 +40,16 @@ def test_snapshot_grid_rows_are_snapshots_and_cells_differ(tmp_path, demo_datase
     html = tag_table_html(names, [0.0, 1.0], tags, "grid.png")
     assert html.count("class='lora-train-tag'") == 4 and "&lt;lora:best:1&gt;" in html
     assert lora_tag("x", 0.5, te=0.0, unet=1.0) == "<lora:x:te=0:unet=0.5>"
+
+
+def test_grids_take_negative_strengths_for_sliders():
+    """A slider's grid runs from -2 to +2: the strength lists and the tags keep the sign (the
+    WebUI's Lora extension reads `<lora:NAME:-2>` and `unet=-2` as negative multipliers)."""
+    from lora_train_ext.runs import lora_prompt, parse_strengths
+
+    assert parse_strengths("-2, -1, 0, 1, 2", "strengths") == [-2.0, -1.0, 0.0, 1.0, 2.0]
+    assert parse_strengths("-0.5;+1.5", "strengths") == [-0.5, 1.5]
+    assert lora_tag("slider", -2.0) == "<lora:slider:-2>"
+    # a negative strength with a TE split of 0 is "te=0", not "te=-0"
+    assert lora_tag("slider", -1.5, te=0.0, unet=1.0) == "<lora:slider:te=0:unet=-1.5>"
+    assert lora_prompt("slider", 0.0, -2.0) == "<lora:slider:te=0:unet=-2>"

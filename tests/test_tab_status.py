@@ -114,3 +114,21 @@ def test_the_model_line_follows_the_host(monkeypatch, tmp_path):
     assert tab.model_line(host) == "**Model:** fake_forge_sd1 (sd1)"
     fake.shared.sd_model.is_inpaint = True
     assert "inpainting and depth models cannot be trained" in tab.model_line(host)
+
+
+def test_pause_button_says_resume_for_a_run_paused_elsewhere(tmp_path):
+    """A run paused through the API (or a page reloaded during a pause): the button the tab
+    refreshes every second reads Resume, and Pause and test again once the run goes on."""
+    manager = RunManager(StandaloneHost(str(tmp_path)))
+    assert tab.pause_label(manager) == "Pause and test"  # no run at all
+    run = _record(manager, "r", "running", 1.0)
+    assert tab.pause_label(manager) == "Pause and test"
+    run.control.request_pause()  # the API's /pause: pausing at the next step
+    assert tab.pause_label(manager) == "Resume"
+    run.state = "paused"
+    assert tab.pause_label(manager) == "Resume"
+    run.control.request_resume()
+    run.state = "running"
+    assert tab.pause_label(manager) == "Pause and test"
+    run.state = "finished"
+    assert tab.pause_label(manager) == "Pause and test"

@@ -79,6 +79,9 @@ class Progress:
     eta: float | None = None
     message: str = ""
     path: str = ""
+    # on the first step a run takes: where the time before it went, in seconds (guard_s, set_up_s,
+    # cache_s, baseline_s, first_step_s; see Trainer.run)
+    timings: dict[str, float] = field(default_factory=dict)
 
 
 class TrainControl:

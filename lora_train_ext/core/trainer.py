@@ -133,6 +133,8 @@ class Trainer:
         self.model_gone = False  # the host switched models during a pause
         self.samples: list[str] = []
         self.sample_seconds = 0.0
+        self.cache_seconds = 0.0  # latent caching (and the validation images' latents)
+        self.startup: dict[str, float] = {}  # where the time before the first step went
         self._pending_epoch_snapshot: int | None = None
         self.log: F.RunLog | None = None
         self.validation: V.Validation | None = None
@@ -145,10 +147,17 @@ class Trainer:
         with process_rngs_kept():  # the run seeds them for itself; the host's stay its own
             state, existing = self._check()
             self.guard = guard = BaseGuard(self.bundle.base_modules())
+            guarding = time.time()
             guard.freeze()
+            guard_seconds = time.time() - guarding  # the base weights' fingerprint
             try:
                 with torch.inference_mode(False), torch.enable_grad():
                     total = self._set_up(state, existing)
+                    # the checks and the set-up apart from latent caching, reported apart
+                    self.startup = {
+                        "guard_s": round(guard_seconds, 3),
+                        "set_up_s": round(time.time() - t0 - self.cache_seconds - guard_seconds, 3),
+                        "cache_s": round(self.cache_seconds, 3)}
                     stopped = self._loop(total, t0)
                     result = self._finish(stopped, total, t0)
             finally:
@@ -225,11 +234,13 @@ class Trainer:
         if state is not None:
             restore_state(self, state, self._warn)
         self.ema = ema_for_run(cfg.train, self.network, state, self._warn)
+        caching = time.time()
         if cfg.data.cache_latents:
             with torch.no_grad():
                 self.data.cache_latents(bundle.encode, bundle.vae_id, progress=self._cache_progress)
         if self.validation is not None:
             self.validation.prepare(bundle.encode, bundle.vae_id)
+        self.cache_seconds = time.time() - caching
         self._set_up_offload()
         if cfg.train.gradient_checkpointing:
             self.checkpointing = GradientCheckpointing([bundle.unet, *(
@@ -280,14 +291,17 @@ class Trainer:
         start_step = self.step
         seconds_before = self.history[-1].get("seconds", 0.0) if self.history else 0.0
         control.emit(Progress("start", step=self.step, total=total))
+        loop_started = time.time()
         if self.step == 0:
             self._maybe_sample(total)  # the baseline
         if not self.resume_dir:
             self._validate(total)  # the baseline
+        baseline = time.time() - loop_started  # the step-0 sample and validation, if asked for
         while self.step < total:
             self._pause_if_requested(total)
             if control.stop_requested:
                 return True
+            step_began = time.time()
             step_loss = torch.zeros((), device=self.device)
             epoch_before = self.epoch  # of the step's first batch
             mark = self._step_mark()
@@ -328,9 +342,13 @@ class Trainer:
             elapsed = time.time() - t0 - self._aside_seconds()  # training time alone
             done = self.step - start_step
             eta = elapsed / done * (total - self.step) if done else None
+            timings = {}
+            if done == 1:  # the first step of this session: where the time before it went
+                timings = {**self.startup, "baseline_s": round(baseline, 3),
+                           "first_step_s": round(time.time() - step_began, 3)}
             control.emit(Progress(
                 "step", step=self.step, total=total, loss=value, loss_avg=_tail_mean(self.losses),
-                lr=dict(lrs), epoch=self.epoch, elapsed=elapsed, eta=eta))
+                lr=dict(lrs), epoch=self.epoch, elapsed=elapsed, eta=eta, timings=timings))
             if self.validation is not None and self.validation.due(self.step, total):
                 self._validate(total)
             self._maybe_snapshot(total)

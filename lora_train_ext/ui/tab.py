@@ -95,11 +95,24 @@ def status_html(manager: RunManager) -> str:
         body += f"<div class='lora-train-error'>{html.escape(run.error)}</div>"
     elif run.message:
         body += f"<div class='lora-train-message'>{html.escape(run.message)}</div>"
+    first = run.startup.get("click_to_first_step_s")
+    if first is not None:
+        body += (f"<div class='lora-train-files'>First step {first:.1f} s after Train "
+                 f"(latent caching {run.startup.get('cache_s', 0.0):.1f} s and step-0 "
+                 f"samples {run.startup.get('baseline_s', 0.0):.1f} s apart)</div>")
     if run.files:
         body += "<div class='lora-train-files'>Saved: " + ", ".join(
             html.escape(os.path.basename(p)) for p in run.files) + "</div>"
     chart = run_charts_html(run)
     return f"<div class='lora-train-status' data-state='{run.state}'>{body}{chart}</div>"
+
+
+def pause_label(manager: RunManager) -> str:
+    """'Resume' while the current run is paused or pausing, 'Pause and test' otherwise."""
+    run = manager.current()
+    if run is not None and run.state in ("running", "paused") and run.control.pause_requested:
+        return "Resume"
+    return "Pause and test"
 
 
 def tag_table_html(names: list[str], strengths: list[float], tags: list[str], path: str) -> str:
@@ -465,9 +478,7 @@ def build_tab(host, manager: RunManager, wrap_gpu: Callable[[Callable], Callable
                     manager.pause(run.id)
             except UserError as e:
                 return [error_html(str(e)), gr.update()]
-            label = "Resume" if run is not None and run.state in ("running", "paused") and \
-                run.control.pause_requested else "Pause and test"
-            return [status_html(manager), gr.update(value=label)]
+            return [status_html(manager), gr.update(value=pause_label(manager))]
 
         def on_merge(task, action, lines, name, precision, vae, prompt_, negative_, seed_, steps_,
                      size_):
@@ -592,8 +603,12 @@ def build_tab(host, manager: RunManager, wrap_gpu: Callable[[Callable], Callable
         # chooses (or loads) a checkpoint, and a user may switch checkpoints at any time
         tab.load(lambda: model_line(host), inputs=[], outputs=[model_md], every=5,
                  show_progress="hidden")
-        tab.load(lambda: [status_html(manager), sample_gallery(manager), queue_table_html(manager)],
-                 inputs=[], outputs=[status, samples, queue_html], every=1, show_progress="hidden")
+        # the Pause button's label follows the run too: a run paused through the API, or a page
+        # opened (or reloaded) while the run is paused, shows Resume
+        tab.load(lambda: [status_html(manager), sample_gallery(manager), queue_table_html(manager),
+                          gr.update(value=pause_label(manager))],
+                 inputs=[], outputs=[status, samples, queue_html, pause], every=1,
+                 show_progress="hidden")
     return tab
 
 
