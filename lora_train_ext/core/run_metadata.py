@@ -72,6 +72,7 @@ class LoraInfo:
     dataset_dirs: dict | None = None
     session_id: str = ""
     started_at: str = ""
+    finished_at: str = ""  # empty: the time the metadata is built (a file and its EMA twin share one)
     extra: dict[str, str] | None = None  # more keys, written after the others (run_settings)
     network_args: dict[str, str] | None = None  # more ss_network_args (OFT's rescaled)
 
@@ -118,7 +119,7 @@ def build_metadata(info: LoraInfo, file_name: str = "") -> dict[str, str]:
         "ss_output_name": file_name or info.output_name,
         "ss_session_id": info.session_id,
         "ss_training_started_at": info.started_at,
-        "ss_training_finished_at": now_iso(),
+        "ss_training_finished_at": info.finished_at or now_iso(),
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": f"{MODELSPEC_ARCH[arch_key]}/"
                                   f"{'lycoris-' + lycoris_algo if is_lycoris else 'lora'}",
@@ -126,7 +127,7 @@ def build_metadata(info: LoraInfo, file_name: str = "") -> dict[str, str]:
         if info.arch == "sdxl" else "diffusers",
         "modelspec.title": info.title or info.output_name,
         "modelspec.resolution": f"{w.strip()}x{h.strip()}",
-        "modelspec.date": now_iso(),
+        "modelspec.date": info.finished_at or now_iso(),
         "modelspec.trigger_phrase": info.trigger_phrase,
         "modelspec.prediction_type": info.prediction,
     }

@@ -16,6 +16,7 @@ average of the adapter's weights).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import time
@@ -607,6 +608,8 @@ class Trainer:
                         steps=self.step, epoch=self.epoch, planned_steps=self.total_steps(),
                         step_offset=self.step_offset, session_id=self.session_id,
                         started_at=self.started_at)
+        if self.ema is not None:  # the EMA file gets the same times as the raw one
+            info = dataclasses.replace(info, finished_at=now_iso())
         meta = save_lora(self.network.kohya_state_dict(), info, path,
                          save_dtype=self.cfg.save.save_dtype)
         if self.ema is not None:
