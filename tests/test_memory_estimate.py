@@ -108,3 +108,27 @@ def test_suggestions_name_options_that_fit(sd1_bundle, demo_dataset, tmp_path):
                        text_encoders=sd1_bundle.text_encoders, vae=sd1_bundle.vae,
                        device="cpu", free_bytes=full.run_bytes * 2)
     assert roomy.fits is True and roomy.suggestions == []
+
+
+def test_meta_copy_copies_no_real_tensor_the_host_hangs_on_modules():
+    """A host's module may refer to the whole model (or hold tuples of backups): the copy for
+    the trace shares such references instead of copying them (a real SDXL WebUI ran out of
+    memory when the copy was deep)."""
+    from lora_train_ext.core.memory import meta_copy
+
+    big = torch.nn.Linear(64, 64)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Conv2d(2, 2, 3))
+    net[0].whole_model = big  # a plain attribute, not a child
+    net[0].backups = (torch.ones(8, 8), torch.zeros(8))
+    net[1].weight_backup = torch.ones(2, 2, 3, 3)
+    net[0].register_forward_hook(lambda *a: None)
+    out = meta_copy(net)
+    assert out is not net and out[0] is not net[0]
+    assert out[0].whole_model is big  # shared, not copied
+    tensors = list(out.parameters()) + list(out.buffers()) + list(out[0].backups) + \
+        [out[1].weight_backup]
+    assert tensors and all(t.device.type == "meta" for t in tensors)
+    assert not out[0]._forward_hooks and net[0]._forward_hooks
+    assert net[0].weight.device.type == "cpu" and net[0].backups[0].device.type == "cpu"
+    y = out[0](torch.empty(3, 8, device="meta"))
+    assert y.shape == (3, 8) and y.device.type == "meta"

@@ -105,37 +105,43 @@ class MemoryEstimate:
 # -- tracing the forward on the meta device --------------------------------------------------------
 
 def meta_copy(module: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
-    """A copy of `module` whose tensors live on the meta device (no memory). Every tensor the
-    modules hold (parameters, buffers, plain tensor attributes such as a Lora extension's
-    backups) is mapped to a meta tensor before copying, so nothing is copied for real."""
-    memo: dict[int, Any] = {}
+    """A copy of `module` whose tensors live on the meta device (no memory). Each module is
+    copied shallowly, with its parameters, buffers and plain tensor attributes (such as a Lora
+    extension's backups) replaced by meta tensors and its children copied the same way; every
+    other attribute is shared, never copied, so nothing the host hangs on its modules (a reference
+    to the whole model, a tuple of backups) is copied for real. The host's hooks (the WebUI's
+    --lowvram) and an instance-level forward (checkpointing) stay out of the copy."""
+    done: dict[int, Any] = {}
 
     def meta(t: torch.Tensor, param: bool) -> torch.Tensor:
-        dt = dtype if dtype is not None and t.is_floating_point() else t.dtype
-        m = torch.empty(t.shape, dtype=dt, device="meta")
-        return nn.Parameter(m, requires_grad=False) if param else m
+        if id(t) not in done:
+            dt = dtype if dtype is not None and t.is_floating_point() else t.dtype
+            m = torch.empty(t.shape, dtype=dt, device="meta")
+            done[id(t)] = nn.Parameter(m, requires_grad=False) if param else m
+        return done[id(t)]
 
-    for sub in module.modules():
-        for p in sub._parameters.values():
-            if p is not None and id(p) not in memo:
-                memo[id(p)] = meta(p, True)
-        for b in sub._buffers.values():
-            if b is not None and id(b) not in memo:
-                memo[id(b)] = meta(b, False)
-        for v in list(vars(sub).values()):
-            if isinstance(v, torch.Tensor) and id(v) not in memo:
-                memo[id(v)] = meta(v, False)
-        hooks = [sub._forward_pre_hooks, sub._forward_hooks]
-        for h in hooks:  # the host's hooks (the WebUI's --lowvram) stay out of the copy
-            memo[id(h)] = type(h)()
-        if "forward" in vars(sub):  # an instance-level forward (checkpointing): the class's
-            memo[id(vars(sub)["forward"])] = None
-    with torch.device("meta"):
-        out = copy.deepcopy(module, memo)
-    for sub in out.modules():
-        if vars(sub).get("forward", 0) is None:
-            del sub.forward
-    return out
+    def clone(m: nn.Module) -> nn.Module:
+        if id(m) in done:
+            return done[id(m)]
+        new = copy.copy(m)  # a new __dict__ holding the same values
+        done[id(m)] = new
+        state = vars(new)
+        for name, value in list(state.items()):
+            if isinstance(value, torch.Tensor):
+                state[name] = meta(value, False)
+            elif isinstance(value, tuple) and any(isinstance(v, torch.Tensor) for v in value):
+                state[name] = tuple(meta(v, False) if isinstance(v, torch.Tensor) else v
+                                    for v in value)
+            elif name.endswith("hooks") and isinstance(value, dict):
+                state[name] = type(value)()
+        new._parameters = {k: None if p is None else meta(p, True)
+                           for k, p in m._parameters.items()}
+        new._buffers = {k: None if b is None else meta(b, False) for k, b in m._buffers.items()}
+        new._modules = {k: None if c is None else clone(c) for k, c in m._modules.items()}
+        state.pop("forward", None)
+        return new
+
+    return clone(module)
 
 
 class _SavedCounter:
