@@ -118,13 +118,14 @@ def test_meta_copy_copies_no_real_tensor_the_host_hangs_on_modules():
 
     big = torch.nn.Linear(64, 64)
     net = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Conv2d(2, 2, 3))
-    net[0].whole_model = big  # a plain attribute, not a child
+    object.__setattr__(net[0], "whole_model", big)  # a plain reference, not a child
+    net[0].held = [torch.ones(64, 64)]  # tensors inside other objects
     net[0].backups = (torch.ones(8, 8), torch.zeros(8))
     net[1].weight_backup = torch.ones(2, 2, 3, 3)
     net[0].register_forward_hook(lambda *a: None)
     out = meta_copy(net)
     assert out is not net and out[0] is not net[0]
-    assert out[0].whole_model is big  # shared, not copied
+    assert out[0].whole_model is big and out[0].held is net[0].held  # shared, not copied
     tensors = list(out.parameters()) + list(out.buffers()) + list(out[0].backups) + \
         [out[1].weight_backup]
     assert tensors and all(t.device.type == "meta" for t in tensors)
