@@ -9,6 +9,20 @@ import math
 COLOURS = ("#e55", "#37c", "#2a7", "#c80", "#85c", "#999")
 
 
+
+def _frame(css: str, width: int, height: int, left: float, top: float, plot_w: float,
+           plot_h: float, title: str) -> list[str]:
+    """The opening <svg> tag, the title and the two axes every chart starts with."""
+    return [
+        f"<svg class='{css}' width='{width}' height='{height}' "
+        f"viewBox='0 0 {width} {height}' xmlns='http://www.w3.org/2000/svg' role='img' "
+        f"aria-label='{html.escape(title)}'>",
+        f"<text x='{left}' y='13' font-size='11' font-weight='bold'>{html.escape(title)}</text>",
+        f"<line x1='{left}' y1='{top}' x2='{left}' y2='{top + plot_h}' stroke='#888'/>",
+        f"<line x1='{left}' y1='{top + plot_h}' x2='{left + plot_w}' y2='{top + plot_h}' "
+        "stroke='#888'/>",
+    ]
+
 def smooth(values: list[float], weight: float = 0.9) -> list[float]:
     """Exponential moving average with bias correction (TensorBoard-style smoothing)."""
     out, avg = [], 0.0
@@ -50,14 +64,7 @@ def line_chart_svg(title: str, series: dict[str, list[tuple[float, float]]], x_l
         return (f"{left + (x - x0) / (x1 - x0) * plot_w:.1f},"
                 f"{top + (hi - y) / (hi - lo) * plot_h:.1f}")
 
-    parts = [
-        f"<svg class='lora-train-chart' width='{width}' height='{height}' "
-        f"viewBox='0 0 {width} {height}' xmlns='http://www.w3.org/2000/svg' role='img' "
-        f"aria-label='{html.escape(title)}'>",
-        f"<text x='{left}' y='13' font-size='11' font-weight='bold'>{html.escape(title)}</text>",
-        f"<line x1='{left}' y1='{top}' x2='{left}' y2='{top + plot_h}' stroke='#888'/>",
-        f"<line x1='{left}' y1='{top + plot_h}' x2='{left + plot_w}' y2='{top + plot_h}' "
-        "stroke='#888'/>",
+    parts = _frame("lora-train-chart", width, height, left, top, plot_w, plot_h, title) + [
         f"<text x='{left - 4}' y='{top + 8}' font-size='9' text-anchor='end'>{_fmt(hi)}</text>",
         f"<text x='{left - 4}' y='{top + plot_h}' font-size='9' text-anchor='end'>{_fmt(lo)}</text>",
         f"<text x='10' y='{top + plot_h / 2:.0f}' font-size='9' text-anchor='middle' "
@@ -120,14 +127,8 @@ def histogram_svg(title: str, counts: list[int], edges: list[float], x_label: st
     left, right, top, bottom = 52, 8, 22, 30
     plot_w, plot_h = width - left - right, height - top - bottom
     bar_w = plot_w / len(counts)
-    parts = [
-        f"<svg class='lora-train-chart lora-train-histogram' width='{width}' height='{height}' "
-        f"viewBox='0 0 {width} {height}' xmlns='http://www.w3.org/2000/svg' role='img' "
-        f"aria-label='{html.escape(title)}'>",
-        f"<text x='{left}' y='13' font-size='11' font-weight='bold'>{html.escape(title)}</text>",
-        f"<line x1='{left}' y1='{top}' x2='{left}' y2='{top + plot_h}' stroke='#888'/>",
-        f"<line x1='{left}' y1='{top + plot_h}' x2='{left + plot_w}' y2='{top + plot_h}' "
-        "stroke='#888'/>",
+    parts = _frame("lora-train-chart lora-train-histogram", width, height, left, top, plot_w,
+                   plot_h, title) + [
         f"<text x='{left - 4}' y='{top + 8}' font-size='9' text-anchor='end'>"
         f"{100 * top_share:.1f}%</text>",
         f"<text x='{left - 4}' y='{top + plot_h}' font-size='9' text-anchor='end'>0</text>",

@@ -65,6 +65,10 @@ class Conv3x3(nn.Conv2d):
     most 8x8 outputs (the lowest UNet levels at 256-512 px). The result equals torch's
     convolution to float32 rounding; everywhere else it is torch's convolution."""
 
+    def _out_size(self, x: torch.Tensor) -> tuple[int, int]:
+        return tuple((x.shape[2 + i] + 2 * self.padding[i] - self.kernel_size[i])
+                     // self.stride[i] + 1 for i in (0, 1))
+
     def _as_matmul(self, x: torch.Tensor) -> bool:
         if not CONV_AS_MATMUL or x.device.type != "cpu" or x.dim() != 4:
             return False
@@ -75,21 +79,18 @@ class Conv3x3(nn.Conv2d):
                 or self.groups != 1 or self.dilation != (1, 1) or self.padding_mode != "zeros" \
                 or not isinstance(self.padding, tuple):
             return False
-        h = (x.shape[2] + 2 * self.padding[0] - self.kernel_size[0]) // self.stride[0] + 1
-        w = (x.shape[3] + 2 * self.padding[1] - self.kernel_size[1]) // self.stride[1] + 1
+        h, w = self._out_size(x)
         return h * w <= MATMUL_MAX_OUTPUT_PIXELS
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._as_matmul(x):
             return super().forward(x)
-        b, _, height, width = x.shape
-        h = (height + 2 * self.padding[0] - self.kernel_size[0]) // self.stride[0] + 1
-        w = (width + 2 * self.padding[1] - self.kernel_size[1]) // self.stride[1] + 1
+        h, w = self._out_size(x)
         cols = F.unfold(x, self.kernel_size, padding=self.padding, stride=self.stride)
         out = torch.matmul(self.weight.reshape(self.out_channels, -1), cols)
         if self.bias is not None:
             out = out + self.bias[:, None]
-        return out.reshape(b, self.out_channels, h, w)
+        return out.reshape(x.shape[0], self.out_channels, h, w)
 
 
 class GroupNorm32(nn.GroupNorm):
