@@ -34,7 +34,7 @@ import tempfile
 from pathlib import Path
 
 CASES = {
-    # name: (base dtype, train dtype, resolution, batch, checkpointing, offload)
+    # name: (base dtype, train dtype, resolution, batch, checkpointing, offload[, train_on])
     "fp32": ("fp32", "fp32", 256, 1, False, False),
     "bf16-base": ("bf16", "bf16", 256, 1, False, False),
     "checkpointing": ("fp32", "fp32", 256, 1, True, False),
@@ -42,6 +42,8 @@ CASES = {
     "batch2": ("fp32", "fp32", 256, 2, False, False),
     "res512": ("fp32", "fp32", 512, 1, False, False),
     "res512-checkpointing": ("fp32", "fp32", 512, 1, True, False),
+    "te": ("fp32", "fp32", 256, 1, False, False, "both"),  # the UNet and the text encoders
+    "te-checkpointing": ("fp32", "fp32", 256, 1, True, False, "both"),
 }
 TINY_CASES = {
     "tiny-256-b4": ("fp32", "fp32", 256, 4, False, False),
@@ -89,13 +91,13 @@ def _dataset(folder: str, resolution: int, count: int) -> str:
 def _config(arch: str, data: str, out: str, case: tuple, steps: int):
     from ..core.config import RunConfig
 
-    base_dtype, dtype, res, batch, ckpt, offload = case
+    base_dtype, dtype, res, batch, ckpt, offload, *rest = case
     cfg = RunConfig()
     cfg.model.arch = arch
     cfg.data.dataset_dir = data
     cfg.data.resolution = str(res)
     cfg.data.enable_buckets = False
-    cfg.network.train_on = "unet"
+    cfg.network.train_on = rest[0] if rest else "unet"
     cfg.network.rank = 8
     cfg.network.alpha = 8.0
     cfg.optim.optimizer = "AdamW"
@@ -153,7 +155,8 @@ def child(name: str, size: str, arch: str, checkpoint: str, work: str, steps: in
                    vae=bundle.vae, device="cpu", images=max(2, batch), captions=max(2, batch))
     return {"case": name, "size": size, "arch": arch, "base_dtype": base_dtype,
             "train_dtype": case[1], "resolution": res, "batch": batch,
-            "checkpointing": case[4], "offload": case[5], "steps": result.steps,
+            "checkpointing": case[4], "offload": case[5],
+            "train_on": case[6] if len(case) > 6 else "unet", "steps": result.steps,
             "threads": torch.get_num_threads(),
             "rss_model_mib": round(model_rss / MiB), "run_growth_mib": round(growth / MiB),
             "setup_growth_mib": round(phases["setup"] / MiB),
