@@ -47,6 +47,8 @@ def dora_delta(base_weight: torch.Tensor, update: torch.Tensor,
 
 
 class DoRAModule(LoRAModule):
+    site_activation = False  # the magnitude rescales the adapted weight: weight form only
+
     def __init__(self, name: str, base: nn.Module, rank: int, alpha: float,
                  dropout: float = 0.0, rank_dropout: float = 0.0, module_dropout: float = 0.0,
                  dtype: torch.dtype = torch.float32):

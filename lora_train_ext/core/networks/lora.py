@@ -88,6 +88,18 @@ class LoRAModule(AdapterModule):
             h, scale = self._dropped_out(h, scale, -1 if self.kind == "linear" else 1)
         return self.lora_up(h) * scale
 
+    # on a weight site (networks/mha.py) a plain LoRA's delta can be added to the activations:
+    # the same function as adding `delta_weight()` to the weight, without a weight-sized tensor
+    site_activation = True
+
+    def site_delta(self, x: torch.Tensor) -> torch.Tensor | None:
+        """up(down(x)) * scale for a weight site's input x; None where the multiplier is 0 or
+        module dropout leaves the adapter out (one draw, as the weight form makes). Like the
+        weight form, no dropout or rank dropout."""
+        if self.multiplier == 0.0 or self._module_dropped():
+            return None
+        return self.lora_up(self._down(x)) * (self.scale * self.multiplier)
+
     def _hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         """output + up(down(x)) * scale, with the up projection, the scale and the sum in one
         matrix op (addmm / baddbmm) instead of three passes over the output, and a 1x1 down

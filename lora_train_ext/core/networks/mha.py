@@ -14,6 +14,21 @@ itself, which bumps its version counter, so `BaseGuard.verify` could no longer t
 in-place write. Detaching the last adapter of an owner restores its original class: the module is
 then exactly what it was (same class, same parameter objects, same bits, same state-dict keys).
 
+Within one forward of the attention (the `scope`: the MHA, for `in_proj_weight` and for
+`out_proj.weight` alike) each adapted weight is computed once, on its first read, and the same
+tensor is given to every later read (`MultiheadAttention.forward` reads `in_proj_weight` three or
+four times: its fast-path checks, then the call): computing it on every read made a weight-sized
+tensor per read, four for q/k/v per block, and in a real WebUI the SDXL text encoder's forward
+left ~1.9 GB more resident memory than its adapters need.
+
+Plain LoRA adapters (`site_activation`) take a shorter way on a self-attention called as
+open_clip calls it (query is key is value, no attention weights asked for): while they are
+attached, the MHA gets an instance-level `forward` that runs the same operations as
+`F.multi_head_attention_forward` (packed input projection, scaled-dot-product attention, output
+projection) on the base weights and adds each adapter's `up(down(x))` to the projections'
+outputs, so no weight-sized tensor is made at all (`_site_forward`). Other calls, and other
+adapters (LoHa, LoKr, DoRA, full, ...), take the weight form above.
+
 `WeightSite` is the adapter's `base`: a Linear-shaped stand-in for one weight (or a row block of
 one), so every adapter class sees `in_features`, `out_features`, `weight` (the base weight, never
 the adapted one) as with a real Linear, and `AdapterModule.attach()` calls its `attach_adapter`
@@ -25,11 +40,15 @@ whole delta is left out for that forward).
 
 from __future__ import annotations
 
+import types
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 _STATE = "_lte_weight_deltas"  # owner.__dict__: tensor name -> [(adapter, rows)]
+_MEMO = "_lte_memo"  # owner.__dict__ during a forward of its scope: name -> (key, adapted weight)
+_SCOPE = "_lte_scope"  # scope.__dict__: {"owners": {id: [owner, count]}, "handles": [...]}
 _ORIGINAL_CLASS = "_lte_original_class"
 _CLASSES: dict[tuple[type, tuple[str, ...]], type] = {}
 
@@ -43,11 +62,12 @@ class WeightSite(nn.Linear):
     """
 
     def __init__(self, owner: nn.Module, tensor_name: str, rows: slice | None = None,
-                 bias_name: str | None = None):
+                 bias_name: str | None = None, scope: nn.Module | None = None):
         nn.Module.__init__(self)
         if tensor_name not in owner._parameters:
             raise ValueError(f"{type(owner).__name__} has no parameter {tensor_name!r}")
         self.__dict__["owner"] = owner
+        self.__dict__["scope"] = scope  # the module whose forward reads the weight (memo)
         self.tensor_name = tensor_name
         self.bias_name = bias_name
         self.rows = rows
@@ -79,17 +99,141 @@ class WeightSite(nn.Linear):
         """Make reads of the owner's weight include `adapter.delta_weight()` on this site's rows;
         the returned handle's `remove()` undoes it."""
         _add(self.owner, self.tensor_name, adapter, self.rows)
-        return _SiteHandle(self.owner, self.tensor_name, adapter)
+        _enter_scope(self.scope, self.owner)
+        return _SiteHandle(self.owner, self.tensor_name, adapter, self.scope)
 
 
 class _SiteHandle:
-    def __init__(self, owner: nn.Module, tensor_name: str, adapter: nn.Module):
-        self.owner, self.tensor_name, self.adapter = owner, tensor_name, adapter
+    def __init__(self, owner: nn.Module, tensor_name: str, adapter: nn.Module,
+                 scope: nn.Module | None = None):
+        self.owner, self.tensor_name, self.adapter, self.scope = owner, tensor_name, adapter, scope
 
     def remove(self) -> None:
         if self.owner is not None:
             _remove(self.owner, self.tensor_name, self.adapter)
+            _leave_scope(self.scope, self.owner)
             self.owner = None
+
+
+def _memo_on(scope: nn.Module, *_args) -> None:
+    for owner, _ in scope.__dict__[_SCOPE]["owners"].values():
+        owner.__dict__[_MEMO] = {}
+
+
+def _memo_off(scope: nn.Module, *_args) -> None:
+    for owner, _ in scope.__dict__[_SCOPE]["owners"].values():
+        owner.__dict__.pop(_MEMO, None)
+
+
+def _enter_scope(scope: nn.Module | None, owner: nn.Module) -> None:
+    """While `scope` runs its forward, `owner`'s adapted weights are computed once."""
+    if scope is None:
+        return
+    state = scope.__dict__.get(_SCOPE)
+    if state is None:
+        try:  # the memo is dropped even when the forward raises (torch >= 2.1)
+            post = scope.register_forward_hook(_memo_off, always_call=True)
+        except TypeError:
+            post = scope.register_forward_hook(_memo_off)
+        state = scope.__dict__[_SCOPE] = {
+            "owners": {}, "handles": [scope.register_forward_pre_hook(_memo_on), post],
+            "forward": None}
+        if isinstance(scope, nn.MultiheadAttention) and "forward" not in scope.__dict__:
+            state["forward"] = scope.__dict__["forward"] = types.MethodType(_site_forward, scope)
+    entry = state["owners"].setdefault(id(owner), [owner, 0])
+    entry[1] += 1
+
+
+def _leave_scope(scope: nn.Module | None, owner: nn.Module) -> None:
+    state = None if scope is None else scope.__dict__.get(_SCOPE)
+    if state is None:
+        return
+    entry = state["owners"].get(id(owner))
+    if entry is not None:
+        entry[1] -= 1
+        if entry[1] <= 0:
+            del state["owners"][id(owner)]
+            owner.__dict__.pop(_MEMO, None)
+    if not state["owners"]:
+        for handle in state["handles"]:
+            handle.remove()
+        if state["forward"] is not None and scope.__dict__.get("forward") is state["forward"]:
+            del scope.__dict__["forward"]
+        del scope.__dict__[_SCOPE]
+
+
+def _entries(module: nn.Module, name: str) -> list:
+    return module.__dict__.get(_STATE, {}).get(name) or []
+
+
+def _activation_form(attn: nn.MultiheadAttention, query, key, value, key_padding_mask,
+                     need_weights, is_causal) -> bool:
+    """Whether `_site_forward` computes this call: a self-attention as open_clip calls it, with
+    only plain LoRA adapters, on row blocks of unit step."""
+    if not (query is key and key is value) or need_weights or key_padding_mask is not None or \
+            is_causal or query.dim() != 3 or attn.bias_k is not None or attn.add_zero_attn or \
+            not attn._qkv_same_embed_dim or (attn.training and attn.dropout > 0.0):
+        return False
+    entries = _entries(attn, "in_proj_weight") + _entries(attn.out_proj, "weight")
+    return all(getattr(a, "site_activation", False) and (rows is None or rows.step in (None, 1))
+               for a, rows in entries)
+
+
+def _add_deltas(out: torch.Tensor, x: torch.Tensor, entries) -> torch.Tensor:
+    """out + each adapter's `site_delta(x)` on its columns of out's last axis."""
+    width = out.shape[-1]
+    parts = []
+    for adapter, rows in entries:
+        delta = adapter.site_delta(x)
+        if delta is not None:
+            parts.append((range(width)[rows] if rows is not None else range(width), delta))
+    if not parts:
+        return out
+    parts.sort(key=lambda part: part[0].start)
+    spans = [(r.start, r.stop) for r, _ in parts]
+    if spans[0][0] == 0 and spans[-1][1] == width and \
+            all(a[1] == b[0] for a, b in zip(spans, spans[1:])):
+        return out + torch.cat([d for _, d in parts], dim=-1).to(out.dtype)
+    for r, delta in parts:
+        index = torch.arange(r.start, r.stop, device=out.device)
+        out = out.index_add(out.dim() - 1, index, delta.to(out.dtype))
+    return out
+
+
+def _float_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """A boolean attention mask (True: not attended) as the additive float mask MHA uses."""
+    if mask is None or mask.is_floating_point():
+        return mask
+    return torch.zeros_like(mask, dtype=dtype).masked_fill_(mask, float("-inf"))
+
+
+def _site_forward(attn: nn.MultiheadAttention, query, key, value, key_padding_mask=None,
+                  need_weights=True, attn_mask=None, average_attn_weights=True, is_causal=False):
+    """`MultiheadAttention.forward` with the attached LoRAs added to the projections' outputs
+    (the same operations as `F.multi_head_attention_forward`'s path without weights); any other
+    call goes to the class's forward, where the adapters change the weights."""
+    if not _activation_form(attn, query, key, value, key_padding_mask, need_weights, is_causal):
+        return type(attn).forward(attn, query, key, value, key_padding_mask=key_padding_mask,
+                                  need_weights=need_weights, attn_mask=attn_mask,
+                                  average_attn_weights=average_attn_weights, is_causal=is_causal)
+    x = query.transpose(1, 0) if attn.batch_first else query  # (L, B, E)
+    length, batch, width = x.shape
+    heads = attn.num_heads
+    proj = F.linear(x, attn._parameters["in_proj_weight"], attn._parameters["in_proj_bias"])
+    proj = _add_deltas(proj, x, _entries(attn, "in_proj_weight"))
+    proj = proj.unflatten(-1, (3, width)).unsqueeze(0).transpose(0, -2).squeeze(-2).contiguous()
+    q, k, v = (t.view(length, batch * heads, width // heads).transpose(0, 1) for t in proj)
+    mask = _float_mask(attn_mask, q.dtype)
+    if mask is not None:
+        mask = mask.unsqueeze(0) if mask.dim() == 2 else mask
+        mask = mask.unsqueeze(0) if mask.size(0) == 1 else mask.view(batch, heads, -1, length)
+    q, k, v = (t.view(batch, heads, length, width // heads) for t in (q, k, v))
+    o = F.scaled_dot_product_attention(q, k, v, mask, 0.0, False)
+    o = o.permute(2, 0, 1, 3).contiguous().view(batch * length, width)
+    out_proj = attn.out_proj
+    out = F.linear(o, out_proj._parameters["weight"], out_proj._parameters["bias"])
+    out = _add_deltas(out, o, _entries(out_proj, "weight")).view(length, batch, width)
+    return (out.transpose(1, 0) if attn.batch_first else out), None
 
 
 def is_adapted(module: nn.Module) -> bool:
@@ -144,15 +288,32 @@ def _reader(name: str):
     def read(self: nn.Module) -> torch.Tensor:
         base = self._parameters[name]
         entries = self.__dict__.get(_STATE, {}).get(name)
-        return adapted_weight(base, entries) if entries else base
+        if not entries:
+            return base
+        memo = self.__dict__.get(_MEMO)
+        if memo is None:
+            return adapted_weight(base, entries)
+        key = _memo_key(base, entries)
+        hit = memo.get(name)
+        if hit is None or hit[0] != key:
+            hit = memo[name] = (key, adapted_weight(base, entries))
+        return hit[1]
     return read
+
+
+def _memo_key(base: torch.Tensor, entries) -> tuple:
+    """What an adapted weight was computed from: reused only while all of it is unchanged."""
+    return (torch.is_grad_enabled(), base._version,
+            tuple((getattr(a, "multiplier", 1.0), a.training) +
+                  tuple(p._version for p in a.parameters()) for a, _ in entries))
 
 
 def adapted_weight(base: torch.Tensor, entries: list[tuple[nn.Module, slice | None]]) -> torch.Tensor:
     """base + each adapter's `delta_weight()` (fp32, multiplier applied) on its rows, in the
-    base's dtype. Adapters with multiplier 0, or left out by module dropout, add nothing."""
+    base's dtype. Adapters with multiplier 0, or left out by module dropout, add nothing. Row
+    blocks that tile the weight once (q, k, v) are joined with one concatenation."""
     whole = None
-    blocks = None
+    parts: list[tuple[range, torch.Tensor]] = []
     for adapter, rows in entries:
         if getattr(adapter, "multiplier", 1.0) == 0.0:
             continue
@@ -163,10 +324,20 @@ def adapted_weight(base: torch.Tensor, entries: list[tuple[nn.Module, slice | No
         if rows is None:
             whole = delta if whole is None else whole + delta
         else:
-            if blocks is None:
-                blocks = torch.zeros(base.shape, dtype=delta.dtype, device=delta.device)
-            index = torch.arange(base.shape[0], device=delta.device)[rows]
-            blocks = blocks.index_add(0, index, delta.reshape(len(index), *base.shape[1:]))
+            parts.append((range(base.shape[0])[rows], delta))
+    blocks = None
+    if parts:
+        ordered = sorted(parts, key=lambda part: part[0].start)
+        spans = [(r.start, r.stop, r.step) for r, _ in ordered]
+        tiled = all(step == 1 for *_, step in spans) and spans[0][0] == 0 and \
+            spans[-1][1] == base.shape[0] and all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+        if tiled:
+            blocks = torch.cat([d.reshape(len(r), *base.shape[1:]) for r, d in ordered])
+        else:
+            blocks = torch.zeros(base.shape, dtype=parts[0][1].dtype, device=parts[0][1].device)
+            for r, d in parts:
+                index = torch.arange(base.shape[0], device=d.device)[r.start:r.stop:r.step]
+                blocks = blocks.index_add(0, index, d.reshape(len(index), *base.shape[1:]))
     out = base
     for delta in (whole, blocks):
         if delta is not None:
@@ -180,7 +351,7 @@ def mha_sites(mha: nn.MultiheadAttention) -> dict[str, WeightSite]:
     if not getattr(mha, "_qkv_same_embed_dim", True) or mha._parameters.get("in_proj_weight") is None:
         raise ValueError("only MultiheadAttention with a fused in_proj_weight is supported")
     d = mha.embed_dim
-    sites = {qkv: WeightSite(mha, "in_proj_weight", slice(i * d, (i + 1) * d), "in_proj_bias")
-             for i, qkv in enumerate("qkv")}
-    sites["out"] = WeightSite(mha.out_proj, "weight", None, "bias")
+    sites = {qkv: WeightSite(mha, "in_proj_weight", slice(i * d, (i + 1) * d), "in_proj_bias",
+                             scope=mha) for i, qkv in enumerate("qkv")}
+    sites["out"] = WeightSite(mha.out_proj, "weight", None, "bias", scope=mha)
     return sites
