@@ -6,6 +6,7 @@ and sampler), so the tab, the run manager and the API are exercised exactly as i
 
 from __future__ import annotations
 
+import inspect
 import os
 import sys
 import threading
@@ -55,7 +56,11 @@ def serve(port: int, out_dir: str, block: bool = True):
     app = FastAPI()
     add_routes(app, host, manager)
     app = gr.mount_gradio_app(app, demo, path="/")
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    options = dict(host="127.0.0.1", port=port, log_level="warning")
+    if "timeout_graceful_shutdown" in inspect.signature(uvicorn.Config).parameters:
+        # a stop (Ctrl-C, SIGTERM) does not wait for the page's open event streams
+        options["timeout_graceful_shutdown"] = 2
+    server = uvicorn.Server(uvicorn.Config(app, **options))
     print(f"Train LoRA preview on http://127.0.0.1:{port} (outputs in {os.path.abspath(out_dir)})",
           file=sys.stderr, flush=True)
     if block:
