@@ -33,8 +33,9 @@ def _word_sums(t: torch.Tensor) -> list[torch.Tensor]:
     more int64 sums (on the tensor's device; each wraps modulo 2**64) whose total is the tensor's
     `word_sum`. Reading the bytes as integers converts nothing: the sum runs at memory speed
     (a float64 sum converted every element: 2x the time on a quiet CPU, up to 30x on a busy
-    one, and most of a run's start-up in a real WebUI on a CPU). A tensor whose bytes can't be viewed as words (storage not 8-byte aligned) is copied
-    a chunk at a time, so no copy of a whole tensor is ever made."""
+    one, and most of a run's start-up in a real WebUI on a CPU). A tensor whose bytes can't be
+    viewed as words (storage not 8-byte aligned) is copied a chunk at a time, so no copy of a
+    whole tensor is ever made."""
     raw = t.detach().reshape(-1).view(torch.uint8)
     whole = raw.numel() // 8 * 8
     parts = []

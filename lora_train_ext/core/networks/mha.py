@@ -187,17 +187,26 @@ def _add_deltas(out: torch.Tensor, x: torch.Tensor, entries) -> torch.Tensor:
         delta = adapter.site_delta(x)
         if delta is not None:
             parts.append((range(width)[rows] if rows is not None else range(width), delta))
-    if not parts:
-        return out
-    parts.sort(key=lambda part: part[0].start)
-    spans = [(r.start, r.stop) for r, _ in parts]
-    if spans[0][0] == 0 and spans[-1][1] == width and \
-            all(a[1] == b[0] for a, b in zip(spans, spans[1:])):
-        return out + torch.cat([d for _, d in parts], dim=-1).to(out.dtype)
-    for r, delta in parts:
-        index = torch.arange(r.start, r.stop, device=out.device)
-        out = out.index_add(out.dim() - 1, index, delta.to(out.dtype))
-    return out
+    return out + _joined(parts, width, -1).to(out.dtype) if parts else out
+
+
+def _joined(parts: list[tuple[range, torch.Tensor]], width: int, axis: int) -> torch.Tensor:
+    """One tensor `width` long on `axis` holding each part's delta on its range (zeros elsewhere;
+    parts on the same range add up): a single concatenation where the ranges tile 0..width once
+    (q, k, v), else each added into zeros."""
+    parts = sorted(parts, key=lambda part: part[0].start)
+    spans = [(r.start, r.stop, r.step) for r, _ in parts]
+    if all(step == 1 for *_, step in spans) and spans[0][0] == 0 and spans[-1][1] == width \
+            and all(a[1] == b[0] for a, b in zip(spans, spans[1:])):
+        return torch.cat([d for _, d in parts], dim=axis)
+    first = parts[0][1]
+    shape = list(first.shape)
+    shape[axis] = width
+    joined = torch.zeros(shape, dtype=first.dtype, device=first.device)
+    for r, d in parts:
+        index = torch.arange(r.start, r.stop, r.step, device=d.device)
+        joined = joined.index_add(axis % joined.dim(), index, d.to(joined.dtype))
+    return joined
 
 
 def _float_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -324,20 +333,9 @@ def adapted_weight(base: torch.Tensor, entries: list[tuple[nn.Module, slice | No
         if rows is None:
             whole = delta if whole is None else whole + delta
         else:
-            parts.append((range(base.shape[0])[rows], delta))
-    blocks = None
-    if parts:
-        ordered = sorted(parts, key=lambda part: part[0].start)
-        spans = [(r.start, r.stop, r.step) for r, _ in ordered]
-        tiled = all(step == 1 for *_, step in spans) and spans[0][0] == 0 and \
-            spans[-1][1] == base.shape[0] and all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
-        if tiled:
-            blocks = torch.cat([d.reshape(len(r), *base.shape[1:]) for r, d in ordered])
-        else:
-            blocks = torch.zeros(base.shape, dtype=parts[0][1].dtype, device=parts[0][1].device)
-            for r, d in parts:
-                index = torch.arange(base.shape[0], device=d.device)[r.start:r.stop:r.step]
-                blocks = blocks.index_add(0, index, d.reshape(len(index), *base.shape[1:]))
+            r = range(base.shape[0])[rows]
+            parts.append((r, delta.reshape(len(r), *base.shape[1:])))
+    blocks = _joined(parts, base.shape[0], 0) if parts else None
     out = base
     for delta in (whole, blocks):
         if delta is not None:
