@@ -156,7 +156,7 @@ def child(name: str, size: str, arch: str, checkpoint: str, work: str, steps: in
     return {"case": name, "size": size, "arch": arch, "base_dtype": base_dtype,
             "train_dtype": case[1], "resolution": res, "batch": batch,
             "checkpointing": case[4], "offload": case[5],
-            "train_on": case[6] if len(case) > 6 else "unet", "steps": result.steps,
+            "train_on": cfg.network.train_on, "steps": result.steps,
             "threads": torch.get_num_threads(),
             "rss_model_mib": round(model_rss / MiB), "run_growth_mib": round(growth / MiB),
             "setup_growth_mib": round(phases["setup"] / MiB),

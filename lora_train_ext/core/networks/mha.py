@@ -48,7 +48,8 @@ from torch import nn
 
 _STATE = "_lte_weight_deltas"  # owner.__dict__: tensor name -> [(adapter, rows)]
 _MEMO = "_lte_memo"  # owner.__dict__ during a forward of its scope: name -> (key, adapted weight)
-_SCOPE = "_lte_scope"  # scope.__dict__: {"owners": {id: [owner, count]}, "handles": [...]}
+_SCOPE = "_lte_scope"  # scope.__dict__: {"owners": {id: [owner, count]}, "handles": [...],
+#                        "forward": the instance-level `_site_forward` set, or None}
 _ORIGINAL_CLASS = "_lte_original_class"
 _CLASSES: dict[tuple[type, tuple[str, ...]], type] = {}
 
